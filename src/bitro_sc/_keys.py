@@ -1,0 +1,54 @@
+"""Every default element, table, column, layer and coordinate-system name, in one place.
+
+All of these are defaults: every public function takes the key as an argument.
+Lengths are in µm unless a name ends in ``_px``.
+"""
+
+from __future__ import annotations
+
+# --- coordinate systems -------------------------------------------------------------------
+#: pixel coordinates of the (full-resolution level of the) H&E image
+PIXEL_CS = "global"
+#: physical coordinates in micrometres; every element of a slide carries a transformation to it.
+#: The scale of an image's transformation to this system *is* its pixel size (µm/px).
+MICRON_CS = "um"
+
+# --- elements -------------------------------------------------------------------------------
+SPOTS = "spots"  # shapes: circles, radius in pixels of the image
+TABLE = "table"  # spot expression table, annotates SPOTS
+BULK = "bulk"  # one row per slide
+CELLS = "cells"  # shapes element and table of segmented cells
+CELL_LABELS = "cell_labels"  # labels element (nucleus label image)
+TISSUE = "tissue"  # shapes element (polygons) of the tissue mask
+
+# --- obs columns ----------------------------------------------------------------------------
+SPOT_ID = "spot_id"  # instance key of the spot table; also cell -> spot assignment
+CELL_ID = "cell_id"  # instance key of the cells table (== label value)
+REGION = "region"  # region key of annotating tables
+SAMPLE_ID = "sample_id"
+PATIENT_ID = "patient_id"
+IN_TISSUE = "in_tissue"
+X_PX, Y_PX = "x_px", "y_px"  # centroid in image pixels
+X_UM, Y_UM = "x_um", "y_um"  # centroid in µm
+AREA_UM2 = "area_um2"
+PHENOTYPE = "bitro_phenotype"
+
+# --- obsm / obsp / layers / uns -------------------------------------------------------------
+SPATIAL = "spatial"  # obsm: centroid; spots: pixels (squidpy convention), cells: µm
+FEATURES = "X_bitro"  # obsm of the cells table, float32
+FEATURES_PARAMS = "bitro_features"  # uns of the cells table
+PHENOTYPE_PARAMS = "bitro_phenotype"  # uns of the cells table
+CONNECTIVITIES = "spatial_connectivities"  # squidpy's key
+DISTANCES = "spatial_distances"  # squidpy's key
+GRAPH_PARAMS = "spatial_neighbors"  # squidpy's uns key
+COUNTS_LAYER = "counts"
+PREDICTION = "bitro"  # layer of spot / bulk / cell tables
+RUN = "bitro"  # uns: config, genes, split, metrics, history
+
+# --- SpatialData.attrs ----------------------------------------------------------------------
+#: ``sdata.attrs[ATTRS]`` holds slide-level metadata: sample_id, patient_id, and per image the
+#: pixel size provenance ("mpp_source": "metadata" | "user" | "estimated ..." ).
+ATTRS = "bitro_sc"
+
+#: environment variable pointing at the shared real data (tests and benchmarks)
+DATA_ENV = "BITRO_SC_DATA"

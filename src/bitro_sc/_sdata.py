@@ -1,0 +1,164 @@
+"""Shared validation and metadata helpers for SpatialData objects.
+
+Where things live (the contract every module relies on):
+
+- **Pixel size.** Every element of a slide has a transformation to the pixel coordinate system
+  :data:`~bitro_sc._keys.PIXEL_CS` (identity for the full-resolution image) and to the micron
+  coordinate system :data:`~bitro_sc._keys.MICRON_CS`. The scale of an image's transformation to
+  the micron system is its pixel size in µm/px: :func:`get_mpp` reads it, :func:`set_mpp` writes it.
+  How it was obtained (``"metadata"``, ``"user"``, ``"estimated from ..."``) is recorded in
+  ``sdata.attrs["bitro_sc"]["mpp_source"][image_key]``.
+- **Slide identity.** ``sdata.attrs["bitro_sc"]["sample_id"]`` and ``["patient_id"]``
+  (:func:`slide_info`, :func:`set_slide_info`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from . import _keys as K
+
+if TYPE_CHECKING:  # pragma: no cover
+    import xarray as xr
+    from spatialdata import SpatialData
+
+
+def micron_transformations(mpp: float, *, offset_px: tuple[float, float] = (0.0, 0.0)) -> dict[str, Any]:
+    """Transformations of a pixel-space element to the pixel and micron coordinate systems.
+
+    ``offset_px`` (y, x) places an element that starts at that pixel of the full image
+    (e.g. a crop); the micron system then measures from the full image's origin too.
+    """
+    from spatialdata.transformations import Identity, Scale, Sequence, Translation
+
+    if offset_px == (0.0, 0.0):
+        return {K.PIXEL_CS: Identity(), K.MICRON_CS: Scale([mpp, mpp], axes=("y", "x"))}
+    shift = Translation(list(offset_px), axes=("y", "x"))
+    return {
+        K.PIXEL_CS: shift,
+        K.MICRON_CS: Sequence([shift, Scale([mpp, mpp], axes=("y", "x"))]),
+    }
+
+
+def _attrs(sdata: SpatialData) -> dict[str, Any]:
+    return sdata.attrs.setdefault(K.ATTRS, {})
+
+
+def resolve_image_key(sdata: SpatialData, image_key: str | None = None) -> str:
+    """Return ``image_key``, or the only image element when it is ``None``."""
+    names = list(sdata.images.keys())
+    if image_key is not None:
+        if image_key not in sdata.images:
+            raise KeyError(
+                f"No image element {image_key!r} in the SpatialData object; it has {names or 'none'}."
+            )
+        return image_key
+    if not names:
+        raise ValueError(
+            "The SpatialData object has no image element. Read the slide with `bs.io.read_*`, "
+            "or add an H&E image with `spatialdata.models.Image2DModel.parse`."
+        )
+    if len(names) > 1:
+        raise ValueError(f"The SpatialData object has several images {names}; pass `image_key=` to pick one.")
+    return names[0]
+
+
+def get_image(sdata: SpatialData, image_key: str, *, scale: str | None = None) -> xr.DataArray:
+    """The image as a (c, y, x) dask-backed DataArray; the full-resolution level of a pyramid.
+
+    Raises a clear error when the image is not RGB.
+    """
+    element = sdata.images[image_key]
+    if hasattr(element, "children") and not hasattr(element, "dims"):  # multiscale DataTree
+        level = scale or sorted(element.children)[0]
+        arr = next(iter(element[level].values()))
+    else:
+        arr = element
+    if "c" not in arr.dims or arr.sizes["c"] != 3:
+        n = arr.sizes.get("c", 1)
+        raise ValueError(
+            f"Image {image_key!r} has {n} channel(s); an RGB H&E image with 3 channels is needed. "
+            "Convert it (e.g. drop an alpha channel) before calling this function."
+        )
+    return arr
+
+
+def get_mpp(sdata: SpatialData, element_key: str, mpp: float | None = None) -> float:
+    """Pixel size (µm/px) of an image (or of any element in pixel units).
+
+    ``mpp`` given explicitly wins (and must be positive). Otherwise it is read from the element's
+    transformation to the micron coordinate system. Never guessed.
+    """
+    if mpp is not None:
+        if not mpp > 0:
+            raise ValueError(f"`mpp` must be a positive number of µm per pixel, got {mpp!r}.")
+        return float(mpp)
+    from spatialdata.transformations import get_transformation
+
+    element = sdata[element_key]
+    transforms = get_transformation(element, get_all=True)
+    if K.MICRON_CS not in transforms:
+        raise ValueError(
+            f"Element {element_key!r} has no known pixel size (no transformation to the {K.MICRON_CS!r} "
+            "coordinate system). Pass `mpp=` (µm per pixel), or read the data with `bs.io.read_*`, "
+            "which records it."
+        )
+    to_um = transforms[K.MICRON_CS]
+    matrix = to_um.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
+    sx = float((matrix[0, 0] ** 2 + matrix[1, 0] ** 2) ** 0.5)
+    to_px = transforms.get(K.PIXEL_CS)
+    if to_px is not None:  # an element stored at a coarser level: µm per *full-resolution* pixel
+        px_matrix = to_px.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
+        sx /= float((px_matrix[0, 0] ** 2 + px_matrix[1, 0] ** 2) ** 0.5)
+    return sx
+
+
+def set_mpp(sdata: SpatialData, element_key: str, mpp: float, *, source: str) -> None:
+    """Record the pixel size of ``element_key`` (an image in full-resolution pixels) and its source."""
+    from spatialdata.transformations import set_transformation
+
+    if not mpp > 0:
+        raise ValueError(f"`mpp` must be a positive number of µm per pixel, got {mpp!r}.")
+    for cs, t in micron_transformations(float(mpp)).items():
+        set_transformation(sdata[element_key], t, to_coordinate_system=cs)
+    _attrs(sdata).setdefault("mpp_source", {})[element_key] = source
+
+
+def mpp_source(sdata: SpatialData, element_key: str) -> str | None:
+    """How the pixel size of ``element_key`` was obtained, if recorded."""
+    return _attrs(sdata).get("mpp_source", {}).get(element_key)
+
+
+def slide_info(sdata: SpatialData) -> dict[str, str | None]:
+    """``{"sample_id": ..., "patient_id": ...}`` of a slide (``None`` where unknown)."""
+    a = _attrs(sdata)
+    return {K.SAMPLE_ID: a.get(K.SAMPLE_ID), K.PATIENT_ID: a.get(K.PATIENT_ID)}
+
+
+def set_slide_info(sdata: SpatialData, *, sample_id: str | None = None, patient_id: str | None = None) -> None:
+    a = _attrs(sdata)
+    if sample_id is not None:
+        a[K.SAMPLE_ID] = str(sample_id)
+    if patient_id is not None:
+        a[K.PATIENT_ID] = str(patient_id)
+
+
+def check_free(sdata: SpatialData, key: str, *, overwrite: bool = False, what: str = "element") -> None:
+    """Fail unless ``key`` is unused in ``sdata`` or ``overwrite=True``."""
+    if key in sdata and not overwrite:
+        raise ValueError(
+            f"SpatialData already has an {what} {key!r}. Pass `overwrite=True` to replace it, "
+            "or choose another `key_added=`."
+        )
+
+
+def require(sdata: SpatialData, key: str, *, kind: str, step: str) -> Any:
+    """Return element ``key`` of the given kind (``"images"``, ``"shapes"``, ``"tables"``, ``"labels"``).
+
+    When it is absent the error names the step that creates it, e.g. ``"run `bs.tl.segment` first"``.
+    """
+    container = getattr(sdata, kind)
+    if key not in container:
+        have = list(container.keys())
+        raise KeyError(f"No {kind[:-1]} element {key!r} (have {have or 'none'}): {step}.")
+    return container[key]

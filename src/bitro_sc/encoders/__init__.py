@@ -1,0 +1,1 @@
+"""Cell feature encoders behind `bs.tl.cell_features` (a registry)."""

@@ -1,0 +1,1 @@
+"""The BiTro model: nn.Module, bags, training loop, LoRA policies, checkpoints."""

@@ -1,0 +1,1 @@
+"""Segmentation backends behind `bs.tl.segment` (a registry)."""
