@@ -14,6 +14,7 @@ PIXEL_CS = "global"
 MICRON_CS = "um"
 
 # --- elements -------------------------------------------------------------------------------
+IMAGE = "he"  # image element written by every reader and by `datasets.synthetic`
 SPOTS = "spots"  # shapes: circles, radius in pixels of the image
 TABLE = "table"  # spot expression table, annotates SPOTS
 BULK = "bulk"  # one row per slide
