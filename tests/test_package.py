@@ -7,7 +7,8 @@ from bitro_sc._registry import Registry
 
 
 def test_import_is_lazy_and_does_not_load_heavy_dependencies():
-    code = "import sys, bitro_sc; print(sorted(m for m in ('torch','spatialdata','torch_geometric') if m in sys.modules))"
+    heavy = "('torch', 'spatialdata', 'torch_geometric')"
+    code = f"import sys, bitro_sc; print(sorted(m for m in {heavy} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -17,8 +18,18 @@ def test_public_namespaces_expose_the_design_names():
 
     for mod, names in {
         "io": ["read_visium", "read_st", "read_hest", "read_wsi", "read_bulk"],
-        "tl": ["segment", "cell_features", "phenotypes", "assign_cells", "cell_graph", "fit_bitro",
-               "predict_bitro", "cross_validate", "fit_baseline", "evaluate"],
+        "tl": [
+            "segment",
+            "cell_features",
+            "phenotypes",
+            "assign_cells",
+            "cell_graph",
+            "fit_bitro",
+            "predict_bitro",
+            "cross_validate",
+            "fit_baseline",
+            "evaluate",
+        ],
         "pl": ["expression", "cells", "gene_correlation", "history"],
         "datasets": ["synthetic"],
     }.items():

@@ -135,7 +135,9 @@ def slide_info(sdata: SpatialData) -> dict[str, str | None]:
     return {K.SAMPLE_ID: a.get(K.SAMPLE_ID), K.PATIENT_ID: a.get(K.PATIENT_ID)}
 
 
-def set_slide_info(sdata: SpatialData, *, sample_id: str | None = None, patient_id: str | None = None) -> None:
+def set_slide_info(
+    sdata: SpatialData, *, sample_id: str | None = None, patient_id: str | None = None
+) -> None:
     a = _attrs(sdata)
     if sample_id is not None:
         a[K.SAMPLE_ID] = str(sample_id)

@@ -10,6 +10,8 @@ _EXPORTS = {
     "tissue_mask": "_tissue",
     "normalize_stains": "_stains",
     "normalize_expression": "_expression",
+    "highly_variable_genes": "_expression",
+    "get_counts": "_expression",
 }
 
 __all__ = list(_EXPORTS)

@@ -1,0 +1,53 @@
+"""Development sessions: ``nox -s tests | lint | docs | bench | demo``.
+
+Set ``BITRO_SC_TORCH`` to the PyTorch requirement to install first (default ``torch==2.13.0``, the CPU
+build our machines provide locally; use e.g. ``torch`` elsewhere).
+"""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.sessions = ["lint", "tests"]
+TORCH = os.environ.get("BITRO_SC_TORCH", "torch==2.13.0")
+
+
+def _install(session: nox.Session, extras: str) -> None:
+    session.install(TORCH)
+    session.install("-e", f".[{extras}]")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    _install(session, "test")
+    session.run("python", "-m", "pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff", "mypy")
+    session.run("ruff", "check", "src", "tests", "benchmarks", "noxfile.py")
+    session.run("ruff", "format", "--check", "src", "tests", "benchmarks", "noxfile.py")
+    session.run("mypy")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    _install(session, "docs")
+    session.run("sphinx-build", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    _install(session, "test")
+    names = session.posargs or ["segmentation", "features", "training", "accuracy"]
+    for name in names:
+        session.run("python", f"benchmarks/bench_{name}.py")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    _install(session, "test")
+    session.run("bitro-sc", "demo", *session.posargs)

@@ -1,0 +1,131 @@
+"""Expression normalisation and the training-data gene selection shared by models and metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .. import _keys as K
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
+    from scipy import sparse
+
+#: library size every profile is scaled to before ``log1p`` (counts per 10k)
+TARGET_SUM = 1e4
+
+
+def get_counts(adata: AnnData) -> np.ndarray | sparse.spmatrix:
+    """Raw counts of a spot or bulk table: ``layers["counts"]`` when present, else ``X``."""
+    return adata.layers.get(K.COUNTS_LAYER, adata.X)
+
+
+def normalize_expression(
+    counts: AnnData | np.ndarray | sparse.spmatrix,
+    *,
+    target_sum: float = TARGET_SUM,
+    log1p: bool = True,
+    library_size: np.ndarray | None = None,
+) -> np.ndarray:
+    """Library-normalise counts to ``target_sum`` per profile, then ``log1p`` (dense float32).
+
+    Parameters
+    ----------
+    counts
+        Profiles × genes counts, or an AnnData (its raw counts, see :func:`get_counts`).
+    target_sum
+        Total every profile is scaled to.
+    log1p
+        Apply ``log1p`` after scaling.
+    library_size
+        Per-profile totals to divide by. Default: the row sums of ``counts``. Pass the totals over
+        *all* genes when ``counts`` holds a gene subset, so that values do not depend on the subset.
+
+    Returns
+    -------
+    Dense ``float32`` array. Profiles with zero counts stay zero (no division by zero).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> normalize_expression(np.array([[1, 3], [0, 0]]), target_sum=4, log1p=False)
+    array([[1., 3.],
+           [0., 0.]], dtype=float32)
+    """
+    from anndata import AnnData
+    from scipy import sparse
+
+    x = get_counts(counts) if isinstance(counts, AnnData) else counts
+    x = x.toarray() if sparse.issparse(x) else np.asarray(x)
+    x = x.astype(np.float64, copy=False)
+    if np.any(x < 0):
+        raise ValueError("Counts must be non-negative; got negative values. Pass raw counts, not log values.")
+    lib = x.sum(axis=1) if library_size is None else np.asarray(library_size, dtype=np.float64)
+    scale = np.divide(target_sum, lib, out=np.zeros_like(lib, dtype=np.float64), where=lib > 0)
+    out = x * scale[:, None]
+    if log1p:
+        out = np.log1p(out)
+    return out.astype(np.float32)
+
+
+def highly_variable_genes(
+    tables: AnnData | Sequence[AnnData],
+    *,
+    n_top: int = 50,
+    min_detected_frac: float = 0.1,
+) -> list[str]:
+    """Top highly variable genes of *training* tables, by the HEST-benchmark protocol.
+
+    Genes shared by all tables and detected (count > 0) in at least ``min_detected_frac`` of the
+    spots (rows) of **every** table are kept; among them, scanpy's ``"seurat"`` HVG ranking on
+    ``log1p`` counts-per-10k of all tables together picks ``n_top`` genes.
+
+    Never call this on test data: the genes a model is scored on must be fixed at fit time.
+
+    Returns
+    -------
+    Gene names, most variable first. Fewer than ``n_top`` when fewer genes pass the filter.
+    """
+    import anndata as ad
+    import pandas as pd
+    import scanpy as sc
+    from scipy import sparse
+
+    tables = [tables] if isinstance(tables, ad.AnnData) else list(tables)
+    if not tables:
+        raise ValueError("`highly_variable_genes` needs at least one training table.")
+    if n_top < 1:
+        raise ValueError(f"`n_top` must be at least 1, got {n_top}.")
+    shared = pd.Index(tables[0].var_names)
+    for t in tables[1:]:
+        shared = shared.intersection(t.var_names, sort=False)
+    if shared.empty:
+        raise ValueError(
+            "The training tables share no gene names; check that they use the same gene symbols."
+        )
+    keep = np.ones(len(shared), dtype=bool)
+    normalised = []
+    for t in tables:
+        counts = get_counts(t)
+        lib = np.asarray(counts.sum(axis=1)).ravel()
+        sub = t[:, shared]
+        sub_counts = get_counts(sub)
+        detected = np.asarray((sub_counts > 0).sum(axis=0)).ravel() / max(t.n_obs, 1)
+        keep &= detected >= min_detected_frac
+        normalised.append(normalize_expression(sub_counts, library_size=lib))
+    genes = shared[keep]
+    if genes.empty:
+        raise ValueError(
+            f"No gene is detected in at least {min_detected_frac:.0%} of the spots of every training table; "
+            "lower `min_detected_frac` or check the tables."
+        )
+    x = np.vstack(normalised)[:, keep]
+    tmp = ad.AnnData(sparse.csr_matrix(x) if x.size else x, var=pd.DataFrame(index=genes))
+    n = min(n_top, len(genes))
+    if len(genes) <= n:
+        return list(genes)
+    sc.pp.highly_variable_genes(tmp, flavor="seurat", n_top_genes=n)
+    ranked = tmp.var.sort_values("dispersions_norm", ascending=False)
+    return list(ranked.index[ranked["highly_variable"].to_numpy()][:n])
