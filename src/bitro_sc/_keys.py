@@ -18,7 +18,10 @@ IMAGE = "he"  # image element written by every reader and by `datasets.synthetic
 SPOTS = "spots"  # shapes: circles, radius in pixels of the image
 TABLE = "table"  # spot expression table, annotates SPOTS
 BULK = "bulk"  # one row per slide
-CELLS = "cells"  # shapes element and table of segmented cells
+CELLS = "cells"  # table of segmented cells (annotates CELL_SHAPES)
+#: shapes element of segmented cells (circles). spatialdata >= 0.7 forbids a shapes element and a
+#: table of the same name, so the shapes cannot also be called "cells".
+CELL_SHAPES = "cell_circles"
 CELL_LABELS = "cell_labels"  # labels element (nucleus label image)
 TISSUE = "tissue"  # shapes element (polygons) of the tissue mask
 

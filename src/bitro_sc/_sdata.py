@@ -68,8 +68,10 @@ def get_image(sdata: SpatialData, image_key: str, *, scale: str | None = None) -
 
     Raises a clear error when the image is not RGB.
     """
+    import xarray as xr
+
     element = sdata.images[image_key]
-    if hasattr(element, "children") and not hasattr(element, "dims"):  # multiscale DataTree
+    if isinstance(element, xr.DataTree):  # multiscale (a DataTree has `.dims` too, so test the type)
         level = scale or sorted(element.children)[0]
         arr = next(iter(element[level].values()))
     else:
