@@ -71,9 +71,10 @@ def get_image(sdata: SpatialData, image_key: str, *, scale: str | None = None) -
     import xarray as xr
 
     element = sdata.images[image_key]
+    arr: xr.DataArray
     if isinstance(element, xr.DataTree):  # multiscale (a DataTree has `.dims` too, so test the type)
         level = scale or sorted(element.children)[0]
-        arr = next(iter(element[level].values()))
+        arr = next(iter(element[level].data_vars.values()))
     else:
         arr = element
     if "c" not in arr.dims or arr.sizes["c"] != 3:

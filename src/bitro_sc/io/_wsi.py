@@ -1,0 +1,264 @@
+"""Whole-slide images: pyramidal (OME-)TIFF through tifffile, other formats through OpenSlide; lazy."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from .. import _keys as K
+from .. import _sdata
+from ._common import CHUNK_PX, check_file, image_element, rgb_uint8, strip_suffixes
+
+if TYPE_CHECKING:  # pragma: no cover
+    from spatialdata import SpatialData
+
+#: file suffixes read with tifffile by ``backend="auto"``
+TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".svs", ".ndpi")
+#: pixel sizes outside this range (µm/px) in file metadata are treated as absent (e.g. 72 dpi defaults)
+PLAUSIBLE_MPP = (0.05, 20.0)
+
+Backend = Literal["auto", "tifffile", "openslide"]
+
+
+def read_wsi(
+    path: str | Path,
+    *,
+    mpp: float | None = None,
+    backend: Backend = "auto",
+    sample_id: str | None = None,
+    patient_id: str | None = None,
+    chunk_px: int = CHUNK_PX,
+) -> SpatialData:
+    """Read a whole-slide H&E image lazily into SpatialData (image element ``"he"`` only).
+
+    Parameters
+    ----------
+    path
+        Slide file. Pyramidal TIFF / OME-TIFF / SVS / NDPI are read with tifffile; other formats
+        (``.mrxs``, ``.scn``, ...) with OpenSlide (the ``wsi`` extra: ``pip install 'bitro-sc[wsi]'``).
+    mpp
+        µm per pixel of the full-resolution level. ``None`` reads it from the file (OME
+        ``PhysicalSizeX``, Aperio ``MPP``, TIFF resolution tags, OpenSlide ``openslide.mpp-x``);
+        values outside 0.05–20 µm/px (e.g. a 72 dpi default) are ignored. When the file has none,
+        an error asks for ``mpp=``.
+    backend
+        ``"auto"`` picks tifffile for TIFF-like suffixes and OpenSlide otherwise.
+    sample_id, patient_id
+        Slide identity; ``sample_id`` defaults to the file name without extensions.
+    chunk_px
+        Dask chunk side (px) of every level.
+
+    Returns
+    -------
+    SpatialData with a multiscale RGB uint8 image ``"he"`` (one level per pyramid level of the
+    file; a pyramid is built lazily when the file has a single large level). Nothing is read
+    into memory: pixels are read tile by tile when computed.
+
+    Raises
+    ------
+    FileNotFoundError
+        The file does not exist.
+    ValueError
+        Unknown pixel size without ``mpp=``; not an RGB image.
+    ImportError
+        OpenSlide is needed but not installed.
+
+    Examples
+    --------
+    >>> import bitro_sc as bs
+    >>> sdata = bs.io.read_wsi("slide.svs")  # doctest: +SKIP
+    >>> sdata = bs.io.read_wsi("scan.tif", mpp=0.25)  # doctest: +SKIP
+    """
+    p = check_file(path, what="slide")
+    if backend not in ("auto", "tifffile", "openslide"):
+        raise ValueError(f"`backend` must be 'auto', 'tifffile' or 'openslide', got {backend!r}.")
+    if backend == "auto":
+        backend = "tifffile" if p.name.lower().endswith(TIFF_SUFFIXES) else "openslide"
+    if backend == "tifffile":
+        levels = tiff_levels(p, chunk_px=chunk_px)
+        file_mpp, where = tiff_mpp(p)
+    else:
+        levels, file_mpp, where = openslide_levels(p, chunk_px=chunk_px)
+    levels = [rgb_uint8(lv, what=f"slide {str(p)!r}") for lv in levels]
+
+    mpp, source = resolve_mpp(mpp, file_mpp, where=where, path=p)
+    sdata = sdata_from_levels(levels, mpp=mpp, chunk_px=chunk_px)
+    _sdata.set_mpp(sdata, K.IMAGE, mpp, source=source)
+    _sdata.set_slide_info(sdata, sample_id=sample_id or strip_suffixes(p.name), patient_id=patient_id)
+    return sdata
+
+
+def resolve_mpp(mpp: float | None, file_mpp: float | None, *, where: str, path: Path) -> tuple[float, str]:
+    """``(mpp, source)`` from the user's value and the file's; user wins, with a warning on conflict."""
+    if mpp is not None:
+        if not mpp > 0:
+            raise ValueError(f"`mpp` must be a positive number of µm per pixel, got {mpp!r}.")
+        if file_mpp is not None and abs(mpp / file_mpp - 1) > 0.1:
+            warnings.warn(
+                f"`mpp={mpp}` differs from the file's {file_mpp:.4g} µm/px ({where}); using `mpp={mpp}`.",
+                UserWarning,
+                stacklevel=3,
+            )
+        return float(mpp), "user"
+    if file_mpp is None:
+        raise ValueError(
+            f"The slide {str(path)!r} records no usable pixel size ({where}). Pass `mpp=` (µm per pixel "
+            "of the full-resolution level, e.g. 0.25 at 40x, 0.5 at 20x)."
+        )
+    return float(file_mpp), "metadata"
+
+
+def sdata_from_levels(levels: list[Any], *, mpp: float, chunk_px: int = CHUNK_PX) -> SpatialData:
+    """SpatialData with image ``"he"`` from (y, x, 3) dask levels, finest first."""
+    from spatialdata import SpatialData
+
+    return SpatialData(images={K.IMAGE: image_element(levels, mpp=mpp, chunk_px=chunk_px)})
+
+
+# --- tifffile ----------------------------------------------------------------------------------
+
+
+def tiff_levels(path: Path, *, chunk_px: int = CHUNK_PX, series: int = 0) -> list[Any]:
+    """Pyramid levels of a TIFF as lazy (y, x, c) dask arrays (finest first); nothing is read."""
+    import dask.array as da
+    import tifffile
+    import zarr
+
+    tif = tifffile.TiffFile(path)
+    s = tif.series[series]
+    group = zarr.open(s.aszarr(), mode="r")
+    arrays = [group] if isinstance(group, zarr.Array) else [group[str(i)] for i in range(len(s.levels))]
+    axes = s.axes
+    out = []
+    for arr in arrays:
+        chunks = tuple(chunk_px if a in "YX" else -1 for a in axes)
+        out.append(_to_yxc(da.from_zarr(arr, chunks=chunks), axes, path))
+    return out
+
+
+def _to_yxc(arr: Any, axes: str, path: Path) -> Any:
+    """Reorder a tifffile series to (y, x, c); singleton extra axes are dropped."""
+    index = tuple(
+        0 if (a not in "YXSC" and n == 1) else slice(None) for a, n in zip(axes, arr.shape, strict=True)
+    )
+    arr = arr[index]
+    axes = "".join(a for a, i in zip(axes, index, strict=True) if not isinstance(i, int))
+    if set(axes) - set("YXSC"):
+        raise ValueError(
+            f"The TIFF {str(path)!r} has axes {axes!r} (shape {arr.shape}); a 2-D RGB slide (YXS or CYX) "
+            "is needed."
+        )
+    if axes == "YX":
+        return arr  # rgb_uint8 raises with the channel count
+    ch = "S" if "S" in axes else "C"
+    order = [axes.index("Y"), axes.index("X"), axes.index(ch)]
+    return arr.transpose(order)
+
+
+def tiff_mpp(path: Path) -> tuple[float | None, str]:
+    """Pixel size (µm/px) from a TIFF's metadata and a note saying where it came from (or why not)."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages.first
+        tried = []
+        if tif.is_ome and tif.ome_metadata:
+            m = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata)
+            if m:
+                u = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata)
+                factor = _UNIT_UM.get(u.group(1) if u else "µm")
+                if factor is not None:
+                    value = float(m.group(1)) * factor
+                    if _plausible(value):
+                        return value, "OME PhysicalSizeX"
+                    tried.append(f"OME PhysicalSizeX {value:g} µm")
+        desc = page.description or ""
+        m = re.search(r"\bMPP\s*=\s*([0-9.]+)", desc)
+        if m:
+            value = float(m.group(1))
+            if _plausible(value):
+                return value, "Aperio MPP"
+            tried.append(f"Aperio MPP {value:g}")
+        unit = int(page.resolutionunit)
+        xres = page.resolution[0] if page.resolution else 0.0
+        per_unit, unit_name = {2: (25400.0, "inch"), 3: (1e4, "cm"), 4: (1e3, "mm"), 5: (1.0, "µm")}.get(
+            unit, (None, "")
+        )
+        if per_unit is not None and xres > 0:
+            value = per_unit / xres
+            if _plausible(value):
+                return value, "TIFF resolution tags"
+            tried.append(f"TIFF resolution {xres:g} px per {unit_name} = {value:.1f} µm/px, implausible")
+    return None, "; ".join(tried) or "no OME, Aperio or TIFF resolution metadata"
+
+
+_UNIT_UM = {"µm": 1.0, "um": 1.0, "\u03bcm": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
+
+
+def _plausible(value: float) -> bool:
+    return bool(np.isfinite(value)) and PLAUSIBLE_MPP[0] <= value <= PLAUSIBLE_MPP[1]
+
+
+# --- openslide ---------------------------------------------------------------------------------
+
+
+class _OpenSlideLevel:
+    """Array-like (y, x, 3) uint8 view of one OpenSlide level; slicing reads that region only."""
+
+    def __init__(self, slide: Any, level: int) -> None:
+        self.slide = slide
+        self.level = level
+        w, h = slide.level_dimensions[level]
+        self.shape = (h, w, 3)
+        self.dtype = np.dtype(np.uint8)
+        self.ndim = 3
+        self.downsample = float(slide.level_downsamples[level])
+
+    def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
+        ys, xs = key[0], key[1]
+        y0, y1, _ = ys.indices(self.shape[0])
+        x0, x1, _ = xs.indices(self.shape[1])
+        if y1 <= y0 or x1 <= x0:
+            return np.zeros((max(y1 - y0, 0), max(x1 - x0, 0), 3), np.uint8)
+        loc = (round(x0 * self.downsample), round(y0 * self.downsample))
+        rgba = np.asarray(self.slide.read_region(loc, self.level, (x1 - x0, y1 - y0)))
+        alpha = rgba[..., 3:4].astype(np.float32) / 255.0
+        rgb = rgba[..., :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)  # no-data -> white
+        out = (rgb + 0.5).astype(np.uint8)
+        return out[:, :, key[2]] if len(key) > 2 else out
+
+
+def openslide_levels(path: Path, *, chunk_px: int = CHUNK_PX) -> tuple[list[Any], float | None, str]:
+    """Lazy (y, x, 3) dask levels of an OpenSlide-readable slide, its mpp and where the mpp came from."""
+    import dask.array as da
+
+    try:
+        import openslide
+    except ImportError as err:
+        raise ImportError(
+            f"Reading {path.suffix or 'this'} slides needs OpenSlide, which is not installed. Install the "
+            "`wsi` extra: pip install 'bitro-sc[wsi]' (or convert the slide to a pyramidal TIFF)."
+        ) from err
+    slide = openslide.OpenSlide(str(path))
+    levels = []
+    for lvl in range(slide.level_count):
+        view = _OpenSlideLevel(slide, lvl)
+        levels.append(
+            da.from_array(
+                view,
+                chunks=(chunk_px, chunk_px, 3),
+                name=f"openslide-{path.resolve()}-{lvl}",
+                meta=np.empty((0, 0, 0), np.uint8),
+            )
+        )
+    raw = slide.properties.get("openslide.mpp-x")
+    if raw is not None:
+        value = float(raw)
+        if _plausible(value):
+            return levels, value, "openslide.mpp-x"
+        return levels, None, f"openslide.mpp-x {value:g} implausible"
+    return levels, None, "no openslide.mpp-x property"
