@@ -1,0 +1,317 @@
+"""`bs.pl.expression`: predicted or measured expression of spots / cells over the H&E image."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from .. import _keys as K
+from . import _utils as U
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
+    from matplotlib.axes import Axes
+    from spatialdata import SpatialData
+
+_LEVELS = ("spot", "cell")
+_STYLES = ("auto", "circle", "point")
+#: above this many cells in view, ``style="auto"`` draws points instead of true-size circles
+MAX_CIRCLES = 100_000
+
+
+@dataclass
+class _Panel:
+    gene: str
+    level: str  # "spot" | "cell"
+    table_key: str
+    layer: str | None  # None = measured counts
+    values: np.ndarray
+    label: str
+    title: str
+
+
+def _column(x: Any, j: int) -> np.ndarray:
+    from scipy import sparse
+
+    col = x[:, j]
+    col = col.toarray() if sparse.issparse(col) else np.asarray(col)
+    return np.asarray(col, dtype=np.float64).ravel()
+
+
+def _measured(table: AnnData, gene: str) -> np.ndarray:
+    """log1p counts-per-10k of one gene, library size over all genes of the table."""
+    from ..pp._expression import TARGET_SUM, get_counts
+
+    counts = get_counts(table)
+    lib = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
+    col = _column(counts, int(table.var_names.get_loc(gene)))
+    if np.any(col < 0):
+        raise ValueError(
+            "Measured counts must be non-negative; `X` / layers['counts'] should hold raw counts."
+        )
+    scale = np.divide(TARGET_SUM, lib, out=np.zeros_like(lib), where=lib > 0)
+    return np.log1p(col * scale)
+
+
+def _predicted(table: AnnData, gene: str, layer: str, *, table_key: str, log1p: bool) -> np.ndarray:
+    if layer not in table.layers:
+        have = list(table.layers.keys())
+        raise KeyError(
+            f"Table {table_key!r} has no layer {layer!r} (layers: {have or 'none'}): run "
+            "`bs.tl.predict_bitro` first, or pass `layer=None` to plot the measured counts."
+        )
+    values = _column(table.layers[layer], int(table.var_names.get_loc(gene)))
+    if np.all(np.isnan(values)):
+        raise ValueError(
+            f"Layer {layer!r} of table {table_key!r} has no values for {gene!r}: the model did not "
+            "predict this gene. Fit it with this gene in `genes=`."
+        )
+    if log1p:
+        if np.nanmin(values) < 0:
+            raise ValueError(
+                f"Layer {layer!r} has negative values, so it is not on the counts-per-10k scale; "
+                "pass `log1p=False` to plot it as is."
+            )
+        values = np.log1p(values)
+    return values
+
+
+def expression(
+    sdata: SpatialData,
+    gene: str | Sequence[str],
+    *,
+    level: Literal["spot", "cell"] = "spot",
+    layer: str | None = K.PREDICTION,
+    compare: bool | None = None,
+    ax: Axes | Sequence[Axes] | None = None,
+    image_key: str | None = None,
+    table_key: str | None = None,
+    spot_table_key: str = K.TABLE,
+    crop_um: Sequence[float] | None = None,
+    mpp: float | None = None,
+    cmap: str = "viridis",
+    vmin: float | str | None = None,
+    vmax: float | str | None = None,
+    log1p: bool = True,
+    alpha: float | None = None,
+    style: Literal["auto", "circle", "point"] = "auto",
+    show_image: bool = True,
+    scalebar: bool = True,
+    ncols: int = 3,
+    panel_size: tuple[float, float] = (4.6, 4.0),
+    max_px: int = U.MAX_DISPLAY_PX,
+    save: str | Path | None = None,
+) -> Axes | list[Axes]:
+    """Expression of one or several genes on the tissue: spots as discs or cells as circles/points.
+
+    The H&E image is drawn underneath, downsampled so that at most ``max_px`` pixels are shown on
+    the long side (the pyramid level is picked accordingly; the full-resolution whole slide is
+    never loaded). Spots are drawn as discs of their true radius; cells as circles of their
+    equivalent radius, or as points when more than 100,000 are in view (``style="auto"``).
+
+    Parameters
+    ----------
+    sdata
+        A slide following the bitro_sc data contract.
+    gene
+        A gene name, or several (one row of panels per gene, or a grid).
+    level
+        ``"spot"``: the spot table (``table_key``, default ``"table"``); ``"cell"``: the cells table
+        (default ``"cells"``) after `bs.tl.predict_bitro` with ``level="cell"``.
+    layer
+        Layer of predictions (counts per 10k; shown as ``log1p`` unless ``log1p=False``), e.g.
+        ``"bitro"``. ``None`` plots the measured expression of the spots: ``log1p`` of counts per
+        10k from the raw counts (``layers["counts"]`` or ``X``); the colour bar says which.
+    compare
+        Draw predicted and measured side by side (measured = the spots, also for ``level="cell"``).
+        ``None``: when the spot table has measured counts for every gene and ``ax`` is not a
+        single Axes.
+    ax
+        Axes to draw into: one per panel (a single Axes for one panel). ``None`` creates a figure.
+    image_key, table_key, spot_table_key
+        Element keys; the image is auto-picked when there is one, and omitted when there is none.
+    crop_um
+        ``(x_min, y_min, x_max, y_max)`` in µm from the image origin (the ``"um"`` coordinate
+        system). ``None``: the extent of the spots / cells.
+    mpp
+        Pixel size (µm/px) when the image does not record it (needed for ``crop_um`` and the scale bar).
+    cmap, vmin, vmax
+        Colour map and limits; a limit is a number, a percentile string such as ``"p99"``, or
+        ``None`` for the minimum / maximum of the values shown in that panel. Spots / cells
+        without a value (``NaN``, e.g. spots that hold no cell) are light grey.
+    log1p
+        Apply ``log1p`` to the layer values (predictions are counts per 10k).
+    alpha
+        Opacity of spots / cells (default 0.9 for spots, 1.0 for cells).
+    style
+        Cell drawing: ``"circle"`` (equivalent radius), ``"point"`` or ``"auto"``.
+    show_image, scalebar
+        Draw the H&E image underneath; draw a scale bar in µm.
+    ncols, panel_size
+        Grid of a new figure without ``compare`` (panels per row), and the size of one panel (inches).
+    max_px
+        Longest side (pixels) of the displayed image region.
+    save
+        Path to save the figure to (PNG, PDF, SVG…), at 150 dpi.
+
+    Returns
+    -------
+    The Axes of the single panel, or the list of panel Axes (gene by gene; predicted then
+    measured when comparing).
+
+    Raises
+    ------
+    KeyError
+        An unknown gene (the error lists close matches), a missing table or a missing ``layer``
+        (the error names `bs.tl.predict_bitro`).
+    ValueError
+        ``layer=None`` with ``level="cell"`` (cells have no measured expression), or ``crop_um``
+        without a known pixel size.
+
+    Examples
+    --------
+    >>> import bitro_sc as bs
+    >>> sdata = bs.datasets.synthetic(kind="visium", seed=0)  # doctest: +SKIP
+    >>> bs.pl.expression(sdata, "EPCAM", layer=None)  # measured  # doctest: +SKIP
+    >>> bs.pl.expression(sdata, ["EPCAM", "CD74"], level="cell", crop_um=(0, 0, 500, 500))  # doctest: +SKIP
+    """
+    import matplotlib as mpl
+
+    if level not in _LEVELS:
+        raise ValueError(f"`level` must be one of {list(_LEVELS)}, got {level!r}.")
+    if style not in _STYLES:
+        raise ValueError(f"`style` must be one of {list(_STYLES)}, got {style!r}.")
+    if level == "cell" and layer is None:
+        raise ValueError(
+            "Cells have no measured expression: pass a layer of cell-level predictions (e.g. "
+            "`layer='bitro'` after `bs.tl.predict_bitro(sdata, model, level='cell')`), or plot the "
+            "measured spots with `level='spot', layer=None`."
+        )
+    genes = [gene] if isinstance(gene, str) else [str(g) for g in gene]
+    if not genes:
+        raise ValueError("`gene` is empty; pass a gene name or a list of them.")
+    table_key = table_key or (K.TABLE if level == "spot" else K.CELLS)
+    step = (
+        "run `bs.tl.segment` and `bs.tl.predict_bitro(..., level='cell')` first"
+        if level == "cell"
+        else ("read the slide with `bs.io.read_*`")
+    )
+    if table_key not in sdata.tables:
+        raise KeyError(f"No table {table_key!r} (tables: {list(sdata.tables.keys()) or 'none'}): {step}.")
+    table = sdata.tables[table_key]
+    U.check_genes(genes, table.var_names, where=f"table {table_key!r}")
+
+    image_key = U.auto_image_key(sdata, image_key) if show_image or scalebar or crop_um else image_key
+    mpp_value = U.resolve_mpp(sdata, image_key, mpp)
+    box = U.crop_box_px(crop_um, mpp_value)
+
+    spot_table = sdata.tables.get(spot_table_key)
+    single_ax = ax is not None and not isinstance(ax, Sequence | np.ndarray)
+
+    if compare is None:  # side by side when every gene has measured counts, and axes allow it
+        compare = (
+            layer is not None
+            and not single_ax
+            and spot_table is not None
+            and all(g in spot_table.var_names for g in genes)
+        )
+    panels: list[_Panel] = []
+    for g in genes:
+        if layer is None:
+            panels.append(
+                _Panel(
+                    g,
+                    "spot",
+                    table_key,
+                    None,
+                    _measured(table, g),
+                    "measured, log1p CP10k",
+                    f"{g} — measured",
+                )
+            )
+            continue
+        scale = "log1p CP10k" if log1p else "CP10k"
+        where = "per cell" if level == "cell" else ""
+        pred_label = f"predicted {where} ({layer}), {scale}".replace("  ", " ")
+        panels.append(
+            _Panel(
+                g,
+                level,
+                table_key,
+                layer,
+                _predicted(table, g, layer, table_key=table_key, log1p=log1p),
+                pred_label,
+                f"{g} — predicted" + (" (cells)" if level == "cell" else ""),
+            )
+        )
+        if compare:
+            if spot_table is None or g not in spot_table.var_names:
+                raise KeyError(
+                    f"No measured expression of {g!r} to compare with: the spot table "
+                    f"{spot_table_key!r} {'lacks this gene' if spot_table is not None else 'is missing'}. "
+                    "Pass `compare=False`."
+                )
+            panels.append(
+                _Panel(
+                    g,
+                    "spot",
+                    spot_table_key,
+                    None,
+                    _measured(spot_table, g),
+                    "measured, log1p CP10k",
+                    f"{g} — measured" + (" (spots)" if level == "cell" else ""),
+                )
+            )
+
+    comparing = len(panels) > len(genes)
+    geometry: dict[str, U.Geometry] = {}
+    for p in panels:
+        if p.table_key not in geometry:
+            geometry[p.table_key] = (
+                U.cell_geometry(sdata, p.table_key, mpp_value)
+                if p.level == "cell"
+                else U.spot_geometry(sdata, p.table_key)
+            )
+    # one common view for all panels: the crop, or the extent of what is drawn plus a margin
+    view = box
+    if view is None:
+        view = U.union_box(*(geometry[p.table_key].box() for p in panels))
+        if view is not None:
+            pad = 0.03 * max(view[2] - view[0], view[3] - view[1])
+            view = (view[0] - pad, view[1] - pad, view[2] + pad, view[3] + pad)
+    fig, axes = U.axes_list(
+        ax,
+        len(panels),
+        ncols=(len(panels) // len(genes)) if comparing else ncols,
+        panel_size=U.panel_size_for(view, panel_size),
+    )
+    colormap = mpl.colormaps[cmap].with_extremes(bad="lightgrey")  # NaN: no prediction there
+    background = U.read_region(sdata, image_key, view, max_px=max_px) if show_image and image_key else None
+    for axis, p in zip(axes, panels, strict=True):
+        geo = geometry[p.table_key]
+        keep = geo.in_box(view)
+        shown = U.Geometry(geo.x[keep], geo.y[keep], geo.r[keep])
+        values = p.values[keep]
+        if background is not None:
+            U.draw_image(axis, sdata, image_key, view, region=background)
+        lo = U.normalise_vlim(vmin, values, default="min")
+        hi = U.normalise_vlim(vmax, values, default="max")
+        if lo is not None and hi is not None and hi <= lo:
+            hi = lo + 1e-6
+        draw_style = "circle"
+        if p.level == "cell":
+            draw_style = style if style != "auto" else ("circle" if keep.sum() <= MAX_CIRCLES else "point")
+        a = alpha if alpha is not None else (0.9 if p.level == "spot" else 1.0)
+        coll = U.draw_discs(
+            axis, shown, values=values, style=draw_style, cmap=colormap, alpha=a, linewidths=0.0
+        )
+        coll.set_clim(lo, hi)
+        U.colorbar(fig, axis, coll, label=p.label)
+        U.finish_axes(axis, view, None, mpp=mpp_value, scalebar=scalebar, title=p.title)
+
+    U.save_figure(fig, save)
+    return axes[0] if len(axes) == 1 else axes

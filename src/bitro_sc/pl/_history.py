@@ -1,0 +1,163 @@
+"""`bs.pl.history`: training and validation loss per epoch."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from .. import _keys as K
+from . import _utils as U
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.axes import Axes
+
+
+def _find(record: Any, key: str, depth: int = 3) -> Any:
+    """First value of ``key`` in a nested mapping (breadth first, a few levels deep)."""
+    if not isinstance(record, Mapping) or depth < 0:
+        return None
+    if key in record:
+        return record[key]
+    for value in record.values():
+        found = _find(value, key, depth - 1)
+        if found is not None:
+            return found
+    return None
+
+
+def _record_of(obj: Any) -> tuple[Any, Mapping[str, Any]]:
+    """(history-like, run record) of a model, a SpatialData, an AnnData, a dict or a table."""
+    from anndata import AnnData
+
+    if isinstance(obj, pd.DataFrame | list):
+        return obj, {}
+    if isinstance(obj, Mapping):
+        if "history" in obj:
+            return obj["history"], obj
+        return obj, {}
+    if isinstance(obj, AnnData):
+        record = obj.uns.get(K.RUN)
+        if not isinstance(record, Mapping) or "history" not in record:
+            raise KeyError(
+                f"This table has no training history (`uns[{K.RUN!r}]['history']`); run "
+                "`bs.tl.fit_bitro` and `bs.tl.predict_bitro` first, or pass the fitted model."
+            )
+        return record["history"], record
+    if hasattr(obj, "tables"):  # SpatialData: the first table that carries a history
+        for key in (K.TABLE, K.BULK, K.CELLS, *obj.tables.keys()):
+            if key in obj.tables:
+                record = obj.tables[key].uns.get(K.RUN)
+                if isinstance(record, Mapping) and "history" in record:
+                    return record["history"], record
+        raise KeyError(
+            f"No table of this SpatialData has a training history (`uns[{K.RUN!r}]['history']`): "
+            "run `bs.tl.predict_bitro` with a fitted model first, or pass the model itself."
+        )
+    record = getattr(obj, "record", None)
+    if isinstance(record, Mapping) and "history" in record:
+        return record["history"], record
+    hist = getattr(obj, "history", None)
+    if hist is not None:
+        return (hist() if callable(hist) else hist), (record if isinstance(record, Mapping) else {})
+    raise TypeError(
+        f"Cannot find a training history in a {type(obj).__name__}. Pass a fitted model "
+        "(`bs.tl.fit_bitro`), a SpatialData / table after `bs.tl.predict_bitro`, or a table with "
+        "columns epoch, train_loss, val_loss."
+    )
+
+
+def history(
+    model_or_sdata: Any,
+    *,
+    ax: Axes | None = None,
+    log_scale: bool = False,
+    title: str | None = None,
+    figsize: tuple[float, float] = (5.0, 3.6),
+    save: str | Path | None = None,
+) -> Axes:
+    """Training and validation loss per epoch, with the epoch whose weights were kept marked.
+
+    Parameters
+    ----------
+    model_or_sdata
+        A fitted `BiTroModel` (its ``record["history"]``), a SpatialData or table after
+        `bs.tl.predict_bitro` (``uns["bitro"]["history"]``), or the history itself: a DataFrame or
+        a list of ``{"epoch", "train_loss", "val_loss"}`` records, or a dict of such columns.
+    ax
+        Axes to draw into; ``None`` creates a figure.
+    log_scale
+        Logarithmic loss axis.
+    title, figsize
+        Panel title (default: ``"training history"``); size of a new figure (inches).
+    save
+        Path to save the figure to.
+
+    Returns
+    -------
+    The Axes. The best epoch is ``record["best_epoch"]`` when recorded, else the epoch of the
+    lowest validation loss; without a validation loss, no epoch is marked.
+
+    Examples
+    --------
+    >>> import bitro_sc as bs
+    >>> hist = {"epoch": [0, 1, 2], "train_loss": [1.0, 0.6, 0.5], "val_loss": [1.1, 0.8, 0.9]}
+    >>> ax = bs.pl.history(hist)
+    >>> ax.get_xlabel()
+    'epoch'
+    """
+    import matplotlib.pyplot as plt
+
+    raw, record = _record_of(model_or_sdata)
+    try:
+        df = pd.DataFrame(raw)
+    except ValueError as err:
+        raise ValueError(
+            "The training history must be a table of per-epoch records (epoch, train_loss, val_loss)."
+        ) from err
+    if "train_loss" not in df.columns and "val_loss" not in df.columns:
+        raise KeyError(
+            f"The training history has no 'train_loss' / 'val_loss' column (columns: {list(df.columns)})."
+        )
+    if df.empty:
+        raise ValueError("The training history is empty (no epoch was run).")
+    epochs = df["epoch"].to_numpy() if "epoch" in df.columns else np.arange(len(df))
+    if ax is None:
+        fig, ax = plt.subplots(figsize=figsize, layout="constrained")
+    else:
+        fig = U.figure_of(ax)
+    if "train_loss" in df.columns:
+        ax.plot(epochs, df["train_loss"].to_numpy(dtype=float), marker=".", label="training")
+    best = _find(record, "best_epoch")
+    if "val_loss" in df.columns:
+        val = df["val_loss"].to_numpy(dtype=float)
+        ax.plot(epochs, val, marker=".", label="validation")
+        if best is None and np.isfinite(val).any():
+            best = epochs[int(np.nanargmin(val))]
+        if best is not None and best in set(epochs.tolist()):
+            i = int(np.flatnonzero(epochs == best)[0])
+            ax.axvline(best, color="0.5", ls="--", lw=1, zorder=0)
+            ax.scatter(
+                [best],
+                [val[i]],
+                marker="*",
+                s=140,
+                color="tab:red",
+                zorder=4,
+                label=f"best epoch ({best}): {val[i]:.3g}",
+            )
+    loss_name = _find(record, "loss")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"loss ({loss_name})" if isinstance(loss_name, str) else "loss")
+    if log_scale:
+        ax.set_yscale("log")
+    ax.set_title(title if title is not None else "training history")
+    ax.legend(frameon=False)
+    U.save_figure(fig, save)
+    return ax
