@@ -1,0 +1,205 @@
+"""Write segmented cells into a SpatialData object following the data contract."""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .. import _keys as K
+from .. import _sdata
+from ._props import PROPS_PX, cell_props
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+    from spatialdata import SpatialData
+
+#: obs columns of the cells table, in order (lengths in µm, areas in µm², angles in radians)
+CELL_OBS = (
+    K.CELL_ID,
+    K.REGION,
+    K.X_PX,
+    K.Y_PX,
+    K.X_UM,
+    K.Y_UM,
+    K.AREA_UM2,
+    "perimeter_um",
+    "eccentricity",
+    "solidity",
+    "major_axis_um",
+    "minor_axis_um",
+    "orientation",
+    K.SAMPLE_ID,
+    K.PATIENT_ID,
+)
+
+
+def shapes_key_for(table_key: str) -> str:
+    """Name of the cells shapes element that goes with the cells table ``table_key``."""
+    return K.CELL_SHAPES if table_key == K.CELLS else f"{table_key}_circles"
+
+
+def cells_table_obs(props: pd.DataFrame, *, mpp: float, region: str, sdata: SpatialData | None = None):
+    """Convert a per-cell record in pixels (:data:`PROPS_PX`) to the cells-table ``obs`` (µm)."""
+    import pandas as pd
+
+    missing = [c for c in PROPS_PX if c not in props.columns]
+    if missing:
+        raise ValueError(
+            f"The per-cell record lacks columns {missing}; it needs {list(PROPS_PX)} "
+            "(pixel units), as returned by `bitro_sc.segmentation.cell_props`."
+        )
+    ids = np.asarray(props["cell_id"]).astype(np.int64)
+    if len(np.unique(ids)) != len(ids):
+        raise ValueError("`cell_id` values must be unique (one per cell).")
+    if len(ids) and ids.min() < 1:
+        raise ValueError("`cell_id` values must be positive integers (0 is the label background).")
+    info = _sdata.slide_info(sdata) if sdata is not None else {K.SAMPLE_ID: None, K.PATIENT_ID: None}
+    x = np.asarray(props["x_px"], np.float64)
+    y = np.asarray(props["y_px"], np.float64)
+    obs = pd.DataFrame(
+        {
+            K.CELL_ID: ids,
+            K.REGION: pd.Categorical([region] * len(ids), categories=[region]),
+            K.X_PX: x,
+            K.Y_PX: y,
+            K.X_UM: x * mpp,
+            K.Y_UM: y * mpp,
+            K.AREA_UM2: np.asarray(props["area_px"], np.float64) * mpp**2,
+            "perimeter_um": np.asarray(props["perimeter_px"], np.float64) * mpp,
+            "eccentricity": np.asarray(props["eccentricity"], np.float64),
+            "solidity": np.asarray(props["solidity"], np.float64),
+            "major_axis_um": np.asarray(props["major_axis_px"], np.float64) * mpp,
+            "minor_axis_um": np.asarray(props["minor_axis_px"], np.float64) * mpp,
+            "orientation": np.asarray(props["orientation"], np.float64),
+            K.SAMPLE_ID: pd.Categorical([info[K.SAMPLE_ID] or "sample"] * len(ids)),
+            K.PATIENT_ID: pd.Categorical([info[K.PATIENT_ID] or info[K.SAMPLE_ID] or "patient"] * len(ids)),
+        },
+        index=pd.Index(ids.astype(str), name=None),
+    )
+    return obs
+
+
+def write_cells(
+    sdata: SpatialData,
+    labels_or_props: np.ndarray | pd.DataFrame,
+    *,
+    mpp: float,
+    key_added: str = K.CELLS,
+    shapes_key: str | None = None,
+    labels_key: str | None = K.CELL_LABELS,
+    offset_px: tuple[float, float] = (0.0, 0.0),
+    labels: np.ndarray | None = None,
+    overwrite: bool = False,
+    uns: dict | None = None,
+) -> None:
+    """Write cells as a shapes element, a table and (optionally) a label image.
+
+    Parameters
+    ----------
+    sdata
+        Modified in place.
+    labels_or_props
+        Either a ``(y, x)`` integer label image (0 = background, value = ``cell_id``) whose
+        measures are computed with :func:`cell_props`, or a per-cell record in pixels with the
+        columns of :data:`~bitro_sc.segmentation.PROPS_PX` (centroids in full-image pixels).
+    mpp
+        Pixel size of the full-resolution image in µm/px.
+    key_added
+        Name of the cells table (``"cells"``).
+    shapes_key
+        Name of the shapes element the table annotates; default :func:`shapes_key_for`
+        (``"cell_circles"`` for the default table, ``f"{key_added}_circles"`` otherwise).
+        spatialdata forbids a shapes element and a table of the same name.
+    labels_key
+        Name of the labels element, written when a label image is given (as ``labels_or_props``
+        or ``labels=``); ``None`` writes no labels.
+    offset_px
+        ``(y, x)`` of the label image's top-left pixel in the full image (a crop); the label
+        element is placed there and the centroids are shifted by it. With a per-cell record the
+        centroids are taken as they are (already full-image pixels).
+    labels
+        A label image to write alongside a per-cell record (its values must be the record's ids).
+    overwrite
+        Replace existing elements of these names; otherwise an existing name is an error.
+    uns
+        Stored as ``tables[key_added].uns["bitro_segmentation"]`` (parameters of the run).
+
+    Notes
+    -----
+    Writes shapes ``shapes_key`` (circles at the centroid with the equivalent radius
+    ``sqrt(area / π)`` in pixels, index = ``cell_id``), table ``key_added`` (zero gene columns,
+    ``obs`` = :data:`CELL_OBS`, ``obsm["spatial"]`` = centroid in µm, annotating the shapes:
+    ``region`` = ``shapes_key``, instance key ``cell_id``) and labels ``labels_key`` (uint32).
+    Every element gets the pixel and micron transformations of
+    :func:`bitro_sc._sdata.micron_transformations`. Zero cells give an empty table that
+    annotates nothing, no shapes element (spatialdata can store neither an empty shapes element
+    nor an empty annotating table) and a warning.
+    """
+    import anndata as ad
+    import pandas as pd
+    from spatialdata.models import Labels2DModel, ShapesModel, TableModel
+
+    if not mpp > 0:
+        raise ValueError(f"`mpp` must be a positive number of µm per pixel, got {mpp!r}.")
+    offset = (float(offset_px[0]), float(offset_px[1]))
+    if isinstance(labels_or_props, pd.DataFrame):
+        props = labels_or_props
+        if "cell_id" not in props.columns:
+            props = props.assign(cell_id=np.asarray(props.index, np.int64))
+    else:
+        labels = np.asarray(labels_or_props)
+        props = cell_props(labels, offset_px=offset)
+    write_labels = labels is not None and labels_key is not None
+    shapes_key = shapes_key or shapes_key_for(key_added)
+    if shapes_key == key_added:
+        raise ValueError(
+            f"`shapes_key` and `key_added` are both {key_added!r}; spatialdata needs distinct names."
+        )
+    _sdata.check_free(sdata, key_added, overwrite=overwrite)
+    _sdata.check_free(sdata, shapes_key, overwrite=overwrite)
+    if write_labels and labels_key is not None:
+        _sdata.check_free(sdata, labels_key, overwrite=overwrite)
+    if overwrite:  # an element of another kind under the same name would make the object invalid
+        for k in {key_added, shapes_key, labels_key if write_labels else None} - {None}:
+            if k in sdata:
+                del sdata[k]
+
+    obs = cells_table_obs(props, mpp=mpp, region=shapes_key, sdata=sdata)
+    n = len(obs)
+    transforms = _sdata.micron_transformations(mpp)
+    centres = np.stack([obs[K.X_PX].to_numpy(), obs[K.Y_PX].to_numpy()], axis=1).reshape(n, 2)
+    radius = np.sqrt(np.asarray(props["area_px"], np.float64) / np.pi)
+    if n:
+        shapes = ShapesModel.parse(
+            centres, geometry=0, radius=radius, index=obs[K.CELL_ID].to_numpy(), transformations=transforms
+        )
+        shapes.index.name = K.CELL_ID
+        sdata.shapes[shapes_key] = shapes
+    else:  # spatialdata cannot store an empty shapes element
+        warnings.warn(
+            f"No cells to write: table {key_added!r} is empty and no shapes element {shapes_key!r} "
+            "is written.",
+            UserWarning,
+            stacklevel=2,
+        )
+
+    adata = ad.AnnData(X=np.zeros((n, 0), np.float32), obs=obs)
+    adata.obsm[K.SPATIAL] = np.stack([obs[K.X_UM].to_numpy(), obs[K.Y_UM].to_numpy()], axis=1).reshape(n, 2)
+    adata.uns["bitro_segmentation"] = dict(uns or {}) | {"mpp": float(mpp), "n_cells": int(n)}
+    if n:
+        sdata.tables[key_added] = TableModel.parse(
+            adata, region=shapes_key, region_key=K.REGION, instance_key=K.CELL_ID
+        )
+    else:  # an empty table cannot annotate a region
+        sdata.tables[key_added] = TableModel.parse(adata)
+    if write_labels:
+        lab = np.asarray(labels)
+        if lab.max(initial=0) > np.iinfo(np.uint32).max:
+            raise ValueError("Label values do not fit uint32.")
+        sdata.labels[labels_key] = Labels2DModel.parse(
+            lab.astype(np.uint32, copy=False),
+            dims=("y", "x"),
+            transformations=_sdata.micron_transformations(mpp, offset_px=offset),
+        )
