@@ -54,3 +54,12 @@ def test_highly_variable_genes_errors_on_disjoint_gene_sets():
     b = ad.AnnData(np.ones((3, 2)), var=pd.DataFrame(index=["C", "D"]))
     with pytest.raises(ValueError, match="share no gene"):
         bs.pp.highly_variable_genes([a, b])
+
+
+def test_highly_variable_genes_are_ranked_even_when_all_genes_pass():
+    rng = np.random.default_rng(1)
+    genes = [f"G{i}" for i in range(30)]
+    t = _table(rng, 300, genes, ["G25"])
+    hvgs = bs.pp.highly_variable_genes(t, n_top=100)
+    assert len(hvgs) == 30
+    assert hvgs[0] == "G25"

@@ -124,8 +124,9 @@ def highly_variable_genes(
     x = np.vstack(normalised)[:, keep]
     tmp = ad.AnnData(sparse.csr_matrix(x) if x.size else x, var=pd.DataFrame(index=genes))
     n = min(n_top, len(genes))
-    if len(genes) <= n:
+    if len(genes) == 1:
         return list(genes)
+    # ranked by normalised dispersion even when every gene is kept, so truncating stays "top"
     sc.pp.highly_variable_genes(tmp, flavor="seurat", n_top_genes=n)
-    ranked = tmp.var.sort_values("dispersions_norm", ascending=False)
-    return list(ranked.index[ranked["highly_variable"].to_numpy()][:n])
+    ranked = tmp.var.sort_values("dispersions_norm", ascending=False, na_position="last")
+    return list(ranked.index[:n])
