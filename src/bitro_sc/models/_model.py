@@ -1,0 +1,326 @@
+"""`BiTroModel`: the trained network with everything needed to apply it to a new slide."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from .. import _keys as K
+from ._data import FeatureStats, bulk_row, jsonable, slide_cells
+from ._params import ModelParams, TrainParams
+from ._protocol import LEVELS
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from spatialdata import SpatialData
+
+    from ._net import BiTroNet
+
+_FORMAT = "bitro_sc.BiTroModel/1"
+_WEIGHTS, _CONFIG = "model.safetensors", "config.json"
+#: LoRA targets: input projection, attention q / v / out and the feed-forward layers. The GAT layers
+#: (torch_geometric ``GATConv``) are not adapted: peft cannot target their linear maps by module type,
+#: so under the "lora" policy they stay frozen with the rest of the base.
+LORA_TARGETS = r"^(in_proj|blocks\.\d+\.(q|v|out|ff1|ff2))$"
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` → CUDA when available, else CPU."""
+    import torch
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class BiTroModel:
+    """A fitted BiTro model: network weights, genes, input scaling and run record.
+
+    Returned by :func:`bitro_sc.tl.fit_bitro`; applied with :func:`bitro_sc.tl.predict_bitro`;
+    saved with :meth:`save` (safetensors weights + JSON config) and restored with :meth:`load`.
+
+    Attributes
+    ----------
+    genes
+        Genes predicted, in column order.
+    level
+        Level the model was trained on (``"spot"`` or ``"bulk"``).
+    levels
+        Levels it can predict: ``("spot", "bulk", "cell")``.
+    record
+        Run record (config, genes, HVGs, split, history, parameter counts, matched / new genes).
+    """
+
+    levels: tuple[str, ...] = LEVELS
+
+    def __init__(
+        self,
+        net: BiTroNet,
+        *,
+        genes: list[str],
+        level: str,
+        stats: FeatureStats,
+        phenotypes: list[str],
+        params: ModelParams,
+        train_params: TrainParams,
+        bag_cells: float,
+        lora: dict[str, Any] | None = None,
+        meta: dict[str, Any] | None = None,
+        record: dict[str, Any] | None = None,
+    ) -> None:
+        self.net = net
+        self.genes = list(genes)
+        self.level = level
+        self.stats = stats
+        self.phenotypes = list(phenotypes)
+        self.params = params
+        self.train_params = train_params
+        self.bag_cells = float(bag_cells)
+        self.lora = lora
+        self.meta = meta or {}
+        self.record: dict[str, Any] = record or {"genes": list(genes), "hvgs": []}
+
+    def __repr__(self) -> str:
+        lora = ", LoRA" if self.lora else ""
+        return (
+            f"BiTroModel(level={self.level!r}, {len(self.genes)} genes, {self.n_features} features, "
+            f"{len(self.phenotypes)} phenotypes{lora})"
+        )
+
+    @property
+    def n_features(self) -> int:
+        return int(self.stats.mean.shape[0])
+
+    @property
+    def window_cells(self) -> int:
+        """Cells per attention window on a whole slide: the training chunk size of a bulk model, the
+        mean number of cells per spot of a spot model."""
+        if self.level == "bulk":
+            return int(self.train_params.chunk_cells)
+        return max(round(self.bag_cells), 1)
+
+    @property
+    def history(self) -> pd.DataFrame:
+        """Training history (one row per epoch: train_loss, val_loss)."""
+        return pd.DataFrame(self.record.get("history", {}))
+
+    # ------------------------------------------------------------------------------------------
+    def _inputs(self, sdata: SpatialData, *, need_spots: bool, table_key: str, cells_key: str):
+        return slide_cells(
+            sdata,
+            stats=self.stats,
+            phenotypes=self.phenotypes,
+            need_graph=self.params.gat_layers > 0,
+            need_spots=need_spots,
+            table_key=table_key,
+            cells_key=cells_key,
+        )
+
+    def _scale_for(self, level: str, bag_cells: float) -> float:
+        """Factor for predicting at another level than trained with sum-like pooling: per-cell values
+        are shares of the training bag, so a bag of another size is rescaled by the size ratio."""
+        if self.params.pooling == "mean" or level == self.level or bag_cells <= 0:
+            return 1.0
+        return self.bag_cells / bag_cells
+
+    def predict_arrays(
+        self,
+        sdata: SpatialData,
+        *,
+        level: Literal["spot", "bulk", "cell"] = "spot",
+        device: str | torch.device | None = None,
+        table_key: str = K.TABLE,
+        cells_key: str = K.CELLS,
+    ) -> np.ndarray:
+        """Predictions (counts per 1e4) as an array: spot-table rows (spot; NaN rows for spots without
+        cells), one slide profile (bulk, shape ``(1, genes)``) or cells-table rows (cell)."""
+        from ._bags import Partition, spatial_chunks
+        from ._train import slide_cell_values, spot_values
+
+        if level not in LEVELS:
+            raise ValueError(f"`level` must be one of {list(LEVELS)}, got {level!r}.")
+        dev = resolve_device(device)
+        net = self.net.to(dev).eval()
+        if level == "spot":
+            if table_key not in sdata.tables:
+                raise KeyError(
+                    f"The SpatialData object has no spot table {table_key!r}; predict `level='cell'`."
+                )
+            slide = self._inputs(sdata, need_spots=True, table_key=table_key, cells_key=cells_key)
+            n_spots = sdata.tables[table_key].n_obs
+            part = slide.spot_partition(n_spots)
+            groups = np.flatnonzero(part.sizes() > 0)
+            out = np.full((n_spots, len(self.genes)), np.nan, dtype=np.float32)
+            prof, _ = spot_values(net, slide, part, groups, device=dev)
+            mean_cells = float(part.sizes()[groups].mean()) if groups.size else 0.0
+            out[groups] = prof * self._scale_for("spot", mean_cells)
+            return out
+        slide = self._inputs(sdata, need_spots=False, table_key=table_key, cells_key=cells_key)
+        if level == "bulk" or self.level == "bulk":
+            part = slide.chunk_partition(self.window_cells)
+            values = slide_cell_values(net, slide, part, device=dev)
+            values *= self._scale_for("bulk", slide.n_cells)
+            return values.sum(0, keepdims=True) if level == "bulk" else values
+        # cell level, spot-trained model: spot cells in their spot's window, others in small chunks
+        n_spots = sdata.tables[table_key].n_obs if table_key in sdata.tables else 0
+        values = np.full((slide.n_cells, len(self.genes)), np.nan, dtype=np.float32)
+        if n_spots and (slide.spot_index >= 0).any():
+            part = slide.spot_partition(n_spots)
+            groups = np.flatnonzero(part.sizes() > 0)
+            _, cell_vals = spot_values(net, slide, part, groups, device=dev, with_cells=True)
+            assert cell_vals is not None
+            inside = slide.spot_index >= 0
+            values[inside] = cell_vals[inside]
+        outside = np.flatnonzero(slide.spot_index < 0)
+        if outside.size:
+            group = np.full(slide.n_cells, -1, dtype=np.int64)
+            group[outside] = spatial_chunks(slide.xy_um[outside], self.window_cells)
+            part = Partition.build(group, int(group.max()) + 1, slide.graph)
+            _, cell_vals = spot_values(
+                net, slide, part, np.arange(part.n_groups), device=dev, with_cells=True
+            )
+            assert cell_vals is not None
+            values[outside] = cell_vals[outside]
+        return values
+
+    def predict_frame(
+        self,
+        sdata: SpatialData,
+        *,
+        level: Literal["spot", "bulk", "cell"] = "spot",
+        device: str | torch.device | None = None,
+        table_key: str = K.TABLE,
+        bulk_key: str = K.BULK,
+        cells_key: str = K.CELLS,
+    ) -> pd.DataFrame:
+        """Predictions (counts per 1e4, not log) as a DataFrame, rows = obs_names of the target table.
+
+        ``level="bulk"``: rows = the slide's bulk table (other samples' rows NaN), or one row named after
+        the slide's ``sample_id`` when it has no bulk table. See :class:`~bitro_sc.models.ExpressionModel`.
+        """
+        from .._sdata import slide_info
+
+        values = self.predict_arrays(
+            sdata, level=level, device=device, table_key=table_key, cells_key=cells_key
+        )
+        if level == "spot":
+            index = sdata.tables[table_key].obs_names
+        elif level == "cell":
+            index = sdata.tables[cells_key].obs_names
+        elif bulk_key in sdata.tables:
+            table = sdata.tables[bulk_key]
+            full = np.full((table.n_obs, len(self.genes)), np.nan, dtype=np.float32)
+            full[bulk_row(sdata, bulk_key=bulk_key)] = values[0]
+            values, index = full, table.obs_names
+        else:
+            index = pd.Index([slide_info(sdata)[K.SAMPLE_ID] or "slide"])
+        return pd.DataFrame(values, index=pd.Index(index).astype(str), columns=pd.Index(self.genes))
+
+    # ------------------------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """JSON-serialisable description (everything but the weights)."""
+        return jsonable(
+            {
+                "format": _FORMAT,
+                "genes": self.genes,
+                "level": self.level,
+                "n_features": self.n_features,
+                "phenotypes": self.phenotypes,
+                "feature_mean": self.stats.mean,
+                "feature_std": self.stats.std,
+                "model": self.params.to_dict(),
+                "train": self.train_params.to_dict(),
+                "bag_cells": self.bag_cells,
+                "lora": self.lora,
+                "meta": self.meta,
+                "record": self.record,
+            }
+        )
+
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write ``path/model.safetensors`` (weights, LoRA adapters included) and ``path/config.json``."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        if path.exists() and any(path.iterdir()) and not overwrite:
+            raise FileExistsError(f"{path} exists and is not empty; pass `overwrite=True` or another path.")
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
+        save_file(state, str(path / _WEIGHTS), metadata={"format": _FORMAT})
+        (path / _CONFIG).write_text(json.dumps(self.config(), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: str | torch.device | None = "cpu") -> BiTroModel:
+        """Restore a model written by :meth:`save`."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not (path / _CONFIG).is_file() or not (path / _WEIGHTS).is_file():
+            raise FileNotFoundError(f"{path} is not a saved BiTroModel (needs {_CONFIG} and {_WEIGHTS}).")
+        cfg = json.loads((path / _CONFIG).read_text())
+        if cfg.get("format") != _FORMAT:
+            raise ValueError(f"{path}: unknown model format {cfg.get('format')!r} (expected {_FORMAT!r}).")
+        params = ModelParams.coerce(cfg["model"])
+        net = build_net(
+            n_features=int(cfg["n_features"]),
+            n_phenotypes=len(cfg["phenotypes"]),
+            n_genes=len(cfg["genes"]),
+            params=params,
+            lora=cfg["lora"],
+        )
+        net.load_state_dict(load_file(str(path / _WEIGHTS)), strict=True)
+        net.to(resolve_device(device)).eval()
+        return cls(
+            net,
+            genes=cfg["genes"],
+            level=cfg["level"],
+            stats=FeatureStats(
+                np.asarray(cfg["feature_mean"], dtype=np.float32),
+                np.asarray(cfg["feature_std"], dtype=np.float32),
+            ),
+            phenotypes=cfg["phenotypes"],
+            params=params,
+            train_params=TrainParams.coerce(cfg["train"]),
+            bag_cells=float(cfg["bag_cells"]),
+            lora=cfg["lora"],
+            meta=cfg.get("meta") or {},
+            record=cfg.get("record") or {},
+        )
+
+
+def build_net(
+    *,
+    n_features: int,
+    n_phenotypes: int,
+    n_genes: int,
+    params: ModelParams,
+    lora: dict[str, Any] | None = None,
+) -> BiTroNet:
+    """A fresh network, with LoRA adapters injected when ``lora`` (a peft ``LoraConfig`` dict) is given."""
+    from ._net import BiTroNet
+
+    net = BiTroNet(n_features=n_features, n_phenotypes=n_phenotypes, n_genes=n_genes, params=params)
+    if lora:
+        inject_lora(net, lora)
+    return net
+
+
+def lora_config(params: ModelParams) -> dict[str, Any]:
+    return {
+        "r": params.lora_r,
+        "lora_alpha": params.lora_alpha,
+        "lora_dropout": params.lora_dropout,
+        "target_modules": LORA_TARGETS,
+    }
+
+
+def inject_lora(net: BiTroNet, lora: dict[str, Any]) -> None:
+    """Inject peft LoRA adapters into ``net`` in place (all non-adapter weights become frozen)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    inject_adapter_in_model(LoraConfig(**lora), net)

@@ -1,0 +1,189 @@
+"""The BiTro network: cell encoder (features + phenotype + µm position) → GAT → Transformer → gene head.
+
+Everything here works on one :class:`torch_geometric.data.Batch` of *attention windows* (bags of
+cells: the cells of a spot, or a chunk of a slide). Names of the linear layers are stable, because
+LoRA adapters target them by name (``in_proj``, ``blocks.*.q|k|v|out|ff1|ff2``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._params import ModelParams
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch_geometric.data import Batch
+
+#: logits of the "exp" activation are clipped here (exp(30) ≈ 1e13 counts per 10k: never reached)
+_MAX_LOGIT = 30.0
+
+
+class PositionEncoding(nn.Module):
+    """sin/cos features of a position in µm at fixed wavelengths (µm)."""
+
+    def __init__(self, wavelengths_um: tuple[float, ...]) -> None:
+        super().__init__()
+        freqs = torch.tensor([2 * math.pi / w for w in wavelengths_um], dtype=torch.float32)
+        self.freqs: torch.Tensor
+        self.register_buffer("freqs", freqs, persistent=False)
+        self.dim = 4 * len(wavelengths_um)
+
+    def forward(self, pos_um: torch.Tensor) -> torch.Tensor:
+        angles = (pos_um[:, :, None] * self.freqs).flatten(1)  # (n, 2 * n_freq)
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm Transformer encoder layer with explicit q/k/v/out projections and a padding mask.
+
+    Written out (not ``nn.TransformerEncoderLayer``) so that LoRA adapters on ``q``/``v``/``out`` are
+    honoured in eval mode too (the fused fast path of PyTorch's layer bypasses them).
+    """
+
+    def __init__(self, dim: int, heads: int, ff_mult: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ff1 = nn.Linear(dim, ff_mult * dim)
+        self.ff2 = nn.Linear(ff_mult * dim, dim)
+        self.dropout = nn.Dropout(dropout)  # on the residual branches (none on attention weights: cheaper)
+
+    def forward(self, h: torch.Tensor, layout: tuple[torch.Tensor, torch.Tensor, int, int]) -> torch.Tensor:
+        """``h``: packed cells (n, dim). ``layout`` = (slot of each cell in the padded (bags × L) grid,
+        ``keep`` (bags, L) bool mask, bags, L). Linear layers run on the packed cells only; the
+        attention runs on the padded grid with the key padding mask."""
+        slot, keep, b, n = layout
+        d = h.shape[1]
+        x = self.norm1(h)
+
+        def dense(t: torch.Tensor) -> torch.Tensor:
+            grid = t.new_zeros(b * n, d).index_copy(0, slot, t)
+            return grid.view(b, n, self.heads, d // self.heads).transpose(1, 2)
+
+        attn = F.scaled_dot_product_attention(
+            dense(self.q(x)), dense(self.k(x)), dense(self.v(x)), attn_mask=keep[:, None, None, :]
+        )
+        h = h + self.dropout(self.out(attn.transpose(1, 2).reshape(b * n, d)[slot]))
+        return h + self.dropout(self.ff2(F.gelu(self.ff1(self.norm2(h)))))
+
+
+class BiTroNet(nn.Module):
+    """Cells of a batch of bags → non-negative expression per cell and gene (+ attention logits).
+
+    Parameters
+    ----------
+    n_features
+        Width of ``obsm["X_bitro"]``.
+    n_phenotypes
+        Number of phenotype categories (index 0 of the embedding is "unknown").
+    n_genes
+        Genes predicted.
+    params
+        Architecture (:class:`ModelParams`).
+    """
+
+    def __init__(self, *, n_features: int, n_phenotypes: int, n_genes: int, params: ModelParams) -> None:
+        super().__init__()
+        from torch_geometric.nn import GATConv, GATv2Conv
+
+        p = params
+        self.params = p
+        self.n_features, self.n_phenotypes, self.n_genes = n_features, n_phenotypes, n_genes
+        self.phenotype = nn.Embedding(n_phenotypes + 1, p.phenotype_dim) if p.phenotype_dim > 0 else None
+        self.position = PositionEncoding(p.pos_wavelengths_um) if p.pos_wavelengths_um else None
+        in_dim = n_features + (p.phenotype_dim if self.phenotype is not None else 0)
+        in_dim += self.position.dim if self.position is not None else 0
+        self.in_proj = nn.Linear(in_dim, p.hidden)
+        self.in_drop = nn.Dropout(p.dropout)
+        conv = GATConv if p.gat == "gat" else GATv2Conv
+        self.gat = nn.ModuleList(
+            [conv(p.hidden, p.hidden // p.gat_heads, heads=p.gat_heads) for _ in range(p.gat_layers)]
+        )
+        self.gat_norms = nn.ModuleList([nn.LayerNorm(p.hidden) for _ in range(p.gat_layers)])
+        self.blocks = nn.ModuleList(
+            [
+                TransformerBlock(p.hidden, p.transformer_heads, p.ff_mult, p.dropout)
+                for _ in range(p.transformer_layers)
+            ]
+        )
+        self.norm = nn.LayerNorm(p.hidden)
+        self.head = nn.Linear(p.hidden, n_genes)
+        self.attn_head = nn.Linear(p.hidden, n_genes) if p.pooling == "attention" else None
+        if self.attn_head is not None:
+            nn.init.zeros_(self.attn_head.weight)
+            nn.init.zeros_(self.attn_head.bias)
+        nn.init.normal_(self.head.weight, std=0.01)
+
+    def embed(self, batch: Batch) -> torch.Tensor:
+        """Cell embeddings (n_cells, hidden) after GAT and Transformer, within each window."""
+        parts = [batch.x]
+        if self.phenotype is not None:
+            parts.append(self.phenotype(batch.phenotype))
+        if self.position is not None:
+            parts.append(self.position(batch.pos))
+        h = self.in_drop(F.gelu(self.in_proj(torch.cat(parts, dim=1))))
+        for conv, norm in zip(self.gat, self.gat_norms, strict=True):
+            h = norm(h + F.gelu(conv(h, batch.edge_index)))
+        if self.blocks:
+            layout = _layout(batch.batch, batch.num_graphs)
+            for block in self.blocks:
+                h = block(h, layout)
+        return self.norm(h)
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(values, logits): non-negative expression per cell (n_cells, n_genes) and, for attention
+        pooling, the per-cell per-gene attention logits (else ``None``)."""
+        h = self.embed(batch)
+        z = self.head(h)
+        y = torch.exp(z.clamp(max=_MAX_LOGIT)) if self.params.activation == "exp" else F.softplus(z)
+        s = self.attn_head(h) if self.attn_head is not None else None
+        return y, s
+
+    def set_gene_bias(self, mean_per_cell: torch.Tensor) -> None:
+        """Initialise the head bias so that each cell predicts ``mean_per_cell`` (per gene) on average."""
+        m = mean_per_cell.clamp(min=1e-6).to(self.head.bias)
+        with torch.no_grad():
+            if self.params.activation == "exp":
+                self.head.bias.copy_(m.log())
+            else:
+                self.head.bias.copy_(m + torch.log(-torch.expm1(-m)))  # softplus^-1
+
+
+def _layout(index: torch.Tensor, n_bags: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Padded-grid layout of cells sorted by bag: (slot per cell, keep mask (bags, L), bags, L)."""
+    counts = torch.bincount(index, minlength=n_bags)
+    length = int(counts.max()) if counts.numel() else 0
+    start = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(index.numel(), device=index.device) - start[index]
+    keep = torch.arange(length, device=index.device)[None, :] < counts[:, None]
+    return index * length + pos, keep, n_bags, length
+
+
+def pool_bags(
+    y: torch.Tensor, s: torch.Tensor | None, index: torch.Tensor, n_bags: int, pooling: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pool cells into bags. Returns (bag profiles (n_bags, genes), per-cell contributions (cells, genes));
+    the contributions of a bag's cells sum to its profile."""
+    if pooling == "sum":
+        contrib = y
+    else:
+        counts = torch.bincount(index, minlength=n_bags).to(y.dtype)
+        if pooling == "mean":
+            contrib = y / counts[index, None]
+        else:
+            from torch_geometric.utils import softmax
+
+            assert s is not None
+            contrib = y * softmax(s, index, num_nodes=n_bags) * counts[index, None]
+    pooled = torch.zeros(n_bags, y.shape[1], dtype=y.dtype, device=y.device).index_add_(0, index, contrib)
+    return pooled, contrib

@@ -1,0 +1,145 @@
+"""Knobs of the BiTro model and of its training loop (frozen dataclasses that accept dicts)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar, get_args, get_type_hints
+
+_P = TypeVar("_P", bound="_Params")
+
+
+class _Params:
+    """Shared constructor / validation for the parameter dataclasses."""
+
+    @classmethod
+    def coerce(cls: type[_P], value: _P | Mapping[str, Any] | None) -> _P:
+        """``value`` as an instance: ``None`` → defaults, a mapping → fields (unknown keys are an error)."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, Mapping):
+            names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+            unknown = sorted(set(value) - names)
+            if unknown:
+                raise TypeError(
+                    f"Unknown {cls.__name__} field(s) {unknown}; valid fields are {sorted(names)}."
+                )
+            return cls(**dict(value))
+        raise TypeError(f"Expected a {cls.__name__}, a dict or None; got {type(value).__name__}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    def __post_init__(self) -> None:
+        hints = get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            hint = hints[f.name]
+            if getattr(hint, "__origin__", None) is Literal and value not in get_args(hint):
+                raise ValueError(
+                    f"{type(self).__name__}.{f.name} must be one of {list(get_args(hint))}, got {value!r}."
+                )
+            if isinstance(value, list):  # keep the dataclass hashable / frozen
+                object.__setattr__(self, f.name, tuple(value))
+
+
+@dataclass(frozen=True)
+class ModelParams(_Params):
+    """Architecture of the BiTro network.
+
+    Parameters
+    ----------
+    hidden
+        Width of the cell embedding.
+    phenotype_dim
+        Size of the phenotype embedding (0: phenotypes unused).
+    pos_wavelengths_um
+        Wavelengths (µm) of the sin/cos encoding of a cell's position relative to the centroid of
+        its attention window (its spot, or its chunk of a slide). Empty: no position input.
+    gat_layers, gat_heads, gat
+        Graph attention over the cell graph inside a bag (``"gat"`` = ``GATConv``,
+        ``"gatv2"`` = ``GATv2Conv``); residual connection and LayerNorm after each layer.
+        ``gat_layers=0`` skips the graph (no ``obsp`` graph needed).
+    transformer_layers, transformer_heads, ff_mult
+        Pre-norm Transformer encoder over the cells of a bag (explicit q/k/v/out ``nn.Linear``).
+    dropout
+        Dropout in the Transformer and the input projection.
+    activation
+        Non-negative per-cell output: ``"exp"`` (log-linear, default) or ``"softplus"``; a learnable
+        per-gene bias lets predictions go below the mean.
+    pooling
+        MIL pooling of cells into a bag: ``"sum"`` (default), ``"mean"`` or gene-wise ``"attention"``
+        (cell weights ``n · softmax`` per gene, so a bag's cell contributions still sum to it).
+    lora_r, lora_alpha, lora_dropout
+        LoRA adapters used for transfer (``policy="lora"``).
+    """
+
+    hidden: int = 128
+    phenotype_dim: int = 16
+    pos_wavelengths_um: tuple[float, ...] = (8.0, 16.0, 32.0, 64.0, 128.0)
+    gat_layers: int = 2
+    gat_heads: int = 4
+    gat: Literal["gat", "gatv2"] = "gat"
+    transformer_layers: int = 2
+    transformer_heads: int = 8
+    ff_mult: int = 2
+    dropout: float = 0.1
+    activation: Literal["exp", "softplus"] = "exp"
+    pooling: Literal["sum", "mean", "attention"] = "sum"
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "pos_wavelengths_um", tuple(float(w) for w in self.pos_wavelengths_um))
+        if self.hidden % self.transformer_heads or self.hidden % max(self.gat_heads, 1):
+            raise ValueError(
+                f"ModelParams.hidden={self.hidden} must be divisible by transformer_heads="
+                f"{self.transformer_heads} and gat_heads={self.gat_heads}."
+            )
+        if self.hidden < 1 or self.gat_layers < 0 or self.transformer_layers < 0:
+            raise ValueError("ModelParams: hidden must be >= 1 and layer counts >= 0.")
+
+
+@dataclass(frozen=True)
+class TrainParams(_Params):
+    """Training loop of `bs.tl.fit_bitro`.
+
+    Parameters
+    ----------
+    epochs
+        Maximum number of passes over the training bags.
+    lr, weight_decay
+        AdamW settings.
+    batch_size
+        Spots per step (``level="spot"``); slides per step (``level="bulk"``).
+    patience
+        Early stopping: epochs without improvement of the validation loss (0: off).
+    loss
+        ``"mse"`` on log1p counts-per-10k (default) or ``"poisson"`` on counts.
+    chunk_cells
+        Cells per attention window when a whole slide is one bag (exact chunked gradient).
+    max_cells_per_spot
+        Spots with more cells are subsampled to this many (random, per step) for training.
+    grad_clip
+        Gradient norm clip (0: off).
+    """
+
+    epochs: int = 50
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 32
+    patience: int = 8
+    loss: Literal["mse", "poisson"] = "mse"
+    chunk_cells: int = 256
+    max_cells_per_spot: int = 128
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.epochs < 1 or self.batch_size < 1 or self.chunk_cells < 1 or self.lr <= 0:
+            raise ValueError("TrainParams: epochs, batch_size and chunk_cells must be >= 1 and lr > 0.")

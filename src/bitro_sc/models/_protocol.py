@@ -1,0 +1,52 @@
+"""The small protocol every expression model implements, so `bs.tl.predict_bitro` accepts it.
+
+A model predicts, for one slide (a :class:`~spatialdata.SpatialData`), a table of expression
+values on the **library-normalised scale: counts per 10,000** (not log-transformed), one row per
+observation of the target table and one column per gene:
+
+- ``level="spot"``: rows = ``obs_names`` of the spot table (``tables["table"]``);
+- ``level="bulk"``: rows = ``obs_names`` of the bulk table (``tables["bulk"]``), or a single row
+  named after the slide's ``sample_id`` when the slide has no bulk table;
+- ``level="cell"``: rows = ``obs_names`` of the cells table (``tables["cells"]``); the values of
+  the cells of one spot sum to that spot's prediction (a model that cannot predict per cell
+  raises ``ValueError`` naming the levels it supports).
+
+``bs.tl.predict_bitro`` writes the frame into ``layers["bitro"]`` (or ``key_added``) and copies
+``model.record`` (at least ``"genes"`` and ``"hvgs"``) into the table's ``uns["bitro"]``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+    from spatialdata import SpatialData
+
+Level = Literal["spot", "bulk", "cell"]
+LEVELS: tuple[str, ...] = ("spot", "bulk", "cell")
+
+
+@runtime_checkable
+class ExpressionModel(Protocol):
+    """What `bs.tl.predict_bitro` needs from a model (BiTroModel, BaselineModel, ...).
+
+    Attributes
+    ----------
+    genes
+        Gene names (``var_names``) the model predicts, in column order.
+    levels
+        The levels ``predict_frame`` supports, a subset of ``("spot", "bulk", "cell")``.
+    record
+        Run record (JSON-serialisable dict): at least ``"genes"`` and ``"hvgs"`` (top-50 HVGs of
+        the training spot tables, for evaluation); also config, split and history where known.
+    """
+
+    genes: list[str]
+    levels: tuple[str, ...]
+    record: dict[str, Any]
+
+    def predict_frame(self, sdata: SpatialData, *, level: Level = "spot") -> pd.DataFrame:
+        """Predicted expression (counts per 1e4, not log) as a DataFrame: index = obs_names of
+        the target table for ``level``, columns = ``genes``."""
+        ...

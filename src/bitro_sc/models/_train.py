@@ -1,0 +1,408 @@
+"""Forward passes over bags, the exact chunked whole-slide gradient, and the training loop.
+
+Whole slides (bulk level) are one bag each, whatever their number of cells. The slide is cut into
+spatially coherent chunks of ``chunk_cells`` cells (Z-order), the attention window of the
+Transformer and the GAT (graph edges between chunks are cut). The slide's sum-pooled profile is a
+sum of chunk terms, so the gradient of the loss is computed exactly in two passes:
+
+1. forward every chunk without gradients, accumulate the pooled profile and compute
+   ``dLoss/dPooled``;
+2. re-run each chunk with gradients and back-propagate that upstream gradient
+   (``torch.autograd.backward(chunk_terms, grad)``).
+
+Memory is bounded by one batch of chunks, time is linear in cells. Dropout draws the same random
+numbers in both passes (each chunk batch runs under its own seed). Gene-wise attention pooling is
+exact too (its numerator and denominator are sums of chunk terms under a common shift).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from ._bags import Partition, SlideCells, make_batch
+from ._net import pool_bags
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._net import BiTroNet
+    from ._params import TrainParams
+
+#: cells per forward batch when a slide is processed in chunks (several chunks per batch)
+CELLS_PER_BATCH = 4096
+
+
+@dataclass
+class SpotSet:
+    """Spot-level training targets of one slide: the spots that hold at least one cell."""
+
+    slide: SlideCells
+    part: Partition
+    rows: np.ndarray  # spot-table rows (= partition groups) used
+    target: np.ndarray  # (len(rows), genes) counts per 10k
+    lib: np.ndarray  # (len(rows),) library sizes (all genes)
+
+
+@dataclass
+class BulkSlide:
+    """Bulk target of one slide: the whole slide is one bag, cut into chunks."""
+
+    slide: SlideCells
+    part: Partition
+    target: np.ndarray  # (genes,) counts per 10k
+    lib: float
+
+
+def loss_fn(pred: torch.Tensor, target: torch.Tensor, lib: torch.Tensor, kind: str) -> torch.Tensor:
+    """Mean loss over bags and genes; ``pred``/``target`` in counts per 10k, ``lib`` library sizes."""
+    if kind == "mse":
+        return ((torch.log1p(pred) - torch.log1p(target)) ** 2).mean()
+    scale = (lib / 1e4)[:, None]
+    mu = pred * scale + 1e-8
+    k = target * scale
+    return 2 * (torch.xlogy(k, k) - k * torch.log(mu) - k + mu).mean()  # Poisson deviance
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Run a block under its own torch seed without disturbing the global random state."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _chunk_batches(part: Partition, cells_per_batch: int) -> list[list[int]]:
+    sizes = part.sizes()
+    out: list[list[int]] = []
+    cur: list[int] = []
+    n = 0
+    for g, s in enumerate(sizes):
+        if s == 0:
+            continue
+        if cur and n + s > cells_per_batch:
+            out.append(cur)
+            cur, n = [], 0
+        cur.append(g)
+        n += int(s)
+    if cur:
+        out.append(cur)
+    return out
+
+
+def _terms(
+    net: BiTroNet,
+    slide: SlideCells,
+    part: Partition,
+    groups: list[int],
+    device: torch.device,
+    shift: torch.Tensor | None,
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Pooling terms of some chunks: [sum y] or, for attention, [Σ e^(s-m) y, Σ e^(s-m)] and m."""
+    batch, _ = make_batch([slide], [part], [(0, g) for g in groups], device=device)
+    y, s = net(batch)
+    if s is None:
+        return [y.sum(0)], None
+    m = s.detach().max(0).values if shift is None else shift
+    w = torch.exp(s - m)
+    return [(w * y).sum(0), w.sum(0)], m
+
+
+def _combine(
+    acc: tuple[list[torch.Tensor], torch.Tensor | None] | None,
+    new: tuple[list[torch.Tensor], torch.Tensor | None],
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    if acc is None:
+        return new
+    (terms, m), (nterms, nm) = acc, new
+    if m is None or nm is None:
+        return [a + b for a, b in zip(terms, nterms, strict=True)], None
+    top = torch.maximum(m, nm)
+    a, b = torch.exp(m - top), torch.exp(nm - top)
+    return [t * a + u * b for t, u in zip(terms, nterms, strict=True)], top
+
+
+def _finalize(terms: list[torch.Tensor], pooling: str, n_cells: int) -> torch.Tensor:
+    if pooling == "sum":
+        return terms[0]
+    if pooling == "mean":
+        return terms[0] / n_cells
+    return n_cells * terms[0] / terms[1]
+
+
+def slide_profile(
+    net: BiTroNet,
+    slide: SlideCells,
+    part: Partition,
+    *,
+    device: torch.device,
+    seed: int = 0,
+    cells_per_batch: int = CELLS_PER_BATCH,
+) -> torch.Tensor:
+    """Pooled profile (genes,) of a whole slide; differentiable when grad is enabled (reference path
+    that keeps every chunk's graph in memory: small slides and tests only)."""
+    acc = None
+    for bi, groups in enumerate(_chunk_batches(part, cells_per_batch)):
+        with seeded(seed + bi, device):
+            acc = _combine(acc, _terms(net, slide, part, groups, device, None))
+    if acc is None:
+        raise ValueError("The slide has no cells: run `bs.tl.segment` on it (or drop it).")
+    return _finalize(acc[0], net.params.pooling, int(part.order.size))
+
+
+def slide_step(
+    net: BiTroNet,
+    item: BulkSlide,
+    *,
+    loss: str,
+    device: torch.device,
+    seed: int,
+    scale: float = 1.0,
+    cells_per_batch: int = CELLS_PER_BATCH,
+) -> float:
+    """Accumulate into ``.grad`` the exact gradient of ``scale * loss(slide profile)``; return the loss.
+
+    Two passes over the chunks (see the module docstring); peak memory is one batch of chunks.
+    """
+    batches = _chunk_batches(item.part, cells_per_batch)
+    n = int(item.part.order.size)
+    acc = None
+    with torch.no_grad():
+        for bi, groups in enumerate(batches):
+            with seeded(seed + bi, device):
+                acc = _combine(acc, _terms(net, item.slide, item.part, groups, device, None))
+    if acc is None:
+        raise ValueError("The slide has no cells: run `bs.tl.segment` on it (or drop it).")
+    terms, shift = acc
+    leaves = [t.detach().requires_grad_(True) for t in terms]
+    pooled = _finalize(leaves, net.params.pooling, n)
+    target = torch.as_tensor(item.target, dtype=pooled.dtype, device=device)[None]
+    lib = torch.tensor([item.lib], dtype=pooled.dtype, device=device)
+    value = loss_fn(pooled[None], target, lib, loss) * scale
+    grads = torch.autograd.grad(value, leaves)
+    for bi, groups in enumerate(batches):
+        with seeded(seed + bi, device):
+            chunk_terms, _ = _terms(net, item.slide, item.part, groups, device, shift)
+        torch.autograd.backward(chunk_terms, list(grads))
+    return float(value.detach()) / scale
+
+
+def slide_cell_values(
+    net: BiTroNet,
+    slide: SlideCells,
+    part: Partition,
+    *,
+    device: torch.device,
+    cells_per_batch: int = CELLS_PER_BATCH,
+) -> np.ndarray:
+    """Per-cell contributions (n_cells, genes) to the slide profile (eval; rows of cells outside the
+    partition are NaN). They sum to :func:`slide_profile`."""
+    pooling = net.params.pooling
+    batches = _chunk_batches(part, cells_per_batch)
+    n = int(part.order.size)
+    out = np.full((slide.n_cells, net.n_genes), np.nan, dtype=np.float32)
+    with torch.no_grad():
+        shift = denom = None
+        if pooling == "attention":
+            acc = None
+            for groups in batches:
+                acc = _combine(acc, _terms(net, slide, part, groups, device, None))
+            assert acc is not None
+            shift, denom = acc[1], acc[0][1]
+        for groups in batches:
+            batch, cells = make_batch([slide], [part], [(0, g) for g in groups], device=device)
+            y, s = net(batch)
+            if pooling == "mean":
+                y = y / n
+            elif pooling == "attention":
+                assert s is not None
+                assert shift is not None
+                assert denom is not None
+                y = n * torch.exp(s - shift) * y / denom
+            out[cells] = y.float().cpu().numpy()
+    return out
+
+
+def spot_values(
+    net: BiTroNet,
+    slide: SlideCells,
+    part: Partition,
+    groups: np.ndarray,
+    *,
+    device: torch.device,
+    batch_size: int = 256,
+    with_cells: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Profiles of spot windows ``groups`` (len, genes) and, optionally, per-cell contributions
+    (slide cells × genes, NaN for cells outside these spots). Eval mode is the caller's job."""
+    prof = np.zeros((len(groups), net.n_genes), dtype=np.float32)
+    cells_out = np.full((slide.n_cells, net.n_genes), np.nan, dtype=np.float32) if with_cells else None
+    with torch.no_grad():
+        for start in range(0, len(groups), batch_size):
+            wins = [(0, int(g)) for g in groups[start : start + batch_size]]
+            batch, cells = make_batch([slide], [part], wins, device=device)
+            y, s = net(batch)
+            pooled, contrib = pool_bags(y, s, batch.batch, batch.num_graphs, net.params.pooling)
+            prof[start : start + len(wins)] = pooled.float().cpu().numpy()
+            if cells_out is not None:
+                cells_out[cells] = contrib.float().cpu().numpy()
+    return prof, cells_out
+
+
+def _spot_loss(
+    net: BiTroNet,
+    sets: list[SpotSet],
+    picks: list[tuple[int, int]],
+    *,
+    loss: str,
+    device: torch.device,
+    max_cells: int | None,
+    rng: np.random.Generator | None,
+) -> torch.Tensor:
+    windows = [(si, int(sets[si].rows[k])) for si, k in picks]
+    batch, _ = make_batch(
+        [s.slide for s in sets], [s.part for s in sets], windows, max_cells=max_cells, rng=rng, device=device
+    )
+    y, s = net(batch)
+    pooled, _ = pool_bags(y, s, batch.batch, batch.num_graphs, net.params.pooling)
+    target = torch.from_numpy(np.stack([sets[si].target[k] for si, k in picks])).to(device, pooled.dtype)
+    lib = torch.tensor([sets[si].lib[k] for si, k in picks], dtype=pooled.dtype, device=device)
+    return loss_fn(pooled, target, lib, loss)
+
+
+def evaluate_loss(
+    net: BiTroNet, data: list[SpotSet] | list[BulkSlide], *, loss: str, device: torch.device, chunk_cells: int
+) -> float:
+    """Mean loss over all bags of ``data`` (eval mode, no gradients)."""
+    net.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for item in data:
+            if isinstance(item, SpotSet):
+                sets = [item]
+                for start in range(0, len(item.rows), 256):
+                    picks = [(0, k) for k in range(start, min(start + 256, len(item.rows)))]
+                    value = _spot_loss(net, sets, picks, loss=loss, device=device, max_cells=None, rng=None)
+                    total += float(value) * len(picks)
+                    count += len(picks)
+            else:
+                pooled = slide_profile(net, item.slide, item.part, device=device)
+                target = torch.as_tensor(item.target, dtype=pooled.dtype, device=device)[None]
+                lib = torch.tensor([item.lib], dtype=pooled.dtype, device=device)
+                total += float(loss_fn(pooled[None], target, lib, loss))
+                count += 1
+    return total / max(count, 1)
+
+
+def train(
+    net: BiTroNet,
+    train_data: list[SpotSet] | list[BulkSlide],
+    val_data: list[SpotSet] | list[BulkSlide],
+    *,
+    params: TrainParams,
+    device: torch.device,
+    seed: int,
+    progress: bool,
+) -> tuple[list[dict[str, float]], int]:
+    """Train ``net`` in place (AdamW; early stopping on ``val_data`` when given; the best weights are
+    restored). Returns (history: one dict per epoch, best epoch)."""
+    rng = np.random.default_rng(seed)
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("The model has no trainable parameters under this policy.")
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    if device.type == "cuda":  # scatter-adds are non-deterministic on CUDA unless asked (CPU ops are)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        return _train_epochs(
+            net, train_data, val_data, trainable, params=params, device=device, rng=rng, progress=progress
+        )
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+
+
+def _train_epochs(
+    net: BiTroNet,
+    train_data: list[SpotSet] | list[BulkSlide],
+    val_data: list[SpotSet] | list[BulkSlide],
+    trainable: list[torch.nn.Parameter],
+    *,
+    params: TrainParams,
+    device: torch.device,
+    rng: np.random.Generator,
+    progress: bool,
+) -> tuple[list[dict[str, float]], int]:
+    from tqdm.auto import tqdm
+
+    opt = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay)
+    history: list[dict[str, float]] = []
+    best, best_epoch, best_state, bad = math.inf, -1, None, 0
+    spot_level = bool(train_data) and isinstance(train_data[0], SpotSet)
+    samples: list[tuple[int, int]] = (
+        [(si, k) for si, s in enumerate(train_data) for k in range(len(s.rows))]  # type: ignore[union-attr,arg-type,attr-defined]
+        if spot_level
+        else [(si, 0) for si in range(len(train_data))]
+    )
+    bar = tqdm(range(params.epochs), desc="fit_bitro", disable=not progress, leave=True)
+    for epoch in bar:
+        net.train()
+        order = rng.permutation(len(samples))
+        losses = []
+        for start in range(0, len(order), params.batch_size):
+            picks = [samples[i] for i in order[start : start + params.batch_size]]
+            opt.zero_grad(set_to_none=True)
+            if spot_level:
+                value = _spot_loss(
+                    net,
+                    train_data,  # type: ignore[arg-type]
+                    picks,
+                    loss=params.loss,
+                    device=device,
+                    max_cells=params.max_cells_per_spot,
+                    rng=rng,
+                )
+                value.backward()
+                losses.append(float(value.detach()))
+            else:
+                step = 0.0
+                for si, _ in picks:
+                    step += slide_step(
+                        net,
+                        train_data[si],  # type: ignore[arg-type]
+                        loss=params.loss,
+                        device=device,
+                        seed=int(rng.integers(2**31)),
+                        scale=1.0 / len(picks),
+                    )
+                losses.append(step / len(picks))
+            if params.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(trainable, params.grad_clip)
+            opt.step()
+        record = {"epoch": epoch, "train_loss": float(np.mean(losses))}
+        if val_data:
+            val = evaluate_loss(
+                net, val_data, loss=params.loss, device=device, chunk_cells=params.chunk_cells
+            )
+            record["val_loss"] = val
+            if val < best - 1e-6:
+                best, best_epoch, bad = val, epoch, 0
+                best_state = copy.deepcopy(net.state_dict())
+            else:
+                bad += 1
+        else:
+            best_epoch = epoch
+        history.append(record)
+        bar.set_postfix({k: round(v, 4) for k, v in record.items() if k != "epoch"})
+        if val_data and params.patience and bad >= params.patience:
+            break
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    net.eval()
+    return history, best_epoch

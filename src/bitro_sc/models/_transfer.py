@@ -1,0 +1,112 @@
+"""Transfer between levels: copy a base network, re-map its gene head by name, apply a freeze policy."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._model import inject_lora, lora_config
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._model import BiTroModel
+    from ._net import BiTroNet
+
+Policy = Literal["lora", "full", "head"]
+POLICIES = ("lora", "full", "head")
+
+
+def merge_lora(net: nn.Module) -> nn.Module:
+    """Fold any LoRA adapters of ``net`` into their base layers (in place) and drop the adapters."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(net.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent = net.get_submodule(name.rsplit(".", 1)[0]) if "." in name else net
+            setattr(parent, name.rsplit(".", 1)[-1], module.get_base_layer())
+    return net
+
+
+def _new_head(old: nn.Linear, rows: np.ndarray, bias_new: torch.Tensor, shift: float) -> nn.Linear:
+    """A head for the target genes: rows copied from ``old`` where ``rows >= 0`` (bias + ``shift``),
+    freshly initialised elsewhere (bias ``bias_new``)."""
+    head = nn.Linear(old.in_features, len(rows)).to(old.weight.device)
+    nn.init.normal_(head.weight, std=0.01)
+    with torch.no_grad():
+        head.bias.copy_(bias_new.to(head.bias))
+        hit = np.flatnonzero(rows >= 0)
+        if hit.size:
+            src = torch.as_tensor(rows[hit], device=old.weight.device)
+            idx = torch.as_tensor(hit, device=old.weight.device)
+            head.weight[idx] = old.weight.detach()[src]
+            head.bias[idx] = old.bias.detach()[src] + shift
+    return head
+
+
+def transfer_net(
+    base: BiTroModel,
+    genes: list[str],
+    *,
+    policy: Policy,
+    bias_new: torch.Tensor,
+    target_bag_cells: float,
+) -> tuple[BiTroNet, dict[str, Any] | None, dict[str, Any]]:
+    """A copy of ``base.net`` for ``genes`` under ``policy``; the base model is not modified.
+
+    Genes are matched by name: matched genes keep their head weights (bias shifted by
+    ``log(base bag size / target bag size)`` for sum-like pooling with the exp activation, because
+    per-cell values are shares of the bag), new genes get a fresh head row. Returns
+    (network, LoRA config or None, report).
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"`policy` must be one of {list(POLICIES)}, got {policy!r}.")
+    index = {g: i for i, g in enumerate(base.genes)}
+    rows = np.array([index.get(g, -1) for g in genes], dtype=np.int64)
+    matched = [g for g, r in zip(genes, rows, strict=True) if r >= 0]
+    if not matched:
+        raise ValueError(
+            f"The base model predicts {len(base.genes)} genes (e.g. {base.genes[:5]}) and none of the "
+            f"{len(genes)} target genes (e.g. {genes[:5]}): the base has no overlapping genes. Use a base "
+            "trained on the same gene symbols, or pass `genes=` that the base knows."
+        )
+    net: BiTroNet = merge_lora(copy.deepcopy(base.net))  # type: ignore[assignment]
+    shift = 0.0
+    if base.params.pooling != "mean" and base.params.activation == "exp" and target_bag_cells > 0:
+        shift = math.log(base.bag_cells / target_bag_cells)
+    net.head = _new_head(net.head, rows, bias_new, shift)
+    if net.attn_head is not None:
+        net.attn_head = _new_head(net.attn_head, rows, torch.zeros(len(genes)), 0.0)
+    net.n_genes = len(genes)
+    lora = None
+    if policy == "lora":
+        lora = lora_config(base.params)
+        inject_lora(net, lora)  # freezes every non-adapter weight
+    else:
+        for p in net.parameters():
+            p.requires_grad_(policy == "full")
+    for head in (net.head, net.attn_head):
+        if head is not None:
+            for p in head.parameters():
+                p.requires_grad_(True)
+    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in net.parameters() if not p.requires_grad)
+    report = {
+        "policy": policy,
+        "matched_genes": matched,
+        "new_genes": [g for g, r in zip(genes, rows, strict=True) if r < 0],
+        "n_trainable": int(trainable),
+        "n_frozen": int(frozen),
+        "lora_targets": lora["target_modules"] if lora else None,
+        "frozen_modules": "all base weights except the gene head"
+        + (" (LoRA adapters trained)" if lora else "")
+        if policy != "full"
+        else "none",
+        "base_level": base.level,
+        "base_genes": len(base.genes),
+    }
+    return net, lora, report

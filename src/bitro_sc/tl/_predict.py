@@ -1,0 +1,192 @@
+"""`bs.tl.predict_bitro`: write a model's predictions (spot, bulk or cell level) into a slide."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from .. import _keys as K
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+    from ..models import ExpressionModel
+
+_LEVELS = ("spot", "bulk", "cell")
+
+
+def predict_bitro(
+    sdata: SpatialData,
+    model: ExpressionModel,
+    *,
+    level: Literal["spot", "bulk", "cell"] = "spot",
+    key_added: str = K.PREDICTION,
+    overwrite: bool = False,
+    table_key: str = K.TABLE,
+    bulk_key: str = K.BULK,
+    cells_key: str = K.CELLS,
+) -> None:
+    """Predict expression with ``model`` and write it into ``sdata`` (in place).
+
+    Values are on the library-normalised scale: **counts per 10,000, not log-transformed**.
+
+    - ``level="spot"``: ``tables[table_key].layers[key_added]`` (spots × all genes of the table,
+      float32; ``NaN`` for genes the model does not predict and for spots that hold no cell).
+    - ``level="bulk"``: ``tables[bulk_key].layers[key_added]`` (``NaN`` on rows of other samples);
+      a slide without a bulk table gets a one-row bulk table ``tables[bulk_key]`` (``X`` empty
+      counts) holding the prediction.
+    - ``level="cell"``: ``tables[cells_key]`` is replaced by a cells × genes table with the same
+      obs / obsm / obsp / uns, the model's genes as var, ``X`` all zero (sparse) and the
+      predictions in ``layers[key_added]``. The values of a spot's cells sum to its spot prediction
+      (cells outside spots are predicted in spatial windows of a spot's size).
+
+    The model's run record (genes, training HVGs, …) is copied to ``uns[key_added]`` of the table.
+
+    Parameters
+    ----------
+    sdata
+        The slide, with a featurised cells table (same encoder as the training slides; the model
+        re-applies the training feature scaling and phenotype categories).
+    model
+        A :class:`~bitro_sc.models.BiTroModel`, a baseline, or anything implementing
+        :class:`~bitro_sc.models.ExpressionModel`.
+    level
+        What to predict.
+    key_added
+        Layer (and ``uns`` key) written.
+    overwrite
+        Replace an existing ``layers[key_added]`` (or gene columns of the cells table).
+
+    Examples
+    --------
+    >>> bs.tl.predict_bitro(test_slide, model, level="cell")  # doctest: +SKIP
+    >>> test_slide.tables["cells"].to_df(layer="bitro")  # doctest: +SKIP
+    """
+    from ..models._protocol import ExpressionModel
+
+    if level not in _LEVELS:
+        raise ValueError(f"`level` must be one of {list(_LEVELS)}, got {level!r}.")
+    if not isinstance(model, ExpressionModel):
+        raise TypeError(
+            f"`model` must implement bitro_sc.models.ExpressionModel (genes, levels, record, predict_frame); "
+            f"got {type(model).__name__}. Fit one with `bs.tl.fit_bitro` or `bs.tl.fit_baseline`."
+        )
+    if level not in model.levels:
+        raise ValueError(f"{type(model).__name__} predicts levels {list(model.levels)}, not {level!r}.")
+    kwargs: dict[str, Any] = {"level": level}
+    if hasattr(model, "predict_arrays"):  # BiTroModel: pass the keys through
+        kwargs.update(table_key=table_key, bulk_key=bulk_key, cells_key=cells_key)
+    if level == "cell":
+        _check_cells_free(sdata, cells_key, key_added, overwrite)
+    else:
+        key = table_key if level == "spot" else bulk_key
+        if key in sdata.tables and key_added in sdata.tables[key].layers and not overwrite:
+            raise ValueError(
+                f"The {key!r} table already has layers[{key_added!r}]; pass `overwrite=True` or another "
+                "`key_added=`."
+            )
+    frame = model.predict_frame(sdata, **kwargs)
+    if level == "cell":
+        _write_cells(sdata, frame, model, cells_key=cells_key, key_added=key_added)
+        return
+    key = table_key if level == "spot" else bulk_key
+    if level == "bulk" and key not in sdata.tables:
+        _add_bulk_table(sdata, frame, key)
+    table = sdata.tables[key]
+    values = np.full(table.shape, np.nan, dtype=np.float32)
+    rows = table.obs_names.get_indexer(frame.index.astype(str))
+    cols = table.var_names.get_indexer(frame.columns)
+    if (rows < 0).any():
+        raise ValueError(
+            f"The model predicted rows that are not in the {key!r} table: {list(frame.index[rows < 0])[:5]}."
+        )
+    ok = cols >= 0
+    values[np.ix_(rows, cols[ok])] = frame.to_numpy(dtype=np.float32)[:, ok]
+    table.layers[key_added] = values
+    _write_record(
+        table, model, key_added, missing=[g for g, o in zip(frame.columns, ok, strict=True) if not o]
+    )
+
+
+def _check_cells_free(sdata: SpatialData, cells_key: str, key_added: str, overwrite: bool) -> None:
+    if cells_key not in sdata.tables:
+        raise KeyError(f"No cells table {cells_key!r}: run `bs.tl.segment` and `bs.tl.cell_features` first.")
+    cells = sdata.tables[cells_key]
+    if (cells.n_vars or key_added in cells.layers) and not overwrite:
+        raise ValueError(
+            f"The cells table {cells_key!r} already has {cells.n_vars} gene column(s) / "
+            f"layers[{key_added!r}]; "
+            "pass `overwrite=True` to replace them."
+        )
+
+
+def _write_record(
+    table: AnnData, model: ExpressionModel, key_added: str, missing: list[str] | None = None
+) -> None:
+    from ._fit import uns_safe
+
+    record = dict(model.record)
+    record.setdefault("genes", list(model.genes))
+    record.setdefault("hvgs", [])
+    if missing:
+        record["genes_not_in_table"] = list(missing)
+    table.uns[key_added] = uns_safe(record)
+
+
+def _write_cells(
+    sdata: SpatialData, frame: Any, model: ExpressionModel, *, cells_key: str, key_added: str
+) -> None:
+    import anndata as ad
+    import pandas as pd
+    from scipy import sparse
+    from spatialdata.models import TableModel
+
+    old = sdata.tables[cells_key]
+    if not frame.index.equals(old.obs_names):
+        frame = frame.reindex(old.obs_names)
+    new = ad.AnnData(
+        X=sparse.csr_matrix((old.n_obs, frame.shape[1]), dtype=np.float32),
+        obs=old.obs.copy(),
+        var=pd.DataFrame(index=pd.Index(frame.columns.astype(str))),
+        obsm={k: v for k, v in old.obsm.items()},
+        obsp={k: v for k, v in old.obsp.items()},
+        uns=dict(old.uns),
+    )
+    new.layers[key_added] = frame.to_numpy(dtype=np.float32)
+    _write_record(new, model, key_added)
+    attrs = old.uns.get(TableModel.ATTRS_KEY)
+    if attrs:
+        new = TableModel.parse(
+            new,
+            region=attrs["region"],
+            region_key=attrs["region_key"],
+            instance_key=attrs["instance_key"],
+            overwrite_metadata=True,
+        )
+    sdata.tables[cells_key] = new
+
+
+def _add_bulk_table(sdata: SpatialData, frame: Any, key: str) -> None:
+    import anndata as ad
+    import pandas as pd
+    from scipy import sparse
+    from spatialdata.models import TableModel
+
+    from .._sdata import slide_info
+
+    info = slide_info(sdata)
+    obs = pd.DataFrame(
+        {
+            K.SAMPLE_ID: [info[K.SAMPLE_ID] or str(frame.index[0])],
+            K.PATIENT_ID: [info[K.PATIENT_ID] or "unknown"],
+        },
+        index=frame.index.astype(str),
+    )
+    table = ad.AnnData(
+        X=sparse.csr_matrix((1, frame.shape[1]), dtype=np.float32),
+        obs=obs,
+        var=pd.DataFrame(index=frame.columns),
+    )
+    sdata.tables[key] = TableModel.parse(table)

@@ -1,0 +1,328 @@
+"""`bs.tl.fit_bitro` / `bs.tl.predict_bitro` on tiny contract-conforming slides with cell-level truth."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import bitro_sc as bs
+from bitro_sc import _keys as K
+from bitro_sc.models import BiTroModel
+from bitro_sc.models._toy import toy_slide
+from bitro_sc.pp import normalize_expression
+
+torch.set_num_threads(1)
+TINY = {"hidden": 16, "phenotype_dim": 4, "gat_heads": 2, "transformer_heads": 2}
+MARKERS = [f"gene{g}" for g in range(16)]  # genes 0-15 are cell-type markers in the toy profiles
+
+
+def _slides(n: int, *, grid: int = 5, start: int = 0, **kw):
+    return [toy_slide(seed=start + i, grid=grid, **kw) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A spot-level model trained on three slides, and a held-out slide with its cell truth."""
+    train = _slides(3, grid=6)
+    test, truth = toy_slide(seed=10, grid=6, return_truth=True)
+    model = bs.tl.fit_bitro(
+        train, epochs=12, train={"batch_size": 16, "lr": 3e-3}, model={"hidden": 32}, progress=False
+    )
+    return model, train, test, truth
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+@pytest.mark.slow
+def test_spot_training_predicts_markers_on_a_held_out_slide(trained) -> None:
+    model, _, test, truth = trained
+    bs.tl.predict_bitro(test, model)
+    table = test.tables[K.TABLE]
+    measured = normalize_expression(table)
+    markers = [g for g in MARKERS if g in model.genes]
+    assert len(markers) >= 8
+    cols = table.var_names.get_indexer(markers)
+    pred = np.log1p(table.layers[K.PREDICTION][:, cols])
+    ok = np.isfinite(pred).all(axis=1)
+    r = [_pearson(pred[ok, j], measured[ok, c]) for j, c in enumerate(cols)]
+    assert np.median(r) > 0.5, r
+    # super-resolution: only spots were supervised, yet cell values follow the cell truth
+    bs.tl.predict_bitro(test, model, level="cell")
+    cells = test.tables[K.CELLS]
+    rc = [_pearson(cells[:, g].layers[K.PREDICTION].ravel(), truth[:, int(g[4:])]) for g in markers]
+    assert np.median(rc) > 0.5, rc
+
+
+def test_run_record_is_written_to_the_model_and_training_tables(trained) -> None:
+    model, train, _, _ = trained
+    rec = model.record
+    assert rec["level"] == "spot"
+    # three patients are too few to spare one: a block of spots of every slide is held out instead
+    assert rec["split"]["by"].startswith("spots")
+    assert rec["split"]["validation_spot_fraction"] == 0.2
+    assert rec["n_bags_validation"] > 0
+    assert rec["n_bags_train"] > 3 * rec["n_bags_validation"]
+    assert len(rec["history"]["train_loss"]) == len(rec["history"]["val_loss"]) <= 12
+    assert 0 <= rec["best_epoch"] < len(rec["history"]["val_loss"])
+    assert rec["best_epoch"] == int(np.argmin(rec["history"]["val_loss"]))
+    assert rec["n_trainable"] == sum(p.numel() for p in model.net.parameters())
+    assert rec["n_frozen"] == 0
+    assert 0 < len(rec["hvgs"]) <= 50
+    assert set(rec["hvgs"]) <= set(model.genes)
+    for s in train:
+        uns = s.tables[K.TABLE].uns[K.RUN]
+        assert list(uns["genes"]) == model.genes
+        assert list(uns["hvgs"]) == rec["hvgs"]
+
+
+def test_predictions_land_in_the_spot_table_with_the_record(trained) -> None:
+    model, _, _, _ = trained
+    slide = toy_slide(seed=11, grid=4)
+    table = slide.tables[K.TABLE]
+    table.obs.loc[table.obs_names[0], K.SPOT_ID] = 99  # spot 0 now holds no cell
+    bs.tl.predict_bitro(slide, model)
+    layer = table.layers[K.PREDICTION]
+    assert layer.shape == table.shape
+    predicted = table.var_names.isin(model.genes)
+    assert np.isnan(layer[:, ~predicted]).all()
+    assert np.isnan(layer[0]).all()
+    assert np.isfinite(layer[1:, predicted]).all()
+    assert (layer[1:, predicted] > 0).all()
+    assert list(table.uns[K.RUN]["hvgs"]) == model.record["hvgs"]
+    with pytest.raises(ValueError, match="overwrite=True"):
+        bs.tl.predict_bitro(slide, model)
+    bs.tl.predict_bitro(slide, model, overwrite=True)
+
+
+def test_cell_predictions_sum_to_spot_predictions(trained) -> None:
+    model, _, _, _ = trained
+    slide = toy_slide(seed=12, grid=4)
+    spots = model.predict_frame(slide, level="spot")
+    bs.tl.predict_bitro(slide, model, level="cell")
+    cells = slide.tables[K.CELLS]
+    assert list(cells.var_names) == model.genes
+    assert K.CONNECTIVITIES in cells.obsp
+    assert K.FEATURES in cells.obsm
+    values = pd.DataFrame(cells.layers[K.PREDICTION], columns=model.genes)
+    assert np.isfinite(values.to_numpy()).all()  # cells outside spots are predicted too
+    spot_of = pd.to_numeric(cells.obs[K.SPOT_ID]).to_numpy()
+    inside = np.isfinite(spot_of)
+    summed = values[inside].groupby(spot_of[inside].astype(int)).sum()
+    np.testing.assert_allclose(summed.to_numpy(), spots.iloc[summed.index].to_numpy(), rtol=1e-4)
+
+
+def test_saved_model_reloads_with_identical_predictions(trained, tmp_path: Path) -> None:
+    model, _, test, _ = trained
+    model.save(tmp_path / "m")
+    again = BiTroModel.load(tmp_path / "m")
+    assert again.genes == model.genes
+    assert again.record["hvgs"] == model.record["hvgs"]
+    for level in ("spot", "bulk"):
+        a, b = model.predict_frame(test, level=level), again.predict_frame(test, level=level)
+        pd.testing.assert_frame_equal(a, b)
+    with pytest.raises(FileExistsError):
+        model.save(tmp_path / "m")
+
+
+def test_validation_split_groups_slides_by_patient() -> None:
+    from bitro_sc.tl._fit import _split
+
+    patients = ["p1", "p1", "p2", "p3", "p4", "p5"]
+    samples = [f"s{i}" for i in range(6)]
+    train, val, frac = _split(patients, samples, "auto", "spot", seed=0)
+    assert frac == 0.0
+    assert len({patients[i] for i in val}) == 1  # 20 % of 5 patients
+    assert {patients[i] for i in train}.isdisjoint({patients[i] for i in val})  # no patient on both sides
+    assert sorted(train + val) == list(range(6))
+    assert _split(patients, samples, ["p1"], "spot", seed=0)[1] == [0, 1]
+    assert _split(patients, samples, ["s3"], "bulk", seed=0)[1] == [3]
+    assert _split(patients[:3], samples[:3], "auto", "bulk", seed=0) == ([0, 1, 2], [], 0.0)
+    assert _split(patients, samples, None, "spot", seed=0) == (list(range(6)), [], 0.0)
+    with pytest.raises(ValueError, match="match no slide"):
+        _split(patients, samples, ["p9"], "spot", seed=0)
+    with pytest.raises(ValueError, match="keep at least one"):
+        _split(patients, samples, patients, "spot", seed=0)
+
+
+def test_same_seed_gives_the_same_model() -> None:
+    slides = _slides(2, grid=4)
+    kw = {"epochs": 2, "model": TINY, "progress": False, "genes": MARKERS[:6], "overwrite": True}
+    a = bs.tl.fit_bitro(slides, seed=3, **kw).predict_frame(slides[0])
+    b = bs.tl.fit_bitro(slides, seed=3, **kw).predict_frame(slides[0])
+    c = bs.tl.fit_bitro(slides, seed=4, **kw).predict_frame(slides[0])
+    pd.testing.assert_frame_equal(a, b)
+    assert not np.allclose(a.to_numpy(), c.to_numpy())
+
+
+def test_bulk_training_predicts_slides_and_cells() -> None:
+    slides = _slides(4, grid=4)
+    model = bs.tl.fit_bitro(
+        slides[:3],
+        level="bulk",
+        epochs=2,
+        model=TINY,
+        train={"chunk_cells": 100},
+        genes=MARKERS,
+        progress=False,
+    )
+    assert model.level == "bulk"  # < 5 slides: no validation
+    assert model.record["split"]["validation"] == []
+    bs.tl.predict_bitro(slides[3], model, level="bulk")
+    bulk = slides[3].tables[K.BULK]
+    row = bulk.layers[K.PREDICTION][0, bulk.var_names.get_indexer(model.genes)]
+    cells = model.predict_frame(slides[3], level="cell")
+    np.testing.assert_allclose(cells.sum(0).to_numpy(), row, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_lora_transfer_trains_adapters_and_leaves_the_base_untouched(tmp_path: Path) -> None:
+    slides = _slides(3, grid=4)
+    base = bs.tl.fit_bitro(slides, level="bulk", epochs=1, model=TINY, genes=MARKERS[:10], progress=False)
+    before = {k: v.clone() for k, v in base.net.state_dict().items()}
+    genes = MARKERS[5:14]  # 5 shared with the base, 4 new
+    model = bs.tl.fit_bitro(slides[0], transfer="bulk", base=base, genes=genes, epochs=2, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in base.net.state_dict().items())
+    rec = model.record
+    assert rec["matched_genes"] == MARKERS[5:10]
+    assert rec["new_genes"] == MARKERS[10:14]
+    assert rec["base"]["policy"] == "lora"
+    trainable = {n for n, p in model.net.named_parameters() if p.requires_grad}
+    assert trainable
+    assert all("lora_" in n or n.startswith("head.") for n in trainable)
+    assert any(n.startswith("blocks.0.q.lora_A") for n in trainable)
+    assert rec["n_trainable"] == sum(p.numel() for p in model.net.parameters() if p.requires_grad)
+    assert rec["n_frozen"] > rec["n_trainable"]
+    # the frozen base weights inside the adapted network are the base's
+    state = model.net.state_dict()
+    assert torch.equal(state["blocks.0.q.base_layer.weight"], before["blocks.0.q.weight"])
+    assert torch.equal(state["gat.0.lin.weight"], before["gat.0.lin.weight"])
+    # before training, matched genes start from the base's head rows (bias shifted by the bag-size
+    # ratio), new genes from fresh rows
+    from bitro_sc.models._transfer import transfer_net
+
+    net, _, _ = transfer_net(
+        base, genes, policy="lora", bias_new=torch.zeros(len(genes)), target_bag_cells=10.0
+    )
+    head = net.state_dict()
+    torch.testing.assert_close(head["head.weight"][:5], before["head.weight"][5:10])
+    shift = float(np.log(base.bag_cells / 10.0))
+    torch.testing.assert_close(head["head.bias"][:5], before["head.bias"][5:10] + shift)
+    assert torch.equal(head["head.bias"][5:], torch.zeros(4))
+
+    # the adapters survive saving and loading
+    model.save(tmp_path / "lora")
+    again = BiTroModel.load(tmp_path / "lora")
+    assert again.lora is not None
+    pd.testing.assert_frame_equal(model.predict_frame(slides[1]), again.predict_frame(slides[1]))
+
+    head_only = bs.tl.fit_bitro(
+        slides[0],
+        transfer="bulk",
+        base=base,
+        genes=genes,
+        policy="head",
+        epochs=1,
+        progress=False,
+        overwrite=True,
+    )
+    assert {n for n, p in head_only.net.named_parameters() if p.requires_grad} == {"head.weight", "head.bias"}
+    full = bs.tl.fit_bitro(
+        slides[0],
+        transfer="bulk",
+        base=base,
+        genes=genes,
+        policy="full",
+        epochs=1,
+        progress=False,
+        overwrite=True,
+    )
+    assert full.record["n_frozen"] == 0
+
+
+def test_transfer_without_base_trains_one_on_the_bulk_tables() -> None:
+    slides = _slides(2, grid=4)
+    model = bs.tl.fit_bitro(slides, transfer="bulk", epochs=1, model=TINY, genes=MARKERS[:6], progress=False)
+    assert model.level == "spot"
+    assert model.record["base"]["base_level"] == "bulk"
+    for s in slides:
+        del s.tables[K.BULK]
+    with pytest.raises(ValueError, match=r"pass `base=`.*`bulk=\[\.\.\.\]`"):
+        bs.tl.fit_bitro(slides, transfer="bulk", epochs=1, progress=False, overwrite=True)
+
+
+def test_spatial_transfer_adapts_a_spot_model_to_bulk() -> None:
+    slides = _slides(3, grid=4)
+    base = bs.tl.fit_bitro(slides[:2], epochs=1, model=TINY, genes=MARKERS[:6], progress=False)
+    model = bs.tl.fit_bitro(slides, transfer="spatial", base=base, epochs=1, progress=False)
+    assert model.level == "bulk"
+    assert model.lora is not None
+    assert set(MARKERS[:6]) <= set(model.genes)
+    with pytest.raises(ValueError, match="transfer='bulk' starts from a bulk-trained model"):
+        bs.tl.fit_bitro(slides[0], transfer="bulk", base=base, progress=False, overwrite=True)
+
+
+def test_bad_input_gets_a_clear_error() -> None:
+    slides = _slides(2, grid=4)
+    with pytest.raises(ValueError, match=r"not in every training spot table: \['NOPE'\]"):
+        bs.tl.fit_bitro(slides, genes=["gene1", "NOPE"], progress=False)
+    base = bs.tl.fit_bitro(slides[0], level="bulk", epochs=1, model=TINY, genes=MARKERS[:3], progress=False)
+    with pytest.raises(ValueError, match="no overlapping genes"):
+        bs.tl.fit_bitro(slides[1], transfer="bulk", base=base, genes=["gene30", "gene31"], progress=False)
+    other = toy_slide(seed=5, grid=4, n_features=12)
+    with pytest.raises(ValueError, match="trained on 16 cell features, the target slides have 12"):
+        bs.tl.fit_bitro(other, transfer="bulk", base=base, progress=False)
+    slides[1].tables[K.BULK].obs[K.SAMPLE_ID] = ["somebody_else"]
+    with pytest.raises(ValueError, match="match no slide"):
+        bs.tl.fit_bitro(slides, level="bulk", progress=False, overwrite=True)
+    cells = slides[0].tables[K.CELLS]
+    cells.obs[K.SPOT_ID] = pd.array([pd.NA] * cells.n_obs, dtype="Int64")
+    with pytest.raises(ValueError, match=r"run `bs.tl.assign_cells` first"):
+        bs.tl.fit_bitro(slides[0], progress=False, overwrite=True)
+    del cells.obs[K.SPOT_ID]
+    with pytest.raises(KeyError, match=r"run `bs.tl.assign_cells` first"):
+        bs.tl.fit_bitro(slides[0], progress=False, overwrite=True)
+
+
+def test_predict_accepts_any_model_implementing_the_protocol() -> None:
+    slide = toy_slide(seed=3, grid=3)
+    table = slide.tables[K.TABLE]
+
+    class Constant:
+        def __init__(self) -> None:
+            self.genes = ["gene1", "gene2"]
+            self.levels = ("spot",)
+            self.record = {"genes": ["gene1", "gene2"], "hvgs": ["gene2"], "method": "constant"}
+
+        def predict_frame(self, sdata, *, level="spot"):
+            t = sdata.tables[K.TABLE]
+            return pd.DataFrame(7.0, index=t.obs_names, columns=self.genes)
+
+    bs.tl.predict_bitro(slide, Constant(), key_added="const")
+    assert (table[:, ["gene1", "gene2"]].layers["const"] == 7.0).all()
+    assert table.uns["const"]["method"] == "constant"
+    with pytest.raises(ValueError, match="predicts levels"):
+        bs.tl.predict_bitro(slide, Constant(), level="cell")
+    with pytest.raises(TypeError, match="ExpressionModel"):
+        bs.tl.predict_bitro(slide, object())  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_slide_with_predictions_and_record_writes_to_zarr(tmp_path: Path) -> None:
+    slides = _slides(2, grid=3)
+    model = bs.tl.fit_bitro(slides, epochs=1, model=TINY, genes=MARKERS[:4], progress=False)
+    bs.tl.predict_bitro(slides[0], model)
+    bs.tl.predict_bitro(slides[0], model, level="cell")
+    slides[0].write(tmp_path / "slide.zarr")
+    from spatialdata import read_zarr
+
+    back = read_zarr(tmp_path / "slide.zarr")
+    np.testing.assert_array_equal(
+        back.tables[K.TABLE].layers[K.PREDICTION], slides[0].tables[K.TABLE].layers[K.PREDICTION]
+    )
+    assert list(back.tables[K.TABLE].uns[K.RUN]["genes"]) == model.genes

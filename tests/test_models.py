@@ -1,0 +1,141 @@
+"""The BiTro network, bags and the exact chunked whole-slide gradient (bitro_sc.models)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bitro_sc.models import BiTroModel, ExpressionModel, ModelParams, TrainParams
+from bitro_sc.models._bags import Partition, SlideCells, make_batch, spatial_chunks
+from bitro_sc.models._net import BiTroNet, pool_bags
+from bitro_sc.models._toy import graph_knn, toy_cells
+from bitro_sc.models._train import BulkSlide, loss_fn, slide_cell_values, slide_profile, slide_step
+
+torch.set_num_threads(1)
+SMALL = ModelParams(hidden=16, phenotype_dim=4, gat_heads=2, transformer_heads=2, dropout=0.2)
+
+
+def _slide(n: int = 600, seed: int = 0) -> SlideCells:
+    c = toy_cells(n, seed=seed, n_features=8)
+    conn, _ = graph_knn(c["xy"])
+    return SlideCells(c["features"], c["type"] + 1, c["xy"], conn, np.full(n, -1, dtype=np.int64))
+
+
+def _grads(net: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
+
+
+def test_params_accept_dicts_and_reject_unknown_options() -> None:
+    p = ModelParams.coerce({"hidden": 32, "pos_wavelengths_um": [10, 20]})
+    assert p.hidden == 32
+    assert p.pos_wavelengths_um == (10.0, 20.0)
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        ModelParams(pooling="max")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="Unknown TrainParams field"):
+        TrainParams.coerce({"epoch": 3})
+
+
+def test_spatial_chunks_are_compact_and_cover_every_cell_once() -> None:
+    xy = np.random.default_rng(0).uniform(0, 1000, size=(5000, 2)).astype(np.float32)
+    group = spatial_chunks(xy, 250)
+    assert np.bincount(group).tolist() == [250] * 20
+    # a Z-order chunk spans far less than the slide (1000 µm): compact patches of tissue
+    spans = [np.ptp(xy[group == g], axis=0).max() for g in range(20)]
+    assert np.median(spans) < 600
+
+
+def test_partition_keeps_only_edges_inside_each_window() -> None:
+    slide = _slide(400)
+    group = spatial_chunks(slide.xy_um, 50)
+    part = Partition.build(group, int(group.max()) + 1, slide.graph)
+    assert part.order.size == 400
+    coo = slide.graph.tocoo()
+    inside = int((group[coo.row] == group[coo.col]).sum())
+    assert part.edges.shape[1] == inside
+    batch, cells = make_batch([slide], [part], [(0, 0), (0, 3)])
+    assert batch.num_graphs == 2
+    assert batch.x.shape[0] == cells.size == part.sizes()[0] + part.sizes()[3]
+    assert int(batch.edge_index.max()) < cells.size
+    # edges never connect the two windows
+    b = batch.batch.numpy()
+    assert (b[batch.edge_index[0].numpy()] == b[batch.edge_index[1].numpy()]).all()
+
+
+def test_padding_does_not_change_a_bags_prediction() -> None:
+    """A bag predicted alone equals the same bag predicted next to a larger (padded) one."""
+    slide = _slide(290)
+    part = Partition.build(spatial_chunks(slide.xy_um, 20), 15, slide.graph)
+    net = BiTroNet(n_features=8, n_phenotypes=4, n_genes=5, params=SMALL).eval()
+    with torch.no_grad():
+        alone, _ = make_batch([slide], [part], [(0, 14)])
+        together, _ = make_batch([slide], [part], [(0, 0), (0, 14)])
+        y1, s1 = net(alone)
+        y2, s2 = net(together)
+        p1, _ = pool_bags(y1, s1, alone.batch, 1, "sum")
+        p2, _ = pool_bags(y2, s2, together.batch, 2, "sum")
+    assert part.sizes()[14] < part.sizes()[0]  # the last chunk is smaller: it gets padded
+    torch.testing.assert_close(p1[0], p2[1], rtol=1e-5, atol=1e-5)
+
+
+def test_head_can_predict_below_the_mean() -> None:
+    net = BiTroNet(n_features=8, n_phenotypes=0, n_genes=3, params=SMALL)
+    net.set_gene_bias(torch.tensor([0.001, 1.0, 50.0]))
+    assert torch.allclose(torch.exp(net.head.bias), torch.tensor([0.001, 1.0, 50.0]), rtol=1e-4)
+
+
+@pytest.mark.parametrize("pooling", ["sum", "attention"])
+def test_chunked_slide_gradient_equals_full_bag_gradient(pooling: str) -> None:
+    slide = _slide(700)
+    part = slide.chunk_partition(64)
+    target = np.random.default_rng(1).uniform(1, 50, size=6).astype(np.float32)
+    item = BulkSlide(slide, part, target, 1e4)
+    torch.manual_seed(0)
+    net = BiTroNet(
+        n_features=8, n_phenotypes=4, n_genes=6, params=ModelParams(**{**SMALL.to_dict(), "pooling": pooling})
+    )
+    if net.attn_head is not None:
+        torch.nn.init.normal_(net.attn_head.weight, std=0.5)
+    net.train()  # dropout on: both passes must draw the same masks
+    loss = slide_step(net, item, loss="mse", device=torch.device("cpu"), seed=3, cells_per_batch=200)
+    chunked = _grads(net)
+    net.zero_grad()
+    pooled = slide_profile(net, slide, part, device=torch.device("cpu"), seed=3, cells_per_batch=200)
+    full = loss_fn(pooled[None], torch.from_numpy(target)[None], torch.tensor([1e4]), "mse")
+    full.backward()
+    reference = _grads(net)
+    assert loss == pytest.approx(float(full), rel=1e-5)
+    assert chunked.abs().max() > 0
+    torch.testing.assert_close(chunked, reference, rtol=1e-4, atol=1e-5 * float(reference.abs().max()))
+
+
+@pytest.mark.parametrize("pooling", ["sum", "mean", "attention"])
+def test_cell_values_sum_to_the_slide_profile(pooling: str) -> None:
+    slide = _slide(500)
+    part = slide.chunk_partition(100)
+    net = BiTroNet(
+        n_features=8, n_phenotypes=4, n_genes=4, params=ModelParams(**{**SMALL.to_dict(), "pooling": pooling})
+    )
+    if net.attn_head is not None:
+        torch.nn.init.normal_(net.attn_head.weight, std=0.5)
+    net.eval()
+    cells = slide_cell_values(net, slide, part, device=torch.device("cpu"))
+    with torch.no_grad():
+        profile = slide_profile(net, slide, part, device=torch.device("cpu")).numpy()
+    assert np.isfinite(cells).all()
+    np.testing.assert_allclose(cells.sum(0), profile, rtol=1e-4)
+
+
+def test_protocol_recognises_models_by_their_members() -> None:
+    class Constant:
+        def __init__(self) -> None:
+            self.genes = ["a"]
+            self.levels = ("spot",)
+            self.record = {"genes": ["a"], "hvgs": []}
+
+        def predict_frame(self, sdata, *, level="spot"):
+            raise NotImplementedError
+
+    assert isinstance(Constant(), ExpressionModel)
+    assert not isinstance(object(), ExpressionModel)
+    assert BiTroModel.levels == ("spot", "bulk", "cell")
