@@ -1,0 +1,332 @@
+"""Prediction accuracy: BiTro against the ridge and mean baselines, on synthetic and real data.
+
+Sections (choose with ``--sections``; all run side by side on the same folds, genes and features):
+
+``spot``
+    Synthetic spatial slides (``bs.datasets.synthetic(kind="visium")``), leave-one-slide-out:
+    spot-level per-gene Pearson on the held-out slide (BiTro, ridge, mean) and cell-level Pearson
+    against the simulated truth (only spots were supervised).
+``bulk``
+    Synthetic slides with bulk tables (``with_bulk=True``); train on most slides, test on the rest:
+    per-gene Pearson across held-out slides, number of significantly predicted genes (one-sided
+    Pearson test, Benjamini-Hochberg q < 0.05), cell-level maps from bulk-only training vs truth.
+``transfer``
+    Scarce targets: one slide of spots, with and without a bulk-trained base (LoRA,
+    ``transfer="bulk"``); and a few bulk slides with and without a spot-trained base
+    (``transfer="spatial"``).
+``her2st``
+    Leave-one-section-out over the HER2ST sections C2-C5 (``bs.io.read_st``): HEST-style score
+    (mean Pearson over the top-50 HVGs of the training sections) per method and fold.
+
+Run: ``python benchmarks/bench_accuracy.py [--quick] [--sections spot,bulk,transfer,her2st]``;
+results go to ``benchmarks/results/accuracy.md`` (with the command). ``--quick`` is a smoke-test
+size (numbers are not meaningful). Real data from ``$BITRO_SC_DATA`` or ``../shared/data``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "accuracy.md"
+SECTIONS = ("spot", "bulk", "transfer", "her2st")
+METHODS = ("bitro", "ridge", "mean")
+
+
+def _log(msg: str, t0: float) -> None:
+    print(f"[{time.perf_counter() - t0:7.1f} s] {msg}", flush=True)
+
+
+def _md_table(df: pd.DataFrame) -> str:
+    try:
+        return df.to_markdown(floatfmt=".3f")
+    except ImportError:  # tabulate missing: fixed-width text in a code block
+        return "```\n" + df.to_string(float_format=lambda v: f"{v:.3f}") + "\n```"
+
+
+def _synthetic(n: int, *, seed: int, size_um: float, n_genes: int, **kw: Any) -> tuple[list, list]:
+    import bitro_sc as bs
+
+    pairs = bs.datasets.synthetic(n, seed=seed, size_um=size_um, n_genes=n_genes, return_truth=True, **kw)
+    pairs = [pairs] if isinstance(pairs, tuple) else list(pairs)
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _spot_fold_scores(model: Any, test: Any, name: str) -> pd.DataFrame:
+    """Spot-level per-gene scores of ``model`` on ``test`` (light copy of the table, nothing written)."""
+    import bitro_sc as bs
+    from bitro_sc.tl._cross_validate import _prediction_table
+
+    table = test.tables["table"]
+    light = _prediction_table(table, model.predict_frame(test, level="spot"), name)
+    light.uns["bitro"] = {"genes": list(model.genes), "hvgs": list(model.record.get("hvgs", []))}
+    return bs.tl.evaluate(light, layer=name, top_hvg=None, store=False)
+
+
+# ----------------------------------------------------------------------------------------------
+def bench_spot(args: argparse.Namespace, t0: float) -> str:
+    from bitro_sc import cli
+
+    n, size, genes_n = (3, 400.0, 60) if args.quick else (args.n_slides, args.size_um, 150)
+    epochs = 3 if args.quick else args.epochs
+    slides, truths = _synthetic(n, seed=args.seed, size_um=size, n_genes=genes_n)
+    cli.prepare(slides, progress=False, t0=t0)
+    ids = cli.sample_ids(slides)
+    rows, cell_rows = [], []
+    folds = list(range(n))[-(args.folds or n) :] if not args.quick else [n - 1]
+    for k in folds:
+        train = [s for i, s in enumerate(slides) if i != k]
+        import bitro_sc as bs
+
+        genes = bs.pp.highly_variable_genes([s.tables["table"] for s in train], n_top=50)
+        models = cli.fit_methods(
+            train, genes=genes, fit_kwargs={"bitro": {"epochs": epochs, "seed": args.seed}}, progress=False
+        )
+        for name, model in models.items():
+            df = _spot_fold_scores(model, slides[k], name)
+            rows.append(
+                {
+                    "fold": ids[k],
+                    "method": name,
+                    "spot_mean_pearson": df["pearson"].mean(),
+                    "hest_score": df.attrs["hest_score"],
+                    "n_nan": df.attrs["n_nan"],
+                }
+            )
+            cells = cli.cell_truth_scores(model.predict_frame(slides[k], level="cell"), slides[k], truths[k])
+            cell_rows.append(
+                {"fold": ids[k], "method": name, "cell_median_pearson": cells["pearson"].median()}
+            )
+        _log(f"spot fold {ids[k]} done", t0)
+    res = pd.DataFrame(rows).merge(pd.DataFrame(cell_rows), on=["fold", "method"])
+    mean = res.groupby("method", sort=False)[
+        ["spot_mean_pearson", "hest_score", "cell_median_pearson"]
+    ].mean()
+    return (
+        f"### Synthetic spot level ({n} slides of {size:.0f} µm, {genes_n} genes, BiTro {epochs} epochs)\n\n"
+        f"Leave-one-slide-out ({len(folds)} of {n} slides held out in turn, the model trained on "
+        f"the other {n - 1}); 50 training HVGs per fold; cell level = median over genes of the "
+        f"per-gene Pearson against the simulated truth (cells matched to true nuclei).\n\n"
+        f"{_md_table(res.set_index(['fold', 'method']))}\n\nMean over folds:\n\n{_md_table(mean)}\n"
+    )
+
+
+def bench_bulk(args: argparse.Namespace, t0: float) -> str:
+    import bitro_sc as bs
+    from bitro_sc import cli
+
+    n, n_test, size, genes_n = (8, 3, 300.0, 40) if args.quick else (40, 10, 500.0, 100)
+    epochs = 3 if args.quick else args.epochs
+    slides, truths = _synthetic(n, seed=args.seed + 100, size_um=size, n_genes=genes_n, with_bulk=True)
+    cli.prepare(slides, steps=("segment", "cell_features", "phenotypes", "cell_graph"), progress=False, t0=t0)
+    train, test = slides[:-n_test], slides[-n_test:]
+    import anndata as ad
+
+    genes = bs.pp.highly_variable_genes([ad.concat([s.tables["bulk"] for s in train])], n_top=50)
+    models = cli.fit_methods(
+        train,
+        level="bulk",
+        genes=genes,
+        fit_kwargs={"bitro": {"epochs": epochs, "seed": args.seed}},
+        progress=False,
+    )
+    _log("bulk models fitted", t0)
+    rows = []
+    for name, model in models.items():
+        light = []
+        for s in test:
+            frame = model.predict_frame(s, level="bulk").dropna(how="all")
+            from bitro_sc.tl._cross_validate import _prediction_table
+
+            light.append(_prediction_table(s.tables["bulk"], frame, name))
+        pooled = ad.concat(light, merge="first")
+        df = bs.tl.evaluate(pooled, layer=name, genes=genes, top_hvg=None, level="bulk", store=False)
+        cell_r = [
+            cli.cell_truth_scores(model.predict_frame(s, level="cell"), s, t)["pearson"].median()
+            for s, t in zip(test, truths[-n_test:], strict=True)
+        ]
+        rows.append(
+            {
+                "method": name,
+                "mean_pearson_across_slides": df["pearson"].mean(),
+                "n_significant": df.attrs["n_significant"],
+                "n_genes": len(df),
+                "cell_median_pearson": float(np.nanmean(cell_r)),
+            }
+        )
+    res = pd.DataFrame(rows).set_index("method")
+    return (
+        f"### Synthetic bulk ({n - n_test} training / {n_test} test slides of {size:.0f} µm, "
+        f"BiTro {epochs} epochs)\n\n"
+        "Per-gene Pearson across the held-out slides (log1p CP10k); significant = one-sided Pearson "
+        "test, Benjamini-Hochberg q < 0.05; cell level = median per-gene Pearson vs truth, "
+        f"mean over test slides.\n\n{_md_table(res)}\n"
+    )
+
+
+def bench_transfer(args: argparse.Namespace, t0: float) -> str:
+    import bitro_sc as bs
+    from bitro_sc import cli
+
+    n_bulk, size, genes_n = (8, 300.0, 40) if args.quick else (20, 500.0, 100)
+    epochs = 3 if args.quick else args.epochs
+    bulk_slides, _ = _synthetic(n_bulk, seed=args.seed + 200, size_um=size, n_genes=genes_n, with_bulk=True)
+    spot_slides, _ = _synthetic(3, seed=args.seed + 300, size_um=size * 1.5, n_genes=genes_n)
+    cli.prepare(bulk_slides + spot_slides, progress=False, t0=t0)
+    scarce, tests = spot_slides[:1], spot_slides[1:]
+    genes = bs.pp.highly_variable_genes([s.tables["table"] for s in scarce], n_top=50)
+    kw = {"epochs": epochs, "seed": args.seed, "progress": False}
+    base = bs.tl.fit_bitro(bulk_slides, level="bulk", genes=genes, **kw)
+    variants = {
+        "scratch (1 spot slide)": bs.tl.fit_bitro(scarce, genes=genes, **kw),
+        "LoRA from bulk base": bs.tl.fit_bitro(scarce, transfer="bulk", base=base, genes=genes, **kw),
+        "ridge (1 spot slide)": bs.tl.fit_baseline(scarce, method="ridge", genes=genes),
+    }
+    rows = []
+    for name, model in variants.items():
+        scores = [_spot_fold_scores(model, s, "x") for s in tests]
+        rows.append(
+            {"model": name, "spot_mean_pearson": float(np.mean([d["pearson"].mean() for d in scores]))}
+        )
+    _log("transfer bulk -> spot done", t0)
+    # reverse direction: a spot-trained base adapted to a few bulk slides
+    few = bulk_slides[:4]
+    held = bulk_slides[4:]
+    spot_base = bs.tl.fit_bitro(spot_slides, genes=genes, **kw)
+    rev = {
+        "scratch (4 bulk slides)": bs.tl.fit_bitro(few, level="bulk", genes=genes, **kw),
+        "LoRA from spot base": bs.tl.fit_bitro(few, transfer="spatial", base=spot_base, genes=genes, **kw),
+    }
+    import anndata as ad
+
+    from bitro_sc.tl._cross_validate import _prediction_table
+
+    for name, model in rev.items():
+        light = [
+            _prediction_table(s.tables["bulk"], model.predict_frame(s, level="bulk").dropna(how="all"), "x")
+            for s in held
+        ]
+        df = bs.tl.evaluate(
+            ad.concat(light, merge="first"), layer="x", genes=genes, top_hvg=None, level="bulk"
+        )
+        rows.append({"model": name, "bulk_mean_pearson_across_slides": df["pearson"].mean()})
+    _log("transfer spot -> bulk done", t0)
+    res = pd.DataFrame(rows).set_index("model")
+    return (
+        f"### Transfer with scarce targets (BiTro {epochs} epochs)\n\n"
+        f"bulk -> spot: base on {n_bulk} bulk slides, target 1 spot slide, scored on 2 held-out spot slides; "
+        f"spot -> bulk: base on 3 spot slides, target 4 bulk slides, scored across {len(held)} held-out "
+        f"slides.\n\n{_md_table(res)}\n"
+    )
+
+
+def bench_her2st(args: argparse.Namespace, t0: float) -> str:
+    import bitro_sc as bs
+    from bitro_sc import cli
+
+    env = os.environ.get("BITRO_SC_DATA")
+    data = next(
+        (
+            c / "her2st"
+            for c in ([Path(env)] if env else []) + [ROOT.parent / "shared" / "data"]
+            if (c / "her2st").is_dir()
+        ),
+        None,
+    )
+    if data is None:
+        return "### HER2ST\n\nskipped: data not found ($BITRO_SC_DATA or ../shared/data).\n"
+    sections = ["C2", "C3", "C4", "C5"]
+    slides = [
+        bs.io.read_st(
+            data / f"{s}_HE.jpg",
+            data / f"{s}_counts.tsv.gz",
+            data / f"{s}_selection.tsv",
+            sample_id=s,
+            patient_id="C",
+        )
+        for s in sections
+    ]
+    cli.prepare(slides, progress=False, t0=t0)
+    epochs = 3 if args.quick else args.epochs
+    df = bs.tl.cross_validate(
+        slides,
+        methods=METHODS,
+        top_hvg=50,
+        fit_kwargs={"bitro": {"epochs": epochs, "seed": args.seed, "progress": False}},
+        progress=False,
+    )
+    per_fold = (
+        df[df["is_hvg"]].groupby(["test_group", "method"], sort=False)["pearson"].mean().unstack("method")
+    )
+    summary = pd.DataFrame.from_dict(df.attrs["summary"], orient="index")
+    return (
+        f"### HER2ST leave-one-section-out (C2-C5, BiTro {epochs} epochs)\n\n"
+        "HEST-style score (mean Pearson over the top-50 HVGs of the training sections) per held-out "
+        f"section:\n\n{_md_table(per_fold)}\n\nSummary:\n\n{_md_table(summary)}\n"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    p.add_argument("--quick", action="store_true", help="smoke-test sizes (numbers not meaningful)")
+    p.add_argument("--epochs", type=int, default=30, help="BiTro training epochs (full runs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-slides", type=int, default=5, help="synthetic spot section: slides")
+    p.add_argument("--size-um", type=float, default=1000.0, help="synthetic spot section: slide side (µm)")
+    p.add_argument("--folds", type=int, default=None, help="synthetic spot section: held-out slides (last N)")
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--append", action="store_true", help="append to --out instead of replacing it")
+    args = p.parse_args(argv)
+    chosen = [s.strip() for s in args.sections.split(",") if s.strip()]
+    bad = [s for s in chosen if s not in SECTIONS]
+    if bad:
+        p.error(f"unknown section(s) {bad}; choose from {SECTIONS}")
+    import torch
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    warnings.filterwarnings("ignore", category=UserWarning)
+    t0 = time.perf_counter()
+    parts = []
+    for name in chosen:
+        start = time.perf_counter()
+        text = {"spot": bench_spot, "bulk": bench_bulk, "transfer": bench_transfer, "her2st": bench_her2st}[
+            name
+        ](args, t0)
+        parts.append(text + f"\n({name}: {time.perf_counter() - start:.0f} s)\n")
+        _log(f"section {name} done", t0)
+        print(text, flush=True)
+    command = " ".join(argv if argv is not None else sys.argv[1:])
+    machine = platform.processor() or platform.machine()
+    header = (
+        "# Accuracy benchmark\n\n"
+        f"Command: `python benchmarks/bench_accuracy.py {command}`  \n"
+        f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {machine}, "
+        f"{torch.get_num_threads()} torch threads; total {time.perf_counter() - t0:.0f} s.\n"
+        + ("\n**--quick: smoke-test sizes, the numbers are not meaningful.**\n" if args.quick else "")
+        + "\n"
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.append and out.is_file():
+        header = "\n---\n\n" + header.replace("# Accuracy benchmark\n\n", "")
+        out.write_text(out.read_text() + header + "\n".join(parts))
+    else:
+        out.write_text(header + "\n".join(parts))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
