@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -57,9 +57,8 @@ def normalize_expression(
     from anndata import AnnData
     from scipy import sparse
 
-    x = get_counts(counts) if isinstance(counts, AnnData) else counts
-    x = x.toarray() if sparse.issparse(x) else np.asarray(x)
-    x = x.astype(np.float64, copy=False)
+    raw: Any = get_counts(counts) if isinstance(counts, AnnData) else counts
+    x = np.asarray(raw.toarray() if sparse.issparse(raw) else raw, dtype=np.float64)
     if np.any(x < 0):
         raise ValueError("Counts must be non-negative; got negative values. Pass raw counts, not log values.")
     lib = x.sum(axis=1) if library_size is None else np.asarray(library_size, dtype=np.float64)
