@@ -326,3 +326,29 @@ def test_slide_with_predictions_and_record_writes_to_zarr(tmp_path: Path) -> Non
         back.tables[K.TABLE].layers[K.PREDICTION], slides[0].tables[K.TABLE].layers[K.PREDICTION]
     )
     assert list(back.tables[K.TABLE].uns[K.RUN]["genes"]) == model.genes
+
+
+def test_gene_bias_starts_at_the_log1p_optimal_constant() -> None:
+    """The head bias starts where the log1p MSE of a constant prediction is minimal (per gene), not at
+    the arithmetic mean (far too high for sparse spots); lr ~0 keeps it there through one epoch."""
+    from bitro_sc.models._data import library_and_counts
+
+    slides = _slides(2)
+    genes = MARKERS[:4]
+    model = bs.tl.fit_bitro(
+        slides, epochs=1, train={"lr": 1e-12}, model=TINY, genes=genes, validation=None, progress=False
+    )
+    targets, sizes = [], []
+    for s in slides:
+        table = s.tables[K.TABLE]
+        index = model._inputs(s, need_spots=True, table_key=K.TABLE, cells_key=K.CELLS).spot_index
+        n = np.bincount(index[index >= 0], minlength=table.n_obs)
+        lib, counts = library_and_counts(table, genes)
+        ok = (n > 0) & (lib > 0)
+        targets.append(counts[ok] / lib[ok, None] * 1e4)
+        sizes.append(n[ok])
+    y = np.concatenate(targets)
+    per_cell = np.expm1(np.log1p(y).mean(axis=0)) / np.concatenate(sizes).mean()
+    bias = model.net.head.bias.detach().numpy()
+    np.testing.assert_allclose(bias, np.log(per_cell), atol=1e-4)
+    assert (bias < np.log(y.mean(axis=0) / np.concatenate(sizes).mean()) - 0.05).all()

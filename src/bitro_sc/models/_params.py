@@ -53,12 +53,17 @@ class ModelParams(_Params):
     Parameters
     ----------
     hidden
-        Width of the cell embedding.
+        Width of the cell embedding (64 by default: a few hundred training spots overfit wider
+        networks within a few epochs; see ``benchmarks/results/accuracy.md``).
     phenotype_dim
         Size of the phenotype embedding (0: phenotypes unused).
     pos_wavelengths_um
         Wavelengths (µm) of the sin/cos encoding of a cell's position relative to the centroid of
-        its attention window (its spot, or its chunk of a slide). Empty: no position input.
+        its attention window (its spot, or its chunk of a slide). Empty (default): no position
+        input. On synthetic spots the within-spot position only added noise features (mean spot
+        Pearson over 4 held-out slides 0.315 without, 0.294 with 100-400 µm wavelengths;
+        ``benchmarks/results/accuracy.md``); give wavelengths where the layout inside a window
+        matters.
     gat_layers, gat_heads, gat
         Graph attention over the cell graph inside a bag (``"gat"`` = ``GATConv``,
         ``"gatv2"`` = ``GATv2Conv``); residual connection and LayerNorm after each layer.
@@ -77,9 +82,9 @@ class ModelParams(_Params):
         LoRA adapters used for transfer (``policy="lora"``).
     """
 
-    hidden: int = 128
+    hidden: int = 64
     phenotype_dim: int = 16
-    pos_wavelengths_um: tuple[float, ...] = (8.0, 16.0, 32.0, 64.0, 128.0)
+    pos_wavelengths_um: tuple[float, ...] = ()
     gat_layers: int = 2
     gat_heads: int = 4
     gat: Literal["gat", "gatv2"] = "gat"

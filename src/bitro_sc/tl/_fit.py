@@ -446,7 +446,13 @@ def _fit(
         keys=keys,
     )
     bag_cells = float(np.mean(bag_sizes))
-    target_mean = np.mean(np.concatenate([d.target.reshape(-1, len(chosen)) for d in train_data]), axis=0)
+    targets = np.concatenate([d.target.reshape(-1, len(chosen)) for d in train_data])
+    # The head starts at the loss-optimal constant: for the log1p MSE that is the mean of log1p
+    # targets (sparse spots make it far below log1p of the mean), for Poisson the mean itself.
+    if train.loss == "mse":
+        target_mean = np.expm1(np.log1p(targets.astype(np.float64)).mean(axis=0))
+    else:
+        target_mean = targets.mean(axis=0)
     per_cell = target_mean / (1.0 if params.pooling == "mean" else bag_cells)
     bias = torch.as_tensor(per_cell, dtype=torch.float32)
 
