@@ -19,6 +19,13 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import bitro_sc  # noqa: E402
 
+# The executed tutorials live in the repository's tutorials/ folder; sphinx only reads sources
+# below docs/, so they are copied into docs/tutorials/ (git-ignored) on every build.
+_TUTORIALS = ROOT / "docs" / "tutorials"
+_TUTORIALS.mkdir(exist_ok=True)
+for _nb in sorted((ROOT / "tutorials").glob("[0-9]*.ipynb")):
+    (_TUTORIALS / _nb.name).write_bytes(_nb.read_bytes())
+
 project = "bitro_sc"
 author = "bitro_sc developers"
 copyright = "2026, bitro_sc developers"
