@@ -18,7 +18,14 @@ TARGET_SUM = 1e4
 
 
 def get_counts(adata: AnnData) -> np.ndarray | sparse.spmatrix:
-    """Raw counts of a spot or bulk table: ``layers["counts"]`` when present, else ``X``."""
+    """Raw counts of a spot or bulk table: ``layers["counts"]`` when present, else ``X``.
+
+    Examples
+    --------
+    >>> import anndata as ad, numpy as np
+    >>> get_counts(ad.AnnData(np.ones((2, 3)))).shape
+    (2, 3)
+    """
     return adata.layers.get(K.COUNTS_LAYER, adata.X)
 
 
@@ -86,6 +93,12 @@ def highly_variable_genes(
     Returns
     -------
     Gene names, most variable first. Fewer than ``n_top`` when fewer genes pass the filter.
+
+    Examples
+    --------
+    >>> import bitro_sc as bs
+    >>> slides = bs.datasets.synthetic(2, kind="visium", size_um=600)  # doctest: +SKIP
+    >>> bs.pp.highly_variable_genes([s.tables["table"] for s in slides], n_top=10)  # doctest: +SKIP
     """
     import anndata as ad
     import pandas as pd

@@ -158,6 +158,16 @@ def cross_validate(
     the fold). ``df.attrs["summary"]``: per method ``hest_score`` (mean over folds of the mean
     Pearson over the fold's HVGs), ``hest_score_sd`` (over folds), ``mean_pearson`` (all genes),
     ``n_folds``; ``df.attrs["folds"]``: per fold the held-out group and the training samples.
+
+    Examples
+    --------
+    >>> import bitro_sc as bs
+    >>> slides = bs.datasets.synthetic(3, kind="visium", size_um=600)  # doctest: +SKIP
+    >>> for s in slides:  # doctest: +SKIP
+    ...     bs.tl.segment(s); bs.tl.cell_features(s); bs.tl.assign_cells(s); bs.tl.cell_graph(s)
+    >>> bs.tl.phenotypes(slides)  # doctest: +SKIP
+    >>> df = bs.tl.cross_validate(slides, methods=("ridge", "mean"))  # doctest: +SKIP
+    >>> df.attrs["summary"]  # doctest: +SKIP
     """
     from tqdm.auto import tqdm
 
