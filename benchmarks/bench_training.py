@@ -4,7 +4,8 @@ Each case runs in its own subprocess so that its peak resident memory (``ru_maxr
 Python process: interpreter, torch, data and model) is measured alone.
 
 - ``spot``: the reference BiTro setting: batches of 128 spots × ~30 cells, 128-d cell features,
-  785 genes, default :class:`~bitro_sc.models.ModelParams` (2 GAT + 2 Transformer layers, hidden 128),
+  785 genes, default :class:`~bitro_sc.models.ModelParams` (2 GAT + 2 Transformer layers; hidden 64
+  since 2026-11-30 08:40, 128 before),
   AdamW. One epoch of ``bitro_sc.models._train.train`` over 1,280 spots (10 steps) after a warm-up
   epoch; reported as spots per second. Reference BiTro code: 61 spots/s, 2.35 GB peak.
 - ``slide``: one training step on a whole slide as one bag (exact chunked gradient, 256-cell
