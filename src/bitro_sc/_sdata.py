@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING, Any
 from . import _keys as K
 
 if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
     import xarray as xr
+    from anndata import AnnData
     from spatialdata import SpatialData
 
 
@@ -167,3 +169,20 @@ def require(sdata: SpatialData, key: str, *, kind: str, step: str) -> Any:
         have = list(container.keys())
         raise KeyError(f"No {kind[:-1]} element {key!r} (have {have or 'none'}): {step}.")
     return container[key]
+
+
+def cell_centroids_um(table: AnnData, *, cells_key: str = K.CELLS) -> np.ndarray:
+    """Cell centroids ``(n, 2)`` (x, y) in µm, float64: obs ``x_um``/``y_um``, else obsm ``"spatial"``.
+
+    Raises a clear error naming `bs.tl.segment` when the table has neither.
+    """
+    import numpy as np
+
+    if K.X_UM in table.obs.columns and K.Y_UM in table.obs.columns:
+        return table.obs[[K.X_UM, K.Y_UM]].to_numpy(dtype=np.float64)
+    if K.SPATIAL in table.obsm:
+        return np.asarray(table.obsm[K.SPATIAL], dtype=np.float64)[:, :2]
+    raise ValueError(
+        f"The cells table {cells_key!r} has no {K.X_UM!r}/{K.Y_UM!r} columns nor obsm['spatial'] (µm); "
+        "run `bs.tl.segment` to make a cells table that follows the data contract."
+    )

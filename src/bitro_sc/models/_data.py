@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from .. import _keys as K
+from .. import _sdata
 from ._bags import SlideCells
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -33,17 +34,8 @@ def cells_table(sdata: SpatialData, cells_key: str = K.CELLS) -> AnnData:
 
 
 def cell_positions_um(cells: AnnData) -> np.ndarray:
-    """Cell centroids (n, 2) in µm from obs ``x_um``/``y_um`` (else obsm ``"spatial"``, µm for cells)."""
-    if K.X_UM in cells.obs and K.Y_UM in cells.obs:
-        xy = np.column_stack([cells.obs[K.X_UM].to_numpy(), cells.obs[K.Y_UM].to_numpy()])
-    elif K.SPATIAL in cells.obsm:
-        xy = np.asarray(cells.obsm[K.SPATIAL])[:, :2]
-    else:
-        raise KeyError(
-            f"The cells table has neither obs[{K.X_UM!r}, {K.Y_UM!r}] nor obsm[{K.SPATIAL!r}] (centroids in "
-            "µm): run `bs.tl.segment` first."
-        )
-    return np.asarray(xy, dtype=np.float32)
+    """Cell centroids (n, 2) in µm, float32 (see :func:`bitro_sc._sdata.cell_centroids_um`)."""
+    return _sdata.cell_centroids_um(cells).astype(np.float32)
 
 
 def cell_spot_ids(cells: AnnData) -> np.ndarray:

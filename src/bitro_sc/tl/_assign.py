@@ -97,15 +97,7 @@ def assign_cells(
             "or choose another `key_added=`."
         )
     centres, radii, spot_ids = spot_discs_um(sdata, spots_key)
-    if K.X_UM in table.obs.columns and K.Y_UM in table.obs.columns:
-        cells_xy = table.obs[[K.X_UM, K.Y_UM]].to_numpy(dtype=np.float64)
-    elif K.SPATIAL in table.obsm:
-        cells_xy = np.asarray(table.obsm[K.SPATIAL], dtype=np.float64)[:, :2]
-    else:
-        raise ValueError(
-            f"The cells table {cells_key!r} has no {K.X_UM!r}/{K.Y_UM!r} columns nor obsm['spatial'] (µm); "
-            "run `bs.tl.segment` to make a cells table that follows the data contract."
-        )
+    cells_xy = _sdata.cell_centroids_um(table, cells_key=cells_key)
     n = len(cells_xy)
     best = np.full(n, -1, dtype=np.int64)
     if n and len(centres):

@@ -68,15 +68,7 @@ def cell_graph(
             f"tables[{cells_key!r}].obsp already has {K.CONNECTIVITIES!r}. "
             "Pass `overwrite=True` to replace it."
         )
-    if K.X_UM in table.obs.columns and K.Y_UM in table.obs.columns:
-        xy = table.obs[[K.X_UM, K.Y_UM]].to_numpy(dtype=np.float64)
-    elif K.SPATIAL in table.obsm:
-        xy = np.asarray(table.obsm[K.SPATIAL], dtype=np.float64)[:, :2]
-    else:
-        raise ValueError(
-            f"The cells table {cells_key!r} has no {K.X_UM!r}/{K.Y_UM!r} columns nor obsm['spatial'] (µm); "
-            "run `bs.tl.segment` to make a cells table that follows the data contract."
-        )
+    xy = _sdata.cell_centroids_um(table, cells_key=cells_key)
     n = len(xy)
     params: dict = {"coord_type": "generic", "transform": "none", "units": "um"}
     if radius_um is None:
