@@ -373,9 +373,10 @@ def _one_slide(
     import scipy.sparse as sp
     from scipy import ndimage
     from spatialdata import SpatialData
-    from spatialdata.models import Image2DModel, ShapesModel, TableModel
+    from spatialdata.models import Image2DModel, TableModel
 
     from .. import _sdata
+    from ..io._common import spot_shapes, spot_table
     from ._synth_expr import cell_expression, covariates
     from ._synth_tissue import plan_slide
 
@@ -467,31 +468,17 @@ def _one_slide(
             shape=(n_spots, n_cells),
         )
         spot_counts = sp.csr_matrix((assign @ counts_csr).astype(np.float32))
-        ids = np.arange(n_spots, dtype=np.int64)
-        shapes = ShapesModel.parse(
-            spot_df[["x_px", "y_px"]].to_numpy(),
-            geometry=0,
-            radius=spot_df["radius_px"].to_numpy(),
-            index=ids,
-            transformations=_sdata.micron_transformations(mpp),
-        )
-        obs = pd.DataFrame(
-            {
-                K.SPOT_ID: ids,
-                K.REGION: pd.Categorical([K.SPOTS] * n_spots),
-                K.IN_TISSUE: np.ones(n_spots, np.int64),
-                "array_row": spot_df["array_row"].to_numpy(np.int64),
-                "array_col": spot_df["array_col"].to_numpy(np.int64),
-                K.SAMPLE_ID: pd.Categorical([sample_id] * n_spots),
-                K.PATIENT_ID: pd.Categorical([patient_id] * n_spots),
-            },
-            index=pd.Index(spot_df["name"].to_numpy(), dtype=str),
-        )
-        table = ad.AnnData(X=spot_counts, obs=obs, var=pd.DataFrame(index=gene_index.copy()))
-        table.obsm[K.SPATIAL] = spot_df[["x_px", "y_px"]].to_numpy()
-        sdata.shapes[K.SPOTS] = shapes
-        sdata.tables[K.TABLE] = TableModel.parse(
-            table, region=K.SPOTS, region_key=K.REGION, instance_key=K.SPOT_ID
+        xy_px = spot_df[["x_px", "y_px"]].to_numpy()
+        sdata.shapes[K.SPOTS] = spot_shapes(xy_px, radius_px=float(spot_df["radius_px"].iloc[0]), mpp=mpp)
+        sdata.tables[K.TABLE] = spot_table(
+            counts=spot_counts,
+            barcodes=spot_df["name"].to_numpy(),
+            genes=gene_index,
+            xy_px=xy_px,
+            sample_id=sample_id,
+            patient_id=patient_id,
+            array_row=spot_df["array_row"].to_numpy(),
+            array_col=spot_df["array_col"].to_numpy(),
         )
     if kind == "bulk" or with_bulk:
         bulk_x = np.asarray(counts_csr.sum(axis=0), dtype=np.float32).reshape(1, -1)
