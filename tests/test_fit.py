@@ -100,7 +100,7 @@ def test_predictions_land_in_the_spot_table_with_the_record(trained) -> None:
     bs.tl.predict_bitro(slide, model, overwrite=True)
 
 
-def test_cell_predictions_sum_to_spot_predictions(trained) -> None:
+def test_cell_predictions_pool_to_spot_predictions(trained) -> None:
     model, _, _, _ = trained
     slide = toy_slide(seed=12, grid=4)
     spots = model.predict_frame(slide, level="spot")
@@ -113,8 +113,19 @@ def test_cell_predictions_sum_to_spot_predictions(trained) -> None:
     assert np.isfinite(values.to_numpy()).all()  # cells outside spots are predicted too
     spot_of = pd.to_numeric(cells.obs[K.SPOT_ID]).to_numpy()
     inside = np.isfinite(spot_of)
-    summed = values[inside].groupby(spot_of[inside].astype(int)).sum()
-    np.testing.assert_allclose(summed.to_numpy(), spots.iloc[summed.index].to_numpy(), rtol=1e-4)
+    rna = cells.obs[f"{K.PREDICTION}_rna_content"].to_numpy()
+    assert np.isfinite(rna).all()
+    assert (rna > 0).all()
+    # a spot's prediction is the RNA-weighted mean of its cells' profiles, Σ values / Σ rna, times
+    # the model's per-gene depth factor for a spot of that many cells
+    groups = spot_of[inside].astype(int)
+    summed = values[inside].groupby(groups).sum()
+    total = pd.Series(rna[inside]).groupby(groups).sum()
+    n_cells = pd.Series(1.0, index=groups).groupby(level=0).sum()
+    with torch.no_grad():
+        factor = model.net.depth_factor(torch.as_tensor(n_cells.to_numpy())).numpy()
+    pooled = summed.div(total, axis=0) * factor
+    np.testing.assert_allclose(pooled.to_numpy(), spots.iloc[pooled.index].to_numpy(), rtol=1e-4)
 
 
 def test_saved_model_reloads_with_identical_predictions(trained, tmp_path: Path) -> None:
@@ -177,7 +188,10 @@ def test_bulk_training_predicts_slides_and_cells() -> None:
     bulk = slides[3].tables[K.BULK]
     row = bulk.layers[K.PREDICTION][0, bulk.var_names.get_indexer(model.genes)]
     cells = model.predict_frame(slides[3], level="cell")
-    np.testing.assert_allclose(cells.sum(0).to_numpy(), row, rtol=1e-4)
+    rna = cells.attrs["rna_content"]
+    with torch.no_grad():
+        factor = model.net.depth_factor(torch.tensor([float(len(cells))])).numpy()[0]
+    np.testing.assert_allclose(cells.sum(0).to_numpy() / rna.sum() * factor, row, rtol=1e-4)
 
 
 @pytest.mark.slow
@@ -194,7 +208,7 @@ def test_lora_transfer_trains_adapters_and_leaves_the_base_untouched(tmp_path: P
     assert rec["base"]["policy"] == "lora"
     trainable = {n for n, p in model.net.named_parameters() if p.requires_grad}
     assert trainable
-    assert all("lora_" in n or n.startswith("head.") for n in trainable)
+    assert all("lora_" in n or n.startswith(("head.", "rna_head.")) or n == "depth" for n in trainable)
     assert any(n.startswith("blocks.0.q.lora_A") for n in trainable)
     assert rec["n_trainable"] == sum(p.numel() for p in model.net.parameters() if p.requires_grad)
     assert rec["n_frozen"] > rec["n_trainable"]
@@ -202,8 +216,8 @@ def test_lora_transfer_trains_adapters_and_leaves_the_base_untouched(tmp_path: P
     state = model.net.state_dict()
     assert torch.equal(state["blocks.0.q.base_layer.weight"], before["blocks.0.q.weight"])
     assert torch.equal(state["gat.0.lin.weight"], before["gat.0.lin.weight"])
-    # before training, matched genes start from the base's head rows (bias shifted by the bag-size
-    # ratio), new genes from fresh rows
+    # before training, matched genes start from the base's head rows (unshifted: with the
+    # RNA-content head per-cell values do not depend on the bag size), new genes from fresh rows
     from bitro_sc.models._transfer import transfer_net
 
     net, _, _ = transfer_net(
@@ -211,8 +225,9 @@ def test_lora_transfer_trains_adapters_and_leaves_the_base_untouched(tmp_path: P
     )
     head = net.state_dict()
     torch.testing.assert_close(head["head.weight"][:5], before["head.weight"][5:10])
-    shift = float(np.log(base.bag_cells / 10.0))
-    torch.testing.assert_close(head["head.bias"][:5], before["head.bias"][5:10] + shift)
+    assert base.params.normalized
+    torch.testing.assert_close(head["head.bias"][:5], before["head.bias"][5:10])
+    torch.testing.assert_close(head["rna_head.weight"], before["rna_head.weight"])
     assert torch.equal(head["head.bias"][5:], torch.zeros(4))
 
     # the adapters survive saving and loading
@@ -231,7 +246,13 @@ def test_lora_transfer_trains_adapters_and_leaves_the_base_untouched(tmp_path: P
         progress=False,
         overwrite=True,
     )
-    assert {n for n, p in head_only.net.named_parameters() if p.requires_grad} == {"head.weight", "head.bias"}
+    assert {n for n, p in head_only.net.named_parameters() if p.requires_grad} == {
+        "head.weight",
+        "head.bias",
+        "rna_head.weight",
+        "rna_head.bias",
+        "depth",
+    }
     full = bs.tl.fit_bitro(
         slides[0],
         transfer="bulk",
@@ -348,7 +369,10 @@ def test_gene_bias_starts_at_the_log1p_optimal_constant() -> None:
         targets.append(counts[ok] / lib[ok, None] * 1e4)
         sizes.append(n[ok])
     y = np.concatenate(targets)
-    per_cell = np.expm1(np.log1p(y).mean(axis=0)) / np.concatenate(sizes).mean()
+    # with the RNA-content head a bag is an RNA-weighted mean of its cells: each cell starts at the
+    # bag constant itself (no division by the cells per bag)
+    per_cell = np.expm1(np.log1p(y).mean(axis=0))
     bias = model.net.head.bias.detach().numpy()
     np.testing.assert_allclose(bias, np.log(per_cell), atol=1e-4)
-    assert (bias < np.log(y.mean(axis=0) / np.concatenate(sizes).mean()) - 0.05).all()
+    assert (bias < np.log(y.mean(axis=0)) - 0.05).all()
+    assert np.concatenate(sizes).mean() > 2  # (a division by it would have been caught)

@@ -70,10 +70,10 @@ def test_padding_does_not_change_a_bags_prediction() -> None:
     with torch.no_grad():
         alone, _ = make_batch([slide], [part], [(0, 14)])
         together, _ = make_batch([slide], [part], [(0, 0), (0, 14)])
-        y1, s1 = net(alone)
-        y2, s2 = net(together)
-        p1, _ = pool_bags(y1, s1, alone.batch, 1, "sum")
-        p2, _ = pool_bags(y2, s2, together.batch, 2, "sum")
+        y1, s1, r1 = net(alone)
+        y2, s2, r2 = net(together)
+        p1, _ = pool_bags(y1, s1, alone.batch, 1, "sum", r1)
+        p2, _ = pool_bags(y2, s2, together.batch, 2, "sum", r2)
     assert part.sizes()[14] < part.sizes()[0]  # the last chunk is smaller: it gets padded
     torch.testing.assert_close(p1[0], p2[1], rtol=1e-5, atol=1e-5)
 
@@ -84,18 +84,19 @@ def test_head_can_predict_below_the_mean() -> None:
     assert torch.allclose(torch.exp(net.head.bias), torch.tensor([0.001, 1.0, 50.0]), rtol=1e-4)
 
 
-@pytest.mark.parametrize("pooling", ["sum", "attention"])
-def test_chunked_slide_gradient_equals_full_bag_gradient(pooling: str) -> None:
+@pytest.mark.parametrize(("pooling", "rna_head"), [("sum", True), ("sum", False), ("attention", False)])
+def test_chunked_slide_gradient_equals_full_bag_gradient(pooling: str, rna_head: bool) -> None:
     slide = _slide(700)
     part = slide.chunk_partition(64)
     target = np.random.default_rng(1).uniform(1, 50, size=6).astype(np.float32)
     item = BulkSlide(slide, part, target, 1e4)
     torch.manual_seed(0)
-    net = BiTroNet(
-        n_features=8, n_phenotypes=4, n_genes=6, params=ModelParams(**{**SMALL.to_dict(), "pooling": pooling})
-    )
+    params = ModelParams(**{**SMALL.to_dict(), "pooling": pooling, "rna_head": rna_head})
+    net = BiTroNet(n_features=8, n_phenotypes=4, n_genes=6, params=params)
     if net.attn_head is not None:
         torch.nn.init.normal_(net.attn_head.weight, std=0.5)
+    if net.rna_head is not None:  # cells of unequal RNA content, so the normalisation matters
+        torch.nn.init.normal_(net.rna_head.weight, std=0.5)
     net.train()  # dropout on: both passes must draw the same masks
     loss = slide_step(net, item, loss="mse", device=torch.device("cpu"), seed=3, cells_per_batch=200)
     chunked = _grads(net)
@@ -109,21 +110,52 @@ def test_chunked_slide_gradient_equals_full_bag_gradient(pooling: str) -> None:
     torch.testing.assert_close(chunked, reference, rtol=1e-4, atol=1e-5 * float(reference.abs().max()))
 
 
-@pytest.mark.parametrize("pooling", ["sum", "mean", "attention"])
-def test_cell_values_sum_to_the_slide_profile(pooling: str) -> None:
+@pytest.mark.parametrize(
+    ("pooling", "rna_head"), [("sum", True), ("sum", False), ("mean", True), ("attention", True)]
+)
+def test_cell_values_pool_to_the_slide_profile(pooling: str, rna_head: bool) -> None:
+    """RNA-content head: the profile is Σ values / Σ rna; otherwise cell values sum to it."""
     slide = _slide(500)
     part = slide.chunk_partition(100)
-    net = BiTroNet(
-        n_features=8, n_phenotypes=4, n_genes=4, params=ModelParams(**{**SMALL.to_dict(), "pooling": pooling})
-    )
+    params = ModelParams(**{**SMALL.to_dict(), "pooling": pooling, "rna_head": rna_head})
+    net = BiTroNet(n_features=8, n_phenotypes=4, n_genes=4, params=params)
+    assert (net.rna_head is not None) == (pooling == "sum" and rna_head)
     if net.attn_head is not None:
         torch.nn.init.normal_(net.attn_head.weight, std=0.5)
+    if net.rna_head is not None:
+        torch.nn.init.normal_(net.rna_head.weight, std=0.5)
     net.eval()
-    cells = slide_cell_values(net, slide, part, device=torch.device("cpu"))
+    cells, rna = slide_cell_values(net, slide, part, device=torch.device("cpu"))
     with torch.no_grad():
         profile = slide_profile(net, slide, part, device=torch.device("cpu")).numpy()
     assert np.isfinite(cells).all()
-    np.testing.assert_allclose(cells.sum(0), profile, rtol=1e-4)
+    if net.rna_head is None:
+        assert rna is None
+        np.testing.assert_allclose(cells.sum(0), profile, rtol=1e-4)
+    else:
+        assert rna is not None
+        assert rna.std() > 0.05  # unequal contents: a plain mean would differ
+        np.testing.assert_allclose(cells.sum(0) / rna.sum(), profile, rtol=1e-4)
+        assert not np.allclose(cells.mean(0), profile, rtol=1e-3)
+
+
+def test_bag_profile_does_not_grow_with_its_cell_count() -> None:
+    """With the RNA-content head a bag of identical cells predicts one cell's profile, whatever
+    the number of cells (plain sum pooling grows with it)."""
+    from torch_geometric.data import Batch, Data
+
+    params = ModelParams(**{**SMALL.to_dict(), "gat_layers": 0, "transformer_layers": 0})
+    net = BiTroNet(n_features=8, n_phenotypes=0, n_genes=3, params=params).eval()
+    x = torch.randn(1, 8)
+    profiles = []
+    for n in (1, 5, 40):
+        data = Data(x=x.repeat(n, 1), phenotype=torch.zeros(n, dtype=torch.long), pos=torch.zeros(n, 2))
+        batch = Batch.from_data_list([data])
+        with torch.no_grad():
+            y, s, r = net(batch)
+            profiles.append(pool_bags(y, s, batch.batch, 1, "sum", r)[0][0])
+    torch.testing.assert_close(profiles[0], profiles[1])
+    torch.testing.assert_close(profiles[0], profiles[2])
 
 
 def test_protocol_recognises_models_by_their_members() -> None:

@@ -238,8 +238,10 @@ plt.show()
 
 `level="spot"` writes `tables["table"].layers["bitro"]` (spots × genes); `level="cell"` turns
 `tables["cells"]` into a cells × genes table with the prediction in `layers["bitro"]`. Values are
-counts per 10,000 (library-normalised, not log-transformed); the cells of a spot sum to the
-spot's prediction.
+counts per 10,000 (library-normalised, not log-transformed). On the cells table each value is
+the cell's own expression (per 10k of a cell of typical RNA content); the model's estimate of each
+cell's relative RNA content is in `obs["bitro_rna_content"]`, and a spot's prediction is the
+RNA-weighted mean of its cells (times a per-gene depth factor, see "How BiTro works").
 """),
         code(r"""
 bs.tl.predict_bitro(test, model)  # spots

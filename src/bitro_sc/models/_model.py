@@ -121,9 +121,10 @@ class BiTroModel:
         )
 
     def _scale_for(self, level: str, bag_cells: float) -> float:
-        """Factor for predicting at another level than trained with sum-like pooling: per-cell values
-        are shares of the training bag, so a bag of another size is rescaled by the size ratio."""
-        if self.params.pooling == "mean" or level == self.level or bag_cells <= 0:
+        """Factor for predicting at another level than trained with plain sum-like pooling: per-cell
+        values are shares of the training bag, so a bag of another size is rescaled by the size
+        ratio (not needed with mean pooling or the RNA-content head)."""
+        if self.params.pooling == "mean" or self.params.normalized or level == self.level or bag_cells <= 0:
             return 1.0
         return self.bag_cells / bag_cells
 
@@ -138,6 +139,20 @@ class BiTroModel:
     ) -> np.ndarray:
         """Predictions (counts per 1e4) as an array: spot-table rows (spot; NaN rows for spots without
         cells), one slide profile (bulk, shape ``(1, genes)``) or cells-table rows (cell)."""
+        return self._predict(sdata, level=level, device=device, table_key=table_key, cells_key=cells_key)[0]
+
+    def _predict(
+        self,
+        sdata: SpatialData,
+        *,
+        level: str,
+        device: str | torch.device | None,
+        table_key: str,
+        cells_key: str,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """(predictions, RNA content per cell or None); the RNA contents only for ``level="cell"``."""
+        import torch
+
         from ._bags import Partition, spatial_chunks
         from ._train import slide_cell_values, spot_values
 
@@ -155,37 +170,45 @@ class BiTroModel:
             part = slide.spot_partition(n_spots)
             groups = np.flatnonzero(part.sizes() > 0)
             out = np.full((n_spots, len(self.genes)), np.nan, dtype=np.float32)
-            prof, _ = spot_values(net, slide, part, groups, device=dev)
+            prof, _, _ = spot_values(net, slide, part, groups, device=dev, calibrate=self.level == "spot")
             mean_cells = float(part.sizes()[groups].mean()) if groups.size else 0.0
             out[groups] = prof * self._scale_for("spot", mean_cells)
-            return out
+            return out, None
         slide = self._inputs(sdata, need_spots=False, table_key=table_key, cells_key=cells_key)
         if level == "bulk" or self.level == "bulk":
             part = slide.chunk_partition(self.window_cells)
-            values = slide_cell_values(net, slide, part, device=dev)
-            values *= self._scale_for("bulk", slide.n_cells)
-            return values.sum(0, keepdims=True) if level == "bulk" else values
+            values, rna = slide_cell_values(net, slide, part, device=dev)
+            if level == "cell":
+                return values * self._scale_for("bulk", slide.n_cells), rna
+            if rna is not None:
+                profile = values.sum(0, keepdims=True) / rna.sum()
+                factor = net.depth_factor(torch.tensor([float(slide.n_cells)], device=dev))
+                if self.level == "bulk" and factor is not None:
+                    profile = profile * factor.detach().cpu().numpy()
+                return profile, None
+            return values.sum(0, keepdims=True) * self._scale_for("bulk", slide.n_cells), None
         # cell level, spot-trained model: spot cells in their spot's window, others in small chunks
         n_spots = sdata.tables[table_key].n_obs if table_key in sdata.tables else 0
         values = np.full((slide.n_cells, len(self.genes)), np.nan, dtype=np.float32)
+        rna_all = np.full(slide.n_cells, np.nan, dtype=np.float32) if self.params.normalized else None
+        windows = []
         if n_spots and (slide.spot_index >= 0).any():
             part = slide.spot_partition(n_spots)
-            groups = np.flatnonzero(part.sizes() > 0)
-            _, cell_vals = spot_values(net, slide, part, groups, device=dev, with_cells=True)
-            assert cell_vals is not None
-            inside = slide.spot_index >= 0
-            values[inside] = cell_vals[inside]
+            windows.append((slide.spot_index >= 0, part, np.flatnonzero(part.sizes() > 0)))
         outside = np.flatnonzero(slide.spot_index < 0)
         if outside.size:
             group = np.full(slide.n_cells, -1, dtype=np.int64)
             group[outside] = spatial_chunks(slide.xy_um[outside], self.window_cells)
             part = Partition.build(group, int(group.max()) + 1, slide.graph)
-            _, cell_vals = spot_values(
-                net, slide, part, np.arange(part.n_groups), device=dev, with_cells=True
-            )
+            windows.append((slide.spot_index < 0, part, np.arange(part.n_groups)))
+        for sel, part, groups in windows:
+            _, cell_vals, rna = spot_values(net, slide, part, groups, device=dev, with_cells=True)
             assert cell_vals is not None
-            values[outside] = cell_vals[outside]
-        return values
+            values[sel] = cell_vals[sel]
+            if rna_all is not None:
+                assert rna is not None
+                rna_all[sel] = rna[sel]
+        return values, rna_all
 
     def predict_frame(
         self,
@@ -204,7 +227,7 @@ class BiTroModel:
         """
         from .._sdata import slide_info
 
-        values = self.predict_arrays(
+        values, rna = self._predict(
             sdata, level=level, device=device, table_key=table_key, cells_key=cells_key
         )
         if level == "spot":
@@ -218,7 +241,10 @@ class BiTroModel:
             values, index = full, table.obs_names
         else:
             index = pd.Index([slide_info(sdata)[K.SAMPLE_ID] or "slide"])
-        return pd.DataFrame(values, index=pd.Index(index).astype(str), columns=pd.Index(self.genes))
+        frame = pd.DataFrame(values, index=pd.Index(index).astype(str), columns=pd.Index(self.genes))
+        if rna is not None:
+            frame.attrs["rna_content"] = rna
+        return frame
 
     # ------------------------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
@@ -265,7 +291,9 @@ class BiTroModel:
         cfg = json.loads((path / _CONFIG).read_text())
         if cfg.get("format") != _FORMAT:
             raise ValueError(f"{path}: unknown model format {cfg.get('format')!r} (expected {_FORMAT!r}).")
-        params = ModelParams.coerce(cfg["model"])
+        model_cfg = dict(cfg["model"])
+        model_cfg.setdefault("rna_head", False)  # checkpoints written before the RNA-content head
+        params = ModelParams.coerce(model_cfg)
         net = build_net(
             n_features=int(cfg["n_features"]),
             n_phenotypes=len(cfg["phenotypes"]),

@@ -21,6 +21,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: logits of the "exp" activation are clipped here (exp(30) ≈ 1e13 counts per 10k: never reached)
 _MAX_LOGIT = 30.0
+#: starting depth exponent per level: spots start as plain sum pooling (the log1p of sparse spot
+#: counts grows with the spot's cells; measured in benchmarks/results/accuracy.md), whole slides as
+#: an RNA-weighted mean (deep libraries: no such effect)
+DEPTH_INIT = {"spot": 1.0, "bulk": 0.0}
 
 
 class PositionEncoding(nn.Module):
@@ -122,6 +126,14 @@ class BiTroNet(nn.Module):
         if self.attn_head is not None:
             nn.init.zeros_(self.attn_head.weight)
             nn.init.zeros_(self.attn_head.bias)
+        self.rna_head = nn.Linear(p.hidden, 1) if p.normalized else None
+        self.depth: nn.Parameter | None = None
+        self.ref_cells: torch.Tensor
+        self.register_buffer("ref_cells", torch.ones(()))
+        if self.rna_head is not None:  # every cell starts with the same RNA content (1)
+            nn.init.normal_(self.rna_head.weight, std=0.01)
+            nn.init.zeros_(self.rna_head.bias)
+            self.depth = nn.Parameter(torch.zeros(n_genes))
         nn.init.normal_(self.head.weight, std=0.01)
 
     def embed(self, batch: Batch) -> torch.Tensor:
@@ -140,14 +152,43 @@ class BiTroNet(nn.Module):
                 h = block(h, layout)
         return self.norm(h)
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(values, logits): non-negative expression per cell (n_cells, n_genes) and, for attention
-        pooling, the per-cell per-gene attention logits (else ``None``)."""
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(values, logits, rna): non-negative expression per cell (n_cells, n_genes); for attention
+        pooling the per-cell per-gene attention logits (else ``None``); with the RNA-content head
+        the relative RNA content ``r`` of each cell (n_cells, 1) (else ``None``), and then the
+        values are ``r`` times the cell's profile."""
         h = self.embed(batch)
         z = self.head(h)
         y = torch.exp(z.clamp(max=_MAX_LOGIT)) if self.params.activation == "exp" else F.softplus(z)
         s = self.attn_head(h) if self.attn_head is not None else None
-        return y, s
+        r = None
+        if self.rna_head is not None:
+            r = torch.exp(self.rna_head(h).clamp(-_MAX_LOGIT, _MAX_LOGIT))
+            y = y * r
+        return y, s, r
+
+    def init_depth(self, level: str, ref_cells: float, genes: torch.Tensor | None = None) -> None:
+        """Start the depth exponent at its level's default (:data:`DEPTH_INIT`) for ``genes`` (a
+        bool mask; all genes by default) and set the reference bag size."""
+        if self.depth is None:
+            return
+        with torch.no_grad():
+            mask = torch.ones_like(self.depth, dtype=torch.bool) if genes is None else genes
+            self.depth[mask] = DEPTH_INIT[level]
+            self.ref_cells.fill_(float(ref_cells) if ref_cells > 0 else 1.0)
+
+    def depth_factor(self, n_cells: torch.Tensor) -> torch.Tensor | None:
+        """Per-gene measurement factor ``(n / ref_cells) ** depth`` of bags of ``n_cells`` cells
+        (n_bags, genes), or ``None`` without the RNA-content head.
+
+        A bag's library grows with its cells, and the mean of log1p counts-per-10k of a sparse gene
+        grows with the library (more spots leave zero): a learned per-gene exponent absorbs that
+        measurement effect at the training level, so that the cells' profiles stay free of it. It is
+        applied to bag predictions at the level the model was trained on only, never to cells."""
+        if self.depth is None:
+            return None
+        ratio = n_cells.to(self.depth.dtype).clamp(min=1.0) / self.ref_cells
+        return torch.exp(self.depth[None, :] * torch.log(ratio)[:, None])
 
     def set_gene_bias(self, mean_per_cell: torch.Tensor) -> None:
         """Initialise the head bias so that each cell predicts ``mean_per_cell`` (per gene) on average."""
@@ -170,11 +211,20 @@ def _layout(index: torch.Tensor, n_bags: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 def pool_bags(
-    y: torch.Tensor, s: torch.Tensor | None, index: torch.Tensor, n_bags: int, pooling: str
+    y: torch.Tensor,
+    s: torch.Tensor | None,
+    index: torch.Tensor,
+    n_bags: int,
+    pooling: str,
+    r: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pool cells into bags. Returns (bag profiles (n_bags, genes), per-cell contributions (cells, genes));
-    the contributions of a bag's cells sum to its profile."""
-    if pooling == "sum":
+    the contributions of a bag's cells sum to its profile. With RNA contents ``r`` (sum pooling), a
+    bag's profile is ``Σ y / Σ r`` over its cells."""
+    if r is not None:
+        total = torch.zeros(n_bags, 1, dtype=y.dtype, device=y.device).index_add_(0, index, r)
+        contrib = y / total[index]
+    elif pooling == "sum":
         contrib = y
     else:
         counts = torch.bincount(index, minlength=n_bags).to(y.dtype)

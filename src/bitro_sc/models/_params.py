@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar, get_args, get_type_hints
+from typing import Any, ClassVar, Literal, TypeVar, get_args, get_type_hints
 
 _P = TypeVar("_P", bound="_Params")
 
@@ -78,6 +78,13 @@ class ModelParams(_Params):
     pooling
         MIL pooling of cells into a bag: ``"sum"`` (default), ``"mean"`` or gene-wise ``"attention"``
         (cell weights ``n · softmax`` per gene, so a bag's cell contributions still sum to it).
+    rna_head
+        With ``pooling="sum"``: each cell also predicts its relative RNA content ``r > 0`` and its
+        expression ``y = r · p`` (``p``: the cell's profile in counts per 10k); a bag's profile is
+        ``Σ y / Σ r``, i.e. the summed expression of its cells library-normalised like the target.
+        Spot and slide profiles then do not grow with the number of cells, so per-cell values mean
+        the same at every level (spot ↔ bulk transfer needs no rescaling). ``False``: the plain
+        sum ``Σ y`` is compared with the normalised target (cell values are shares of their bag).
     lora_r, lora_alpha, lora_dropout
         LoRA adapters used for transfer (``policy="lora"``).
     """
@@ -94,9 +101,15 @@ class ModelParams(_Params):
     dropout: float = 0.1
     activation: Literal["exp", "softplus"] = "exp"
     pooling: Literal["sum", "mean", "attention"] = "sum"
+    rna_head: bool = True
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
+
+    @property
+    def normalized(self) -> bool:
+        """Whether bags pool as ``Σ y / Σ r`` (sum pooling with the RNA-content head)."""
+        return self.pooling == "sum" and self.rna_head
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -119,7 +132,9 @@ class TrainParams(_Params):
     epochs
         Maximum number of passes over the training bags.
     lr, weight_decay
-        AdamW settings.
+        AdamW settings. ``lr=None`` (default): ``1e-3``, or ``3e-3`` when training LoRA adapters
+        (``policy="lora"`` transfer; at ``1e-3`` the adapters trailed training from scratch in
+        ``benchmarks/results/accuracy.md``).
     batch_size
         Spots per step (``level="spot"``); slides per step (``level="bulk"``).
     patience
@@ -134,8 +149,11 @@ class TrainParams(_Params):
         Gradient norm clip (0: off).
     """
 
+    LR: ClassVar[float] = 1e-3
+    LORA_LR: ClassVar[float] = 3e-3
+
     epochs: int = 50
-    lr: float = 1e-3
+    lr: float | None = None
     weight_decay: float = 1e-4
     batch_size: int = 32
     patience: int = 8
@@ -146,5 +164,6 @@ class TrainParams(_Params):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.epochs < 1 or self.batch_size < 1 or self.chunk_cells < 1 or self.lr <= 0:
+        bad_lr = self.lr is not None and self.lr <= 0
+        if self.epochs < 1 or self.batch_size < 1 or self.chunk_cells < 1 or bad_lr:
             raise ValueError("TrainParams: epochs, batch_size and chunk_cells must be >= 1 and lr > 0.")

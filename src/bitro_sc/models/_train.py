@@ -32,7 +32,7 @@ from ._net import pool_bags
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._net import BiTroNet
-    from ._params import TrainParams
+    from ._params import ModelParams, TrainParams
 
 #: cells per forward batch when a slide is processed in chunks (several chunks per batch)
 CELLS_PER_BATCH = 4096
@@ -104,9 +104,12 @@ def _terms(
     device: torch.device,
     shift: torch.Tensor | None,
 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """Pooling terms of some chunks: [sum y] or, for attention, [Σ e^(s-m) y, Σ e^(s-m)] and m."""
+    """Pooling terms of some chunks: [Σ y], [Σ y, Σ r] (RNA-content head) or, for attention,
+    [Σ e^(s-m) y, Σ e^(s-m)] and m."""
     batch, _ = make_batch([slide], [part], [(0, g) for g in groups], device=device)
-    y, s = net(batch)
+    y, s, r = net(batch)
+    if r is not None:
+        return [y.sum(0), r.sum(0)], None
     if s is None:
         return [y.sum(0)], None
     m = s.detach().max(0).values if shift is None else shift
@@ -128,7 +131,10 @@ def _combine(
     return [t * a + u * b for t, u in zip(terms, nterms, strict=True)], top
 
 
-def _finalize(terms: list[torch.Tensor], pooling: str, n_cells: int) -> torch.Tensor:
+def _finalize(terms: list[torch.Tensor], params: ModelParams, n_cells: int) -> torch.Tensor:
+    pooling = params.pooling
+    if params.normalized:
+        return terms[0] / terms[1]
     if pooling == "sum":
         return terms[0]
     if pooling == "mean":
@@ -153,7 +159,13 @@ def slide_profile(
             acc = _combine(acc, _terms(net, slide, part, groups, device, None))
     if acc is None:
         raise ValueError("The slide has no cells: run `bs.tl.segment` on it (or drop it).")
-    return _finalize(acc[0], net.params.pooling, int(part.order.size))
+    return _calibrated(net, _finalize(acc[0], net.params, int(part.order.size)), int(part.order.size))
+
+
+def _calibrated(net: BiTroNet, profile: torch.Tensor, n_cells: int) -> torch.Tensor:
+    """``profile`` (genes,) times the net's depth factor for a bag of ``n_cells`` (training level)."""
+    factor = net.depth_factor(torch.tensor([float(n_cells)], device=profile.device))
+    return profile if factor is None else profile * factor[0]
 
 
 def slide_step(
@@ -181,11 +193,15 @@ def slide_step(
         raise ValueError("The slide has no cells: run `bs.tl.segment` on it (or drop it).")
     terms, shift = acc
     leaves = [t.detach().requires_grad_(True) for t in terms]
-    pooled = _finalize(leaves, net.params.pooling, n)
+    pooled = _calibrated(net, _finalize(leaves, net.params, n), n)
     target = torch.as_tensor(item.target, dtype=pooled.dtype, device=device)[None]
     lib = torch.tensor([item.lib], dtype=pooled.dtype, device=device)
     value = loss_fn(pooled[None], target, lib, loss) * scale
-    grads = torch.autograd.grad(value, leaves)
+    extra: list[torch.Tensor] = [net.depth] if net.depth is not None and net.depth.requires_grad else []
+    grads = list(torch.autograd.grad(value, [*leaves, *extra]))
+    for param, grad in zip(extra, grads[len(leaves) :], strict=True):  # the depth exponent's share
+        param.grad = grad if param.grad is None else param.grad + grad
+    grads = grads[: len(leaves)]
     for bi, groups in enumerate(batches):
         with seeded(seed + bi, device):
             chunk_terms, _ = _terms(net, item.slide, item.part, groups, device, shift)
@@ -200,13 +216,17 @@ def slide_cell_values(
     *,
     device: torch.device,
     cells_per_batch: int = CELLS_PER_BATCH,
-) -> np.ndarray:
-    """Per-cell contributions (n_cells, genes) to the slide profile (eval; rows of cells outside the
-    partition are NaN). They sum to :func:`slide_profile`."""
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Per-cell values (n_cells, genes) of a whole slide and the cells' RNA contents (n_cells,) or
+    ``None`` (eval; rows of cells outside the partition are NaN).
+
+    With the RNA-content head the values are each cell's expression ``r · p`` and the slide profile
+    is ``values.sum(0) / rna.sum()``; otherwise they are contributions that sum to the profile."""
     pooling = net.params.pooling
     batches = _chunk_batches(part, cells_per_batch)
     n = int(part.order.size)
     out = np.full((slide.n_cells, net.n_genes), np.nan, dtype=np.float32)
+    rna = np.full(slide.n_cells, np.nan, dtype=np.float32) if net.params.normalized else None
     with torch.no_grad():
         shift = denom = None
         if pooling == "attention":
@@ -217,8 +237,11 @@ def slide_cell_values(
             shift, denom = acc[1], acc[0][1]
         for groups in batches:
             batch, cells = make_batch([slide], [part], [(0, g) for g in groups], device=device)
-            y, s = net(batch)
-            if pooling == "mean":
+            y, s, r = net(batch)
+            if rna is not None:
+                assert r is not None
+                rna[cells] = r[:, 0].float().cpu().numpy()
+            elif pooling == "mean":
                 y = y / n
             elif pooling == "attention":
                 assert s is not None
@@ -226,7 +249,7 @@ def slide_cell_values(
                 assert denom is not None
                 y = n * torch.exp(s - shift) * y / denom
             out[cells] = y.float().cpu().numpy()
-    return out
+    return out, rna
 
 
 def spot_values(
@@ -238,21 +261,50 @@ def spot_values(
     device: torch.device,
     batch_size: int = 256,
     with_cells: bool = False,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Profiles of spot windows ``groups`` (len, genes) and, optionally, per-cell contributions
-    (slide cells × genes, NaN for cells outside these spots). Eval mode is the caller's job."""
+    calibrate: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Profiles of spot windows ``groups`` (len, genes) and, optionally, per-cell values (slide cells
+    × genes, NaN for cells outside these spots) and RNA contents (see :func:`slide_cell_values`).
+    ``calibrate``: apply the depth factor (a spot-trained model predicting spots). Eval mode is the
+    caller's job."""
     prof = np.zeros((len(groups), net.n_genes), dtype=np.float32)
     cells_out = np.full((slide.n_cells, net.n_genes), np.nan, dtype=np.float32) if with_cells else None
+    rna = np.full(slide.n_cells, np.nan, dtype=np.float32) if with_cells and net.params.normalized else None
     with torch.no_grad():
         for start in range(0, len(groups), batch_size):
             wins = [(0, int(g)) for g in groups[start : start + batch_size]]
             batch, cells = make_batch([slide], [part], wins, device=device)
-            y, s = net(batch)
-            pooled, contrib = pool_bags(y, s, batch.batch, batch.num_graphs, net.params.pooling)
+            y, s, r = net(batch)
+            pooled, contrib = pool_bags(y, s, batch.batch, batch.num_graphs, net.params.pooling, r)
+            factor = net.depth_factor(torch.bincount(batch.batch, minlength=batch.num_graphs))
+            if calibrate and factor is not None:
+                pooled = pooled * factor
             prof[start : start + len(wins)] = pooled.float().cpu().numpy()
             if cells_out is not None:
-                cells_out[cells] = contrib.float().cpu().numpy()
-    return prof, cells_out
+                cells_out[cells] = (y if r is not None else contrib).float().cpu().numpy()
+            if rna is not None:
+                assert r is not None
+                rna[cells] = r[:, 0].float().cpu().numpy()
+    return prof, cells_out, rna
+
+
+def mean_log_rna(net: BiTroNet, data: list[SpotSet] | list[BulkSlide], *, device: torch.device) -> float:
+    """Mean log RNA content of the cells of ``data`` (at most ~20k cells per slide; eval mode)."""
+    logs: list[np.ndarray] = []
+    net.eval()
+    with torch.no_grad():
+        for item in data:
+            if isinstance(item, SpotSet):
+                wins = [(0, int(g)) for g in item.rows[:2000]]
+                batches = [wins[i : i + 256] for i in range(0, len(wins), 256)]
+            else:
+                batches = [[(0, g) for g in gs] for gs in _chunk_batches(item.part, CELLS_PER_BATCH)[:5]]
+            for wins in batches:
+                batch, _ = make_batch([item.slide], [item.part], wins, device=device)
+                _, _, r = net(batch)
+                if r is not None:
+                    logs.append(torch.log(r[:, 0]).float().cpu().numpy())
+    return float(np.concatenate(logs).mean()) if logs else 0.0
 
 
 def _spot_loss(
@@ -269,8 +321,11 @@ def _spot_loss(
     batch, _ = make_batch(
         [s.slide for s in sets], [s.part for s in sets], windows, max_cells=max_cells, rng=rng, device=device
     )
-    y, s = net(batch)
-    pooled, _ = pool_bags(y, s, batch.batch, batch.num_graphs, net.params.pooling)
+    y, s, r = net(batch)
+    pooled, _ = pool_bags(y, s, batch.batch, batch.num_graphs, net.params.pooling, r)
+    factor = net.depth_factor(torch.bincount(batch.batch, minlength=batch.num_graphs))
+    if factor is not None:
+        pooled = pooled * factor
     target = torch.from_numpy(np.stack([sets[si].target[k] for si, k in picks])).to(device, pooled.dtype)
     lib = torch.tensor([sets[si].lib[k] for si, k in picks], dtype=pooled.dtype, device=device)
     return loss_fn(pooled, target, lib, loss)
@@ -341,7 +396,7 @@ def _train_epochs(
 ) -> tuple[list[dict[str, float]], int]:
     from tqdm.auto import tqdm
 
-    opt = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay)
+    opt = torch.optim.AdamW(trainable, lr=params.lr or params.LR, weight_decay=params.weight_decay)
     history: list[dict[str, float]] = []
     best, best_epoch, best_state, bad = math.inf, -1, None, 0
     spot_level = bool(train_data) and isinstance(train_data[0], SpotSet)

@@ -55,12 +55,14 @@ def transfer_net(
     policy: Policy,
     bias_new: torch.Tensor,
     target_bag_cells: float,
+    level: str | None = None,
 ) -> tuple[BiTroNet, dict[str, Any] | None, dict[str, Any]]:
     """A copy of ``base.net`` for ``genes`` under ``policy``; the base model is not modified.
 
     Genes are matched by name: matched genes keep their head weights (bias shifted by
-    ``log(base bag size / target bag size)`` for sum-like pooling with the exp activation, because
-    per-cell values are shares of the bag), new genes get a fresh head row. Returns
+    ``log(base bag size / target bag size)`` for plain sum-like pooling with the exp activation,
+    because per-cell values are shares of the bag; not with the RNA-content head), new genes get a
+    fresh head row; the RNA-content head is kept and trained like the gene head. Returns
     (network, LoRA config or None, report).
     """
     if policy not in POLICIES:
@@ -76,9 +78,23 @@ def transfer_net(
         )
     net: BiTroNet = merge_lora(copy.deepcopy(base.net))  # type: ignore[assignment]
     shift = 0.0
-    if base.params.pooling != "mean" and base.params.activation == "exp" and target_bag_cells > 0:
+    if (
+        base.params.pooling != "mean"
+        and not base.params.normalized
+        and base.params.activation == "exp"
+        and target_bag_cells > 0
+    ):
         shift = math.log(base.bag_cells / target_bag_cells)
     net.head = _new_head(net.head, rows, bias_new, shift)
+    if net.depth is not None:
+        # the depth exponent describes the measurement at the base's level: kept for matched genes
+        # at the same level, restarted at the level's default at the other level and for new genes
+        known = torch.as_tensor(rows >= 0)
+        depth = torch.zeros(len(genes), device=net.depth.device)
+        if level == base.level:
+            depth[known] = net.depth.detach()[torch.as_tensor(rows[rows >= 0])]
+        net.depth = nn.Parameter(depth)
+        net.init_depth(level or base.level, target_bag_cells, None if level != base.level else ~known)
     if net.attn_head is not None:
         net.attn_head = _new_head(net.attn_head, rows, torch.zeros(len(genes)), 0.0)
     net.n_genes = len(genes)
@@ -89,10 +105,12 @@ def transfer_net(
     else:
         for p in net.parameters():
             p.requires_grad_(policy == "full")
-    for head in (net.head, net.attn_head):
+    for head in (net.head, net.attn_head, net.rna_head):
         if head is not None:
             for p in head.parameters():
                 p.requires_grad_(True)
+    if net.depth is not None:
+        net.depth.requires_grad_(True)
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in net.parameters() if not p.requires_grad)
     report = {
@@ -102,7 +120,7 @@ def transfer_net(
         "n_trainable": int(trainable),
         "n_frozen": int(frozen),
         "lora_targets": lora["target_modules"] if lora else None,
-        "frozen_modules": "all base weights except the gene head"
+        "frozen_modules": "all base weights except the gene (and RNA-content) head"
         + (" (LoRA adapters trained)" if lora else "")
         if policy != "full"
         else "none",

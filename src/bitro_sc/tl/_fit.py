@@ -367,15 +367,21 @@ def _fit(
     bulk_key: str,
     cells_key: str,
 ) -> BiTroModel:
+    import dataclasses
+
     import torch
 
-    from ..models import BiTroModel
+    from ..models import BiTroModel, TrainParams
     from ..models._data import FeatureStats, cells_table, jsonable, phenotype_categories
     from ..models._model import build_net, resolve_device
+    from ..models._train import mean_log_rna
     from ..models._train import train as train_loop
     from ..models._transfer import transfer_net
     from ..pp import highly_variable_genes
 
+    if train.lr is None:  # LoRA adapters train at a higher rate (benchmarks/results/accuracy.md)
+        lora_lr = base is not None and policy == "lora"
+        train = dataclasses.replace(train, lr=TrainParams.LORA_LR if lora_lr else TrainParams.LR)
     keys = {"table_key": table_key, "bulk_key": bulk_key, "cells_key": cells_key}
     tkey = _target_key(level, keys)
     for i, s in enumerate(slides):
@@ -453,7 +459,8 @@ def _fit(
         target_mean = np.expm1(np.log1p(targets.astype(np.float64)).mean(axis=0))
     else:
         target_mean = targets.mean(axis=0)
-    per_cell = target_mean / (1.0 if params.pooling == "mean" else bag_cells)
+    # per-cell profile: the bag profile itself when bags are (RNA-weighted) means of their cells
+    per_cell = target_mean / (1.0 if params.pooling == "mean" or params.normalized else bag_cells)
     bias = torch.as_tensor(per_cell, dtype=torch.float32)
 
     # network ----------------------------------------------------------------------------------
@@ -464,6 +471,7 @@ def _fit(
             n_features=stats.mean.shape[0], n_phenotypes=len(phenotypes), n_genes=len(chosen), params=params
         )
         net.set_gene_bias(bias)
+        net.init_depth(level, bag_cells)
     else:
         net, lora, report = transfer_net(
             base,
@@ -471,6 +479,7 @@ def _fit(
             policy=policy,  # type: ignore[arg-type]
             bias_new=_bias_param(bias, params),
             target_bag_cells=bag_cells,
+            level=level,
         )
     net.to(dev)
     n_trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
@@ -478,6 +487,12 @@ def _fit(
     history, best_epoch = train_loop(
         net, train_data, val_data, params=train, device=dev, seed=seed, progress=progress
     )
+    if net.rna_head is not None:
+        # Bag profiles do not change when every cell's RNA content is scaled alike: fix that scale so
+        # the training cells' geometric-mean RNA content is 1 (cell values = counts per 10k of a
+        # typical cell).
+        with torch.no_grad():
+            net.rna_head.bias.sub_(mean_log_rna(net, train_data, device=dev))
 
     # record -----------------------------------------------------------------------------------
     hist: dict[str, list[float]] = {}

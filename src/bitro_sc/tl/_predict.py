@@ -39,8 +39,16 @@ def predict_bitro(
       counts) holding the prediction.
     - ``level="cell"``: ``tables[cells_key]`` is replaced by a cells × genes table with the same
       obs / obsm / obsp / uns, the model's genes as var, ``X`` all zero (sparse) and the
-      predictions in ``layers[key_added]``. The values of a spot's cells sum to its spot prediction
-      (cells outside spots are predicted in spatial windows of a spot's size).
+      predictions in ``layers[key_added]``: each cell's own expression, in counts per 10k of a
+      cell of typical RNA content (the geometric mean of the training cells), with the model's
+      relative RNA content of each cell in ``obs[f"{key_added}_rna_content"]``. A spot's
+      prediction is the RNA-weighted mean of its cells, ``Σ values / Σ rna_content`` over them,
+      times the model's per-gene depth factor for a spot of that many cells
+      (``model.net.depth_factor``; see ``docs/bitro.md``).
+      Cells outside spots are predicted in spatial windows of a spot's size; a bulk model predicts
+      every cell in windows of its training chunk size. (Models built with
+      ``ModelParams(rna_head=False)`` write shares of the spot instead, which sum to the spot
+      prediction, and no RNA column.)
 
     The model's run record (genes, training HVGs, …) is copied to ``uns[key_added]`` of the table.
 
@@ -144,11 +152,16 @@ def _write_cells(
     from spatialdata.models import TableModel
 
     old = sdata.tables[cells_key]
+    rna = frame.attrs.get("rna_content")
+    obs = old.obs.copy()
+    if rna is not None:
+        rna = pd.Series(np.asarray(rna, dtype=np.float32), index=frame.index)
+        obs[f"{key_added}_rna_content"] = rna.reindex(old.obs_names).to_numpy()
     if not frame.index.equals(old.obs_names):
         frame = frame.reindex(old.obs_names)
     new = ad.AnnData(
         X=sparse.csr_matrix((old.n_obs, frame.shape[1]), dtype=np.float32),
-        obs=old.obs.copy(),
+        obs=obs,
         var=pd.DataFrame(index=pd.Index(frame.columns.astype(str))),
         obsm={k: v for k, v in old.obsm.items()},
         obsp={k: v for k, v in old.obsp.items()},
