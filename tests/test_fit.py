@@ -141,6 +141,26 @@ def test_saved_model_reloads_with_identical_predictions(trained, tmp_path: Path)
         model.save(tmp_path / "m")
 
 
+def test_checkpoint_without_rna_head_field_loads_as_plain_sum_model(tmp_path: Path) -> None:
+    """Checkpoints written before the RNA-content head (no ``rna_head`` in their config) were plain
+    sum-pooling models: they load as such, with identical predictions."""
+    import json
+
+    slides = _slides(2, grid=4)
+    model = bs.tl.fit_bitro(
+        slides, epochs=1, model={**TINY, "rna_head": False}, genes=MARKERS[:4], progress=False
+    )
+    assert model.net.rna_head is None
+    assert model.record["train"]["lr"] == 1e-3  # lr=None resolves to the scratch rate
+    model.save(tmp_path / "old")
+    cfg = json.loads((tmp_path / "old" / "config.json").read_text())
+    del cfg["model"]["rna_head"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(cfg))
+    again = BiTroModel.load(tmp_path / "old")
+    assert again.params.rna_head is False
+    pd.testing.assert_frame_equal(model.predict_frame(slides[1]), again.predict_frame(slides[1]))
+
+
 def test_validation_split_groups_slides_by_patient() -> None:
     from bitro_sc.tl._fit import _split
 
@@ -206,6 +226,7 @@ def test_lora_transfer_trains_adapters_and_leaves_the_base_untouched(tmp_path: P
     assert rec["matched_genes"] == MARKERS[5:10]
     assert rec["new_genes"] == MARKERS[10:14]
     assert rec["base"]["policy"] == "lora"
+    assert rec["train"]["lr"] == 3e-3  # LoRA adapters train at the higher default rate
     trainable = {n for n, p in model.net.named_parameters() if p.requires_grad}
     assert trainable
     assert all("lora_" in n or n.startswith(("head.", "rna_head.")) or n == "depth" for n in trainable)

@@ -650,7 +650,8 @@ def transfer() -> list[nbformat.NotebookNode]:
 
 Bulk RNA-seq with matched H&E exists for thousands of tumours (TCGA-like cohorts); spatial
 transcriptomics for a handful. BiTro's cell-level model is the same for both: a bulk profile is
-the sum over all cells of a slide, a spot the sum over the cells in it. So a model trained on
+the library-normalised sum over all cells of a slide, a spot the same over the cells in it, so a
+cell's predicted profile means the same at both levels. A model trained on
 many bulk slides can be **adapted** to a few spatial slides, and the other way round, by
 training small LoRA adapters (low-rank updates of the projection, attention and feed-forward
 weights, through `peft`) plus the gene head while the base weights stay frozen.
@@ -855,13 +856,14 @@ to_bulk
   adapters + gene head) and leaves the base untouched, so one bulk base can serve many spatial
   data sets, each with its own small adapter.
 - **Benefit depends on the base.** Transfer can only pass on what the base learned. Here the
-  base sees 16 small simulated slides (13 for training). Look at its history above: its
-  validation loss improves only slightly before it overfits, so it has learned little beyond
-  the average profile, and adapting it is no better than training from scratch on the one
-  spatial slide. This simulation is deliberately small so that the notebook runs in minutes;
-  it demonstrates the recipe, not the gain. A real bulk cohort has hundreds of slides.
-- **Spot → bulk.** A spot model is already a bulk model (the sum over all cells of a slide), so
-  compare adaptations with the "as is" row.
+  base sees 16 small simulated slides (13 for training); look at its history above to see how
+  far its validation loss fell before it overfitted. This simulation is deliberately small so
+  that the notebook runs in minutes: it demonstrates the recipe, and the gain in this one run
+  can go either way. Measured at a larger size (`benchmarks/results/accuracy.md`, transfer
+  section), LoRA beat training from scratch in both directions. A real bulk cohort has
+  hundreds of slides.
+- **Spot → bulk.** A spot model is already a bulk model (the library-normalised sum over all
+  cells of a slide), so compare adaptations with the "as is" row.
 - **Noise.** With a few dozen test spots or a dozen test slides, one gene's r has a standard
   error of 0.15–0.3; only averages over many genes, as in these tables, mean anything.
 
