@@ -62,6 +62,45 @@ def test_partition_keeps_only_edges_inside_each_window() -> None:
     assert (b[batch.edge_index[0].numpy()] == b[batch.edge_index[1].numpy()]).all()
 
 
+def test_linear_skip_starts_as_the_plain_model_and_then_adds_a_linear_path() -> None:
+    slide = _slide(120)
+    part = slide.chunk_partition(40)
+    batch, _ = make_batch([slide], [part], [(0, 0), (0, 1)])
+    plain = BiTroNet(n_features=8, n_phenotypes=4, n_genes=5, params=SMALL).eval()
+    params = ModelParams(**{**SMALL.to_dict(), "linear_skip": True})
+    skip = BiTroNet(n_features=8, n_phenotypes=4, n_genes=5, params=params).eval()
+    missing, unexpected = skip.load_state_dict(plain.state_dict(), strict=False)
+    assert missing == ["skip.weight"]
+    assert not unexpected
+    assert skip.skip is not None
+    assert plain.skip is None
+    with torch.no_grad():
+        torch.testing.assert_close(skip(batch)[0], plain(batch)[0])  # zero-initialised
+        torch.nn.init.normal_(skip.skip.weight, std=0.5)
+        y, _, r = skip(batch)
+        expected = plain(batch)[0] / r * torch.exp(skip.skip(skip.cell_inputs(batch))) * r
+        torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_cell_dropout_keeps_a_cell_per_window_and_reports_full_sizes() -> None:
+    slide = _slide(400)
+    part = Partition.build(spatial_chunks(slide.xy_um, 50), 8, slide.graph)
+    windows = [(0, g) for g in range(8)]
+    rng = np.random.default_rng(0)
+    full, _ = make_batch([slide], [part], windows)
+    dropped, cells = make_batch([slide], [part], windows, drop_cells=0.5, rng=rng)
+    assert torch.equal(dropped.n_cells, torch.as_tensor(part.sizes()[:8]))
+    assert torch.equal(full.n_cells, dropped.n_cells)
+    kept = torch.bincount(dropped.batch, minlength=8)
+    assert (kept >= 1).all()
+    assert 0.3 < kept.sum().item() / full.x.shape[0] < 0.7
+    assert int(dropped.edge_index.max()) < cells.size  # the graph follows the kept cells
+    b = dropped.batch.numpy()
+    assert (b[dropped.edge_index[0].numpy()] == b[dropped.edge_index[1].numpy()]).all()
+    only, _ = make_batch([slide], [part], windows, drop_cells=0.999, rng=rng)
+    assert (torch.bincount(only.batch, minlength=8) == 1).all()
+
+
 def test_padding_does_not_change_a_bags_prediction() -> None:
     """A bag predicted alone equals the same bag predicted next to a larger (padded) one."""
     slide = _slide(290)

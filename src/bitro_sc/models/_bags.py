@@ -117,27 +117,39 @@ def make_batch(
     windows: list[tuple[int, int]],
     *,
     max_cells: int | None = None,
+    drop_cells: float = 0.0,
     rng: np.random.Generator | None = None,
     device: torch.device | str = "cpu",
 ) -> tuple[Batch, np.ndarray]:
     """A PyG ``Batch`` of windows ``(slide, group)``; also the slide-local cell index of every cell.
 
     Positions are relative to each window's centroid (µm). Windows with more than ``max_cells``
-    cells are randomly subsampled (training only; the graph is restricted to the kept cells).
+    cells are randomly subsampled, and each cell is dropped with probability ``drop_cells`` (at
+    least one kept) — training only; the graph is restricted to the kept cells. ``batch.n_cells``
+    holds every window's full number of cells.
     """
     import torch
     from torch_geometric.data import Batch
 
-    idx_parts, edge_parts, sizes = [], [], []
+    idx_parts, edge_parts, sizes, full = [], [], [], []
     feats, phens, poss = [], [], []
     offset = 0
     for si, gi in windows:
         slide, part = slides[si], parts[si]
         cells = part.order[part.cell_ptr[gi] : part.cell_ptr[gi + 1]]
         e = part.edges[:, part.edge_ptr[gi] : part.edge_ptr[gi + 1]]
+        full.append(cells.size)
+        keep = None
         if max_cells is not None and cells.size > max_cells:
             gen = rng if rng is not None else np.random.default_rng(0)
             keep = np.sort(gen.choice(cells.size, max_cells, replace=False))
+        if drop_cells > 0 and cells.size > 1:
+            gen = rng if rng is not None else np.random.default_rng(0)
+            kept = np.flatnonzero(gen.random(cells.size) >= drop_cells)
+            kept = kept if kept.size else np.array([int(gen.integers(cells.size))])
+            keep = kept if keep is None else np.intersect1d(keep, kept)
+            keep = keep if keep.size else kept[:1]
+        if keep is not None:
             remap = np.full(cells.size, -1, dtype=np.int64)
             remap[keep] = np.arange(keep.size)
             cells = cells[keep]
@@ -161,6 +173,7 @@ def make_batch(
         edge_index=torch.from_numpy(np.concatenate(edge_parts, axis=1)).to(device),
         batch=torch.from_numpy(np.repeat(np.arange(len(sizes)), sizes_a)).to(device),
         ptr=torch.from_numpy(ptr).to(device),
+        n_cells=torch.as_tensor(full, dtype=torch.long).to(device),
     )
     batch._num_graphs = len(sizes)
     cell_index = np.concatenate([c for _, c in idx_parts]) if idx_parts else np.zeros(0, np.int64)

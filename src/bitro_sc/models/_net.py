@@ -122,6 +122,9 @@ class BiTroNet(nn.Module):
         )
         self.norm = nn.LayerNorm(p.hidden)
         self.head = nn.Linear(p.hidden, n_genes)
+        self.skip = nn.Linear(in_dim, n_genes, bias=False) if p.linear_skip else None
+        if self.skip is not None:  # starts as the plain deep model
+            nn.init.zeros_(self.skip.weight)
         self.attn_head = nn.Linear(p.hidden, n_genes) if p.pooling == "attention" else None
         if self.attn_head is not None:
             nn.init.zeros_(self.attn_head.weight)
@@ -136,14 +139,19 @@ class BiTroNet(nn.Module):
             self.depth = nn.Parameter(torch.zeros(n_genes))
         nn.init.normal_(self.head.weight, std=0.01)
 
-    def embed(self, batch: Batch) -> torch.Tensor:
-        """Cell embeddings (n_cells, hidden) after GAT and Transformer, within each window."""
+    def cell_inputs(self, batch: Batch) -> torch.Tensor:
+        """Each cell's input vector: features (+ phenotype embedding, + position encoding)."""
         parts = [batch.x]
         if self.phenotype is not None:
             parts.append(self.phenotype(batch.phenotype))
         if self.position is not None:
             parts.append(self.position(batch.pos))
-        h = self.in_drop(F.gelu(self.in_proj(torch.cat(parts, dim=1))))
+        return torch.cat(parts, dim=1)
+
+    def embed(self, batch: Batch, inputs: torch.Tensor | None = None) -> torch.Tensor:
+        """Cell embeddings (n_cells, hidden) after GAT and Transformer, within each window."""
+        inputs = self.cell_inputs(batch) if inputs is None else inputs
+        h = self.in_drop(F.gelu(self.in_proj(inputs)))
         for conv, norm in zip(self.gat, self.gat_norms, strict=True):
             h = norm(h + F.gelu(conv(h, batch.edge_index)))
         if self.blocks:
@@ -157,8 +165,11 @@ class BiTroNet(nn.Module):
         pooling the per-cell per-gene attention logits (else ``None``); with the RNA-content head
         the relative RNA content ``r`` of each cell (n_cells, 1) (else ``None``), and then the
         values are ``r`` times the cell's profile."""
-        h = self.embed(batch)
+        inputs = self.cell_inputs(batch)
+        h = self.embed(batch, inputs)
         z = self.head(h)
+        if self.skip is not None:
+            z = z + self.skip(inputs)
         y = torch.exp(z.clamp(max=_MAX_LOGIT)) if self.params.activation == "exp" else F.softplus(z)
         s = self.attn_head(h) if self.attn_head is not None else None
         r = None

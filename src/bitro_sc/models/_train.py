@@ -276,7 +276,7 @@ def spot_values(
             batch, cells = make_batch([slide], [part], wins, device=device)
             y, s, r = net(batch)
             pooled, contrib = pool_bags(y, s, batch.batch, batch.num_graphs, net.params.pooling, r)
-            factor = net.depth_factor(torch.bincount(batch.batch, minlength=batch.num_graphs))
+            factor = net.depth_factor(batch.n_cells)
             if calibrate and factor is not None:
                 pooled = pooled * factor
             prof[start : start + len(wins)] = pooled.float().cpu().numpy()
@@ -316,14 +316,21 @@ def _spot_loss(
     device: torch.device,
     max_cells: int | None,
     rng: np.random.Generator | None,
+    drop_cells: float = 0.0,
 ) -> torch.Tensor:
     windows = [(si, int(sets[si].rows[k])) for si, k in picks]
     batch, _ = make_batch(
-        [s.slide for s in sets], [s.part for s in sets], windows, max_cells=max_cells, rng=rng, device=device
+        [s.slide for s in sets],
+        [s.part for s in sets],
+        windows,
+        max_cells=max_cells,
+        drop_cells=drop_cells,
+        rng=rng,
+        device=device,
     )
     y, s, r = net(batch)
     pooled, _ = pool_bags(y, s, batch.batch, batch.num_graphs, net.params.pooling, r)
-    factor = net.depth_factor(torch.bincount(batch.batch, minlength=batch.num_graphs))
+    factor = net.depth_factor(batch.n_cells)  # the spots' full cell counts, however many were kept
     if factor is not None:
         pooled = pooled * factor
     target = torch.from_numpy(np.stack([sets[si].target[k] for si, k in picks])).to(device, pooled.dtype)
@@ -421,6 +428,7 @@ def _train_epochs(
                     loss=params.loss,
                     device=device,
                     max_cells=params.max_cells_per_spot,
+                    drop_cells=params.drop_cells,
                     rng=rng,
                 )
                 value.backward()

@@ -86,6 +86,13 @@ def transfer_net(
     ):
         shift = math.log(base.bag_cells / target_bag_cells)
     net.head = _new_head(net.head, rows, bias_new, shift)
+    if net.skip is not None:
+        old_skip = net.skip.weight.detach()
+        net.skip = nn.Linear(old_skip.shape[1], len(genes), bias=False).to(old_skip.device)
+        with torch.no_grad():
+            net.skip.weight.zero_()
+            hit = np.flatnonzero(rows >= 0)
+            net.skip.weight[torch.as_tensor(hit)] = old_skip[torch.as_tensor(rows[hit])]
     if net.depth is not None:
         # the depth exponent describes the measurement at the base's level: kept for matched genes
         # at the same level, restarted at the level's default at the other level and for new genes
@@ -105,7 +112,7 @@ def transfer_net(
     else:
         for p in net.parameters():
             p.requires_grad_(policy == "full")
-    for head in (net.head, net.attn_head, net.rna_head):
+    for head in (net.head, net.attn_head, net.rna_head, net.skip):
         if head is not None:
             for p in head.parameters():
                 p.requires_grad_(True)
