@@ -100,8 +100,10 @@ def test_predictions_land_in_the_spot_table_with_the_record(trained) -> None:
     bs.tl.predict_bitro(slide, model, overwrite=True)
 
 
-def test_cell_predictions_pool_to_spot_predictions(trained) -> None:
+def test_cell_predictions_sum_to_spot_predictions(trained) -> None:
+    """Default (plain sum pooling): the cells of a spot sum to its prediction."""
     model, _, _, _ = trained
+    assert model.net.rna_head is None
     slide = toy_slide(seed=12, grid=4)
     spots = model.predict_frame(slide, level="spot")
     bs.tl.predict_bitro(slide, model, level="cell")
@@ -109,15 +111,31 @@ def test_cell_predictions_pool_to_spot_predictions(trained) -> None:
     assert list(cells.var_names) == model.genes
     assert K.CONNECTIVITIES in cells.obsp
     assert K.FEATURES in cells.obsm
+    assert f"{K.PREDICTION}_rna_content" not in cells.obs
     values = pd.DataFrame(cells.layers[K.PREDICTION], columns=model.genes)
     assert np.isfinite(values.to_numpy()).all()  # cells outside spots are predicted too
+    spot_of = pd.to_numeric(cells.obs[K.SPOT_ID]).to_numpy()
+    inside = np.isfinite(spot_of)
+    summed = values[inside].groupby(spot_of[inside].astype(int)).sum()
+    np.testing.assert_allclose(summed.to_numpy(), spots.iloc[summed.index].to_numpy(), rtol=1e-4)
+
+
+def test_rna_head_cell_predictions_pool_to_spot_predictions() -> None:
+    """RNA-content pooling: a spot's prediction is Σ values / Σ rna times the depth factor."""
+    model = bs.tl.fit_bitro(
+        _slides(2, grid=4), epochs=2, model={**TINY, "rna_head": True}, genes=MARKERS[:6], progress=False
+    )
+    assert model.net.rna_head is not None
+    slide = toy_slide(seed=12, grid=4)
+    spots = model.predict_frame(slide, level="spot")
+    bs.tl.predict_bitro(slide, model, level="cell")
+    cells = slide.tables[K.CELLS]
+    values = pd.DataFrame(cells.layers[K.PREDICTION], columns=model.genes)
     spot_of = pd.to_numeric(cells.obs[K.SPOT_ID]).to_numpy()
     inside = np.isfinite(spot_of)
     rna = cells.obs[f"{K.PREDICTION}_rna_content"].to_numpy()
     assert np.isfinite(rna).all()
     assert (rna > 0).all()
-    # a spot's prediction is the RNA-weighted mean of its cells' profiles, Σ values / Σ rna, times
-    # the model's per-gene depth factor for a spot of that many cells
     groups = spot_of[inside].astype(int)
     summed = values[inside].groupby(groups).sum()
     total = pd.Series(rna[inside]).groupby(groups).sum()
@@ -191,13 +209,14 @@ def test_same_seed_gives_the_same_model() -> None:
     assert not np.allclose(a.to_numpy(), c.to_numpy())
 
 
-def test_bulk_training_predicts_slides_and_cells() -> None:
+@pytest.mark.parametrize("rna_head", [False, True])
+def test_bulk_training_predicts_slides_and_cells(rna_head: bool) -> None:
     slides = _slides(4, grid=4)
     model = bs.tl.fit_bitro(
         slides[:3],
         level="bulk",
         epochs=2,
-        model=TINY,
+        model={**TINY, "rna_head": rna_head},
         train={"chunk_cells": 100},
         genes=MARKERS,
         progress=False,
@@ -208,6 +227,10 @@ def test_bulk_training_predicts_slides_and_cells() -> None:
     bulk = slides[3].tables[K.BULK]
     row = bulk.layers[K.PREDICTION][0, bulk.var_names.get_indexer(model.genes)]
     cells = model.predict_frame(slides[3], level="cell")
+    if not rna_head:  # plain sum: the cells' shares add up to the slide
+        assert "rna_content" not in cells.attrs
+        np.testing.assert_allclose(cells.sum(0).to_numpy(), row, rtol=1e-4)
+        return
     rna = cells.attrs["rna_content"]
     with torch.no_grad():
         factor = model.net.depth_factor(torch.tensor([float(len(cells))])).numpy()[0]
@@ -237,8 +260,8 @@ def test_lora_transfer_trains_adapters_and_leaves_the_base_untouched(tmp_path: P
     state = model.net.state_dict()
     assert torch.equal(state["blocks.0.q.base_layer.weight"], before["blocks.0.q.weight"])
     assert torch.equal(state["gat.0.lin.weight"], before["gat.0.lin.weight"])
-    # before training, matched genes start from the base's head rows (unshifted: with the
-    # RNA-content head per-cell values do not depend on the bag size), new genes from fresh rows
+    # before training, matched genes start from the base's head rows (bias shifted by the bag-size
+    # ratio: plain sum pooling makes per-cell values shares of the bag), new genes from fresh rows
     from bitro_sc.models._transfer import transfer_net
 
     net, _, _ = transfer_net(
@@ -246,9 +269,9 @@ def test_lora_transfer_trains_adapters_and_leaves_the_base_untouched(tmp_path: P
     )
     head = net.state_dict()
     torch.testing.assert_close(head["head.weight"][:5], before["head.weight"][5:10])
-    assert base.params.normalized
-    torch.testing.assert_close(head["head.bias"][:5], before["head.bias"][5:10])
-    torch.testing.assert_close(head["rna_head.weight"], before["rna_head.weight"])
+    assert not base.params.normalized
+    shift = float(np.log(base.bag_cells / 10.0))
+    torch.testing.assert_close(head["head.bias"][:5], before["head.bias"][5:10] + shift)
     assert torch.equal(head["head.bias"][5:], torch.zeros(4))
 
     # the adapters survive saving and loading
@@ -267,13 +290,7 @@ def test_lora_transfer_trains_adapters_and_leaves_the_base_untouched(tmp_path: P
         progress=False,
         overwrite=True,
     )
-    assert {n for n, p in head_only.net.named_parameters() if p.requires_grad} == {
-        "head.weight",
-        "head.bias",
-        "rna_head.weight",
-        "rna_head.bias",
-        "depth",
-    }
+    assert {n for n, p in head_only.net.named_parameters() if p.requires_grad} == {"head.weight", "head.bias"}
     full = bs.tl.fit_bitro(
         slides[0],
         transfer="bulk",
@@ -390,10 +407,33 @@ def test_gene_bias_starts_at_the_log1p_optimal_constant() -> None:
         targets.append(counts[ok] / lib[ok, None] * 1e4)
         sizes.append(n[ok])
     y = np.concatenate(targets)
-    # with the RNA-content head a bag is an RNA-weighted mean of its cells: each cell starts at the
-    # bag constant itself (no division by the cells per bag)
-    per_cell = np.expm1(np.log1p(y).mean(axis=0))
+    per_cell = np.expm1(np.log1p(y).mean(axis=0)) / np.concatenate(sizes).mean()
     bias = model.net.head.bias.detach().numpy()
     np.testing.assert_allclose(bias, np.log(per_cell), atol=1e-4)
-    assert (bias < np.log(y.mean(axis=0)) - 0.05).all()
-    assert np.concatenate(sizes).mean() > 2  # (a division by it would have been caught)
+    assert (bias < np.log(y.mean(axis=0) / np.concatenate(sizes).mean()) - 0.05).all()
+
+
+def test_transfer_of_an_rna_head_base_keeps_its_heads_unshifted() -> None:
+    """With RNA-content pooling per-cell values do not depend on the bag size: matched genes keep
+    the base's head rows as they are, the RNA head is copied, and the depth exponent restarts at
+    the target level's default."""
+    from bitro_sc.models._net import DEPTH_INIT
+    from bitro_sc.models._transfer import transfer_net
+
+    slides = _slides(3, grid=4)
+    base = bs.tl.fit_bitro(
+        slides, level="bulk", epochs=1, model={**TINY, "rna_head": True}, genes=MARKERS[:10], progress=False
+    )
+    before = {k: v.clone() for k, v in base.net.state_dict().items()}
+    genes = MARKERS[5:14]
+    net, _, report = transfer_net(
+        base, genes, policy="head", bias_new=torch.zeros(len(genes)), target_bag_cells=10.0, level="spot"
+    )
+    state = net.state_dict()
+    torch.testing.assert_close(state["head.bias"][:5], before["head.bias"][5:10])
+    torch.testing.assert_close(state["rna_head.weight"], before["rna_head.weight"])
+    assert torch.equal(state["depth"], torch.full((9,), DEPTH_INIT["spot"]))
+    assert float(state["ref_cells"]) == 10.0
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert trainable == {"head.weight", "head.bias", "rna_head.weight", "rna_head.bias", "depth"}
+    assert report["matched_genes"] == MARKERS[5:10]

@@ -66,8 +66,9 @@ def test_linear_skip_starts_as_the_plain_model_and_then_adds_a_linear_path() -> 
     slide = _slide(120)
     part = slide.chunk_partition(40)
     batch, _ = make_batch([slide], [part], [(0, 0), (0, 1)])
-    plain = BiTroNet(n_features=8, n_phenotypes=4, n_genes=5, params=SMALL).eval()
-    params = ModelParams(**{**SMALL.to_dict(), "linear_skip": True})
+    rna = ModelParams(**{**SMALL.to_dict(), "rna_head": True})
+    plain = BiTroNet(n_features=8, n_phenotypes=4, n_genes=5, params=rna).eval()
+    params = ModelParams(**{**rna.to_dict(), "linear_skip": True})
     skip = BiTroNet(n_features=8, n_phenotypes=4, n_genes=5, params=params).eval()
     missing, unexpected = skip.load_state_dict(plain.state_dict(), strict=False)
     assert missing == ["skip.weight"]
@@ -183,7 +184,7 @@ def test_bag_profile_does_not_grow_with_its_cell_count() -> None:
     the number of cells (plain sum pooling grows with it)."""
     from torch_geometric.data import Batch, Data
 
-    params = ModelParams(**{**SMALL.to_dict(), "gat_layers": 0, "transformer_layers": 0})
+    params = ModelParams(**{**SMALL.to_dict(), "gat_layers": 0, "transformer_layers": 0, "rna_head": True})
     net = BiTroNet(n_features=8, n_phenotypes=0, n_genes=3, params=params).eval()
     x = torch.randn(1, 8)
     profiles = []

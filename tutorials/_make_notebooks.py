@@ -238,10 +238,8 @@ plt.show()
 
 `level="spot"` writes `tables["table"].layers["bitro"]` (spots × genes); `level="cell"` turns
 `tables["cells"]` into a cells × genes table with the prediction in `layers["bitro"]`. Values are
-counts per 10,000 (library-normalised, not log-transformed). On the cells table each value is
-the cell's own expression (per 10k of a cell of typical RNA content); the model's estimate of each
-cell's relative RNA content is in `obs["bitro_rna_content"]`, and a spot's prediction is the
-RNA-weighted mean of its cells (times a per-gene depth factor, see "How BiTro works").
+counts per 10,000 (library-normalised, not log-transformed); the cells of a spot sum to the
+spot's prediction.
 """),
         code(r"""
 bs.tl.predict_bitro(test, model)  # spots
@@ -650,8 +648,7 @@ def transfer() -> list[nbformat.NotebookNode]:
 
 Bulk RNA-seq with matched H&E exists for thousands of tumours (TCGA-like cohorts); spatial
 transcriptomics for a handful. BiTro's cell-level model is the same for both: a bulk profile is
-the library-normalised sum over all cells of a slide, a spot the same over the cells in it, so a
-cell's predicted profile means the same at both levels. A model trained on
+the sum over all cells of a slide, a spot the sum over the cells in it. So a model trained on
 many bulk slides can be **adapted** to a few spatial slides, and the other way round, by
 training small LoRA adapters (low-rank updates of the projection, attention and feed-forward
 weights, through `peft`) plus the gene head while the base weights stay frozen.
@@ -860,10 +857,11 @@ to_bulk
   far its validation loss fell before it overfitted. This simulation is deliberately small so
   that the notebook runs in minutes: it demonstrates the recipe, and the gain in this one run
   can go either way. Measured at a larger size (`benchmarks/results/accuracy.md`, transfer
-  section), LoRA beat training from scratch in both directions. A real bulk cohort has
+  section), LoRA matched training from scratch for bulk → spot and beat it for spot → bulk. A
+  real bulk cohort has
   hundreds of slides.
-- **Spot → bulk.** A spot model is already a bulk model (the library-normalised sum over all
-  cells of a slide), so compare adaptations with the "as is" row.
+- **Spot → bulk.** A spot model is already a bulk model (the sum over all cells of a slide),
+  so compare adaptations with the "as is" row.
 - **Noise.** With a few dozen test spots or a dozen test slides, one gene's r has a standard
   error of 0.15–0.3; only averages over many genes, as in these tables, mean anything.
 

@@ -81,14 +81,18 @@ class ModelParams(_Params):
     rna_head
         With ``pooling="sum"``: each cell also predicts its relative RNA content ``r > 0`` and its
         expression ``y = r · p`` (``p``: the cell's profile in counts per 10k); a bag's profile is
-        ``Σ y / Σ r``, i.e. the summed expression of its cells library-normalised like the target.
-        Spot and slide profiles then do not grow with the number of cells, so per-cell values mean
-        the same at every level (spot ↔ bulk transfer needs no rescaling). ``False``: the plain
-        sum ``Σ y`` is compared with the normalised target (cell values are shares of their bag).
+        ``Σ y / Σ r`` times a learned per-gene depth factor ``(n / n̄) ** β`` (see
+        :meth:`BiTroNet.depth_factor`), i.e. the summed expression of its cells library-normalised
+        like the target. Per-cell values then mean the same at every level. Off by default
+        (``benchmarks/results/accuracy.md``): it gave better bulk ↔ spot transfer (bulk → spot
+        LoRA 0.359 vs 0.358, spot → bulk 0.122 vs 0.034) and equal spot scores, but cell-level
+        maps that swing with the data set (median Pearson vs truth 0.16-0.56 where plain sum
+        pooling gave 0.39-0.47). ``False`` (default): the plain sum ``Σ y`` is compared with the
+        normalised target, and cell values are shares of their bag.
     linear_skip
         Add a linear map from each cell's input (features, phenotype embedding) straight to its
-        log-expression, next to the deep path (zero-initialised). Measured on synthetic slides
-        (``benchmarks/results/accuracy.md``): cell-level median Pearson vs truth 0.479 instead of
+        log-expression, next to the deep path (zero-initialised). Measured with ``rna_head=True``
+        on synthetic slides (``benchmarks/results/accuracy.md``): cell-level median Pearson vs truth 0.479 instead of
         0.392 (seed-0 slides) and 0.416 instead of 0.393 (seed-1 slides), spot level +0.017 /
         -0.011, HER2ST within noise; but a spot model trained from scratch then beats LoRA
         transfer from a bulk base, so it is off by default.
@@ -108,7 +112,7 @@ class ModelParams(_Params):
     dropout: float = 0.1
     activation: Literal["exp", "softplus"] = "exp"
     pooling: Literal["sum", "mean", "attention"] = "sum"
-    rna_head: bool = True
+    rna_head: bool = False
     linear_skip: bool = False
     lora_r: int = 8
     lora_alpha: float = 16.0

@@ -7,9 +7,9 @@ observation of the target table and one column per gene:
 - ``level="spot"``: rows = ``obs_names`` of the spot table (``tables["table"]``);
 - ``level="bulk"``: rows = ``obs_names`` of the bulk table (``tables["bulk"]``), or a single row
   named after the slide's ``sample_id`` when the slide has no bulk table;
-- ``level="cell"``: rows = ``obs_names`` of the cells table (``tables["cells"]``): each cell's
-  predicted expression (a model that cannot predict per cell raises ``ValueError`` naming the
-  levels it supports). A model may attach per-cell RNA contents as
+- ``level="cell"``: rows = ``obs_names`` of the cells table (``tables["cells"]``); for a
+  sum-pooling model the values of the cells of one spot sum to that spot's prediction (a model
+  that cannot predict per cell raises ``ValueError`` naming the levels it supports). A model may attach per-cell RNA contents as
   ``frame.attrs["rna_content"]``; ``bs.tl.predict_bitro`` writes them to
   ``obs[f"{key_added}_rna_content"]``.
 

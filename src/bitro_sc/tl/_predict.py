@@ -39,16 +39,13 @@ def predict_bitro(
       counts) holding the prediction.
     - ``level="cell"``: ``tables[cells_key]`` is replaced by a cells × genes table with the same
       obs / obsm / obsp / uns, the model's genes as var, ``X`` all zero (sparse) and the
-      predictions in ``layers[key_added]``: each cell's own expression, in counts per 10k of a
-      cell of typical RNA content (the geometric mean of the training cells), with the model's
-      relative RNA content of each cell in ``obs[f"{key_added}_rna_content"]``. A spot's
-      prediction is the RNA-weighted mean of its cells, ``Σ values / Σ rna_content`` over them,
-      times the model's per-gene depth factor for a spot of that many cells
-      (``model.net.depth_factor``; see ``docs/bitro.md``).
-      Cells outside spots are predicted in spatial windows of a spot's size; a bulk model predicts
-      every cell in windows of its training chunk size. (Models built with
-      ``ModelParams(rna_head=False)`` write shares of the spot instead, which sum to the spot
-      prediction, and no RNA column.)
+      predictions in ``layers[key_added]``. The values of a spot's cells sum to its spot
+      prediction (cells outside spots are predicted in spatial windows of a spot's size; a bulk
+      model predicts every cell in windows of its training chunk size). Models built with
+      ``ModelParams(rna_head=True)`` write each cell's own expression instead (counts per 10k of a
+      cell of typical RNA content) and its relative RNA content in
+      ``obs[f"{key_added}_rna_content"]``; a spot's prediction is then ``Σ values / Σ rna_content``
+      over its cells times the model's per-gene depth factor (``model.net.depth_factor``).
 
     The model's run record (genes, training HVGs, …) is copied to ``uns[key_added]`` of the table.
 
