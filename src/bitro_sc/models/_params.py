@@ -92,10 +92,10 @@ class ModelParams(_Params):
     linear_skip
         Add a linear map from each cell's input (features, phenotype embedding) straight to its
         log-expression, next to the deep path (zero-initialised). Measured with ``rna_head=True``
-        on synthetic slides (``benchmarks/results/accuracy.md``): cell-level median Pearson vs truth 0.479 instead of
-        0.392 (seed-0 slides) and 0.416 instead of 0.393 (seed-1 slides), spot level +0.017 /
-        -0.011, HER2ST within noise; but a spot model trained from scratch then beats LoRA
-        transfer from a bulk base, so it is off by default.
+        on synthetic slides (``benchmarks/results/accuracy.md``): cell-level median Pearson vs
+        truth 0.479 instead of 0.392 (seed-0 slides) and 0.416 instead of 0.393 (seed-1 slides),
+        spot level +0.017 / -0.011, HER2ST within noise; but a spot model trained from scratch
+        then beats LoRA transfer from a bulk base, so it is off by default.
     lora_r, lora_alpha, lora_dropout
         LoRA adapters used for transfer (``policy="lora"``).
     """

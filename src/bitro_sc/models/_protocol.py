@@ -9,9 +9,9 @@ observation of the target table and one column per gene:
   named after the slide's ``sample_id`` when the slide has no bulk table;
 - ``level="cell"``: rows = ``obs_names`` of the cells table (``tables["cells"]``); for a
   sum-pooling model the values of the cells of one spot sum to that spot's prediction (a model
-  that cannot predict per cell raises ``ValueError`` naming the levels it supports). A model may attach per-cell RNA contents as
-  ``frame.attrs["rna_content"]``; ``bs.tl.predict_bitro`` writes them to
-  ``obs[f"{key_added}_rna_content"]``.
+  that cannot predict per cell raises ``ValueError`` naming the levels it supports). A model may
+  attach per-cell RNA contents as ``frame.attrs["rna_content"]``; ``bs.tl.predict_bitro`` writes
+  them to ``obs[f"{key_added}_rna_content"]``.
 
 ``bs.tl.predict_bitro`` writes the frame into ``layers["bitro"]`` (or ``key_added``) and copies
 ``model.record`` (at least ``"genes"`` and ``"hvgs"``) into the table's ``uns["bitro"]``.
