@@ -437,3 +437,18 @@ def test_transfer_of_an_rna_head_base_keeps_its_heads_unshifted() -> None:
     trainable = {n for n, p in net.named_parameters() if p.requires_grad}
     assert trainable == {"head.weight", "head.bias", "rna_head.weight", "rna_head.bias", "depth"}
     assert report["matched_genes"] == MARKERS[5:10]
+
+
+def test_transfer_remaps_the_linear_skip_by_gene() -> None:
+    from bitro_sc.models._transfer import transfer_net
+
+    base = bs.tl.fit_bitro(
+        _slides(2, grid=4), epochs=1, model={**TINY, "linear_skip": True}, genes=MARKERS[:6], progress=False
+    )
+    with torch.no_grad():
+        torch.nn.init.normal_(base.net.skip.weight)  # distinguishable rows
+    genes = ["gene4", "gene5", "gene12"]  # two known, one new
+    net, _, _ = transfer_net(base, genes, policy="lora", bias_new=torch.zeros(3), target_bag_cells=5.0)
+    torch.testing.assert_close(net.skip.weight[:2], base.net.skip.weight[4:6])
+    assert torch.equal(net.skip.weight[2], torch.zeros_like(net.skip.weight[2]))
+    assert net.skip.weight.requires_grad

@@ -32,19 +32,28 @@ def merge_lora(net: nn.Module) -> nn.Module:
     return net
 
 
-def _new_head(old: nn.Linear, rows: np.ndarray, bias_new: torch.Tensor, shift: float) -> nn.Linear:
+def _new_head(
+    old: nn.Linear, rows: np.ndarray, bias_new: torch.Tensor | None, shift: float, *, init_std: float = 0.01
+) -> nn.Linear:
     """A head for the target genes: rows copied from ``old`` where ``rows >= 0`` (bias + ``shift``),
-    freshly initialised elsewhere (bias ``bias_new``)."""
-    head = nn.Linear(old.in_features, len(rows)).to(old.weight.device)
-    nn.init.normal_(head.weight, std=0.01)
+    freshly initialised elsewhere (weights ~ N(0, ``init_std``), bias ``bias_new``; no bias when
+    ``old`` has none)."""
+    has_bias = old.bias is not None
+    head = nn.Linear(old.in_features, len(rows), bias=has_bias).to(old.weight.device)
+    if init_std > 0:
+        nn.init.normal_(head.weight, std=init_std)
+    else:
+        nn.init.zeros_(head.weight)
     with torch.no_grad():
-        head.bias.copy_(bias_new.to(head.bias))
+        if head.bias is not None and bias_new is not None:
+            head.bias.copy_(bias_new.to(head.bias))
         hit = np.flatnonzero(rows >= 0)
         if hit.size:
             src = torch.as_tensor(rows[hit], device=old.weight.device)
             idx = torch.as_tensor(hit, device=old.weight.device)
             head.weight[idx] = old.weight.detach()[src]
-            head.bias[idx] = old.bias.detach()[src] + shift
+            if head.bias is not None and old.bias is not None:
+                head.bias[idx] = old.bias.detach()[src] + shift
     return head
 
 
@@ -86,13 +95,8 @@ def transfer_net(
     ):
         shift = math.log(base.bag_cells / target_bag_cells)
     net.head = _new_head(net.head, rows, bias_new, shift)
-    if net.skip is not None:
-        old_skip = net.skip.weight.detach()
-        net.skip = nn.Linear(old_skip.shape[1], len(genes), bias=False).to(old_skip.device)
-        with torch.no_grad():
-            net.skip.weight.zero_()
-            hit = np.flatnonzero(rows >= 0)
-            net.skip.weight[torch.as_tensor(hit)] = old_skip[torch.as_tensor(rows[hit])]
+    if net.skip is not None:  # new genes start without a linear path, as in a fresh network
+        net.skip = _new_head(net.skip, rows, None, 0.0, init_std=0.0)
     if net.depth is not None:
         # the depth exponent describes the measurement at the base's level: kept for matched genes
         # at the same level, restarted at the level's default at the other level and for new genes
