@@ -154,7 +154,7 @@ class BiTroModel:
         import torch
 
         from ._bags import Partition, spatial_chunks
-        from ._train import slide_cell_values, spot_values
+        from ._train import slide_cell_values, spot_values, with_depth
 
         if level not in LEVELS:
             raise ValueError(f"`level` must be one of {list(LEVELS)}, got {level!r}.")
@@ -181,11 +181,12 @@ class BiTroModel:
             if level == "cell":
                 return values * self._scale_for("bulk", slide.n_cells), rna
             if rna is not None:
-                profile = values.sum(0, keepdims=True) / rna.sum()
-                factor = net.depth_factor(torch.tensor([float(slide.n_cells)], device=dev))
-                if self.level == "bulk" and factor is not None:
-                    profile = profile * factor.detach().cpu().numpy()
-                return profile, None
+                profile = torch.from_numpy(values.sum(0, keepdims=True) / rna.sum()).to(dev)
+                if self.level == "bulk":
+                    with torch.no_grad():
+                        n = torch.tensor([float(slide.n_cells)], device=dev)
+                        profile = with_depth(net, profile, n)
+                return profile.cpu().numpy(), None
             return values.sum(0, keepdims=True) * self._scale_for("bulk", slide.n_cells), None
         # cell level, spot-trained model: spot cells in their spot's window, others in small chunks
         n_spots = sdata.tables[table_key].n_obs if table_key in sdata.tables else 0

@@ -162,10 +162,16 @@ def slide_profile(
     return _calibrated(net, _finalize(acc[0], net.params, int(part.order.size)), int(part.order.size))
 
 
+def with_depth(net: BiTroNet, pooled: torch.Tensor, n_cells: torch.Tensor) -> torch.Tensor:
+    """Bag profiles (bags, genes) times the net's depth factor for bags of ``n_cells`` cells (at
+    the training level; unchanged without the RNA-content head)."""
+    factor = net.depth_factor(n_cells)
+    return pooled if factor is None else pooled * factor
+
+
 def _calibrated(net: BiTroNet, profile: torch.Tensor, n_cells: int) -> torch.Tensor:
-    """``profile`` (genes,) times the net's depth factor for a bag of ``n_cells`` (training level)."""
-    factor = net.depth_factor(torch.tensor([float(n_cells)], device=profile.device))
-    return profile if factor is None else profile * factor[0]
+    """One slide's ``profile`` (genes,) through :func:`with_depth`."""
+    return with_depth(net, profile[None], torch.tensor([float(n_cells)], device=profile.device))[0]
 
 
 def slide_step(
@@ -276,9 +282,8 @@ def spot_values(
             batch, cells = make_batch([slide], [part], wins, device=device)
             y, s, r = net(batch)
             pooled, contrib = pool_bags(y, s, batch.batch, batch.num_graphs, net.params.pooling, r)
-            factor = net.depth_factor(batch.n_cells)
-            if calibrate and factor is not None:
-                pooled = pooled * factor
+            if calibrate:
+                pooled = with_depth(net, pooled, batch.n_cells)
             prof[start : start + len(wins)] = pooled.float().cpu().numpy()
             if cells_out is not None:
                 cells_out[cells] = (y if r is not None else contrib).float().cpu().numpy()
@@ -330,9 +335,7 @@ def _spot_loss(
     )
     y, s, r = net(batch)
     pooled, _ = pool_bags(y, s, batch.batch, batch.num_graphs, net.params.pooling, r)
-    factor = net.depth_factor(batch.n_cells)  # the spots' full cell counts, however many were kept
-    if factor is not None:
-        pooled = pooled * factor
+    pooled = with_depth(net, pooled, batch.n_cells)  # the spots' full cell counts, however many were kept
     target = torch.from_numpy(np.stack([sets[si].target[k] for si, k in picks])).to(device, pooled.dtype)
     lib = torch.tensor([sets[si].lib[k] for si, k in picks], dtype=pooled.dtype, device=device)
     return loss_fn(pooled, target, lib, loss)
