@@ -86,30 +86,19 @@ def spot(data: Path, config: dict[str, Any], folds: list[int]) -> dict[str, floa
 
 def her2st(config: dict[str, Any]) -> dict[str, float]:
     """Leave-one-section-out over HER2ST C2-C5 (``bs.tl.cross_validate``): mean HEST score per method."""
-    import os
-
     import bitro_sc as bs
     from bitro_sc import cli
 
-    env = os.environ.get("BITRO_SC_DATA")
-    data = (Path(env) if env else ROOT.parent / "shared" / "data") / "her2st"
-    if not data.is_dir():
-        raise FileNotFoundError(f"HER2ST not found at {data} (set $BITRO_SC_DATA).")
-    names = ["C2", "C3", "C4", "C5"]
-    slides = [
-        bs.io.read_st(
-            data / f"{s}_HE.jpg",
-            data / f"{s}_counts.tsv.gz",
-            data / f"{s}_selection.tsv",
-            sample_id=s,
-            patient_id="C",
-        )
-        for s in names
-    ]
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_accuracy import her2st_slides
+
+    slides = her2st_slides()
+    if slides is None:
+        raise FileNotFoundError("HER2ST not found ($BITRO_SC_DATA or ../shared/data).")
     cli.prepare(slides, progress=False)
     cfg = dict(config)
     method = cfg.pop("method", "bitro")
-    fit = {"bitro": {"epochs": 30, "seed": 0, "progress": False, **cfg}}
+    fit = {"bitro": {"epochs": 30, "seed": 0, "progress": False, **cfg}} if method == "bitro" else {}
     df = bs.tl.cross_validate(slides, methods=(method,), top_hvg=50, fit_kwargs=fit, progress=False)
     per = df[df["is_hvg"]].groupby(["test_group", "method"], sort=False)["pearson"].mean().unstack("method")
     print(per.round(3).to_string(), flush=True)

@@ -231,9 +231,10 @@ def bench_transfer(args: argparse.Namespace, t0: float) -> str:
     )
 
 
-def bench_her2st(args: argparse.Namespace, t0: float) -> str:
+def her2st_slides() -> list | None:
+    """The HER2ST sections C2-C5 read with ``bs.io.read_st`` (patient "C"), or ``None`` when the data
+    are not found ($BITRO_SC_DATA or ../shared/data)."""
     import bitro_sc as bs
-    from bitro_sc import cli
 
     env = os.environ.get("BITRO_SC_DATA")
     data = next(
@@ -245,9 +246,8 @@ def bench_her2st(args: argparse.Namespace, t0: float) -> str:
         None,
     )
     if data is None:
-        return "### HER2ST\n\nskipped: data not found ($BITRO_SC_DATA or ../shared/data).\n"
-    sections = ["C2", "C3", "C4", "C5"]
-    slides = [
+        return None
+    return [
         bs.io.read_st(
             data / f"{s}_HE.jpg",
             data / f"{s}_counts.tsv.gz",
@@ -255,8 +255,17 @@ def bench_her2st(args: argparse.Namespace, t0: float) -> str:
             sample_id=s,
             patient_id="C",
         )
-        for s in sections
+        for s in ("C2", "C3", "C4", "C5")
     ]
+
+
+def bench_her2st(args: argparse.Namespace, t0: float) -> str:
+    import bitro_sc as bs
+    from bitro_sc import cli
+
+    slides = her2st_slides()
+    if slides is None:
+        return "### HER2ST\n\nskipped: data not found ($BITRO_SC_DATA or ../shared/data).\n"
     cli.prepare(slides, progress=False, t0=t0)
     epochs = 3 if args.quick else args.epochs
     df = bs.tl.cross_validate(
