@@ -47,12 +47,12 @@ def prepare(seed: int, out: Path, *, n_slides: int = 4, size_um: float = 800.0, 
 
 
 def _fit(train: list, genes: list[str], config: dict[str, Any]) -> Any:
-    import bitro_sc as bs
+    from bitro_sc import cli
 
     cfg = dict(config)
-    if cfg.pop("method", "bitro") == "ridge":
-        return bs.tl.fit_baseline(train, method="ridge", genes=genes)
-    return bs.tl.fit_bitro(train, genes=genes, **{"epochs": 30, "seed": 0, "progress": False, **cfg})
+    method = cfg.pop("method", "bitro")
+    kwargs = {"bitro": {"epochs": 30, "seed": 0, **cfg}} if method == "bitro" else {}
+    return cli.fit_methods(train, methods=(method,), genes=genes, fit_kwargs=kwargs, progress=False)[method]
 
 
 def spot(data: Path, config: dict[str, Any], folds: list[int]) -> dict[str, float]:
