@@ -252,7 +252,8 @@ def test_lora_transfer_trains_adapters_and_leaves_the_base_untouched(tmp_path: P
     assert rec["train"]["lr"] == 3e-3  # LoRA adapters train at the higher default rate
     trainable = {n for n, p in model.net.named_parameters() if p.requires_grad}
     assert trainable
-    assert all("lora_" in n or n.startswith(("head.", "rna_head.")) or n == "depth" for n in trainable)
+    heads = ("head.", "rna_head.", "profiles.")  # the phenotype profiles belong to the gene head
+    assert all("lora_" in n or n.startswith(heads) or n == "depth" for n in trainable)
     assert any(n.startswith("blocks.0.q.lora_A") for n in trainable)
     assert rec["n_trainable"] == sum(p.numel() for p in model.net.parameters() if p.requires_grad)
     assert rec["n_frozen"] > rec["n_trainable"]
@@ -273,6 +274,10 @@ def test_lora_transfer_trains_adapters_and_leaves_the_base_untouched(tmp_path: P
     shift = float(np.log(base.bag_cells / 10.0))
     torch.testing.assert_close(head["head.bias"][:5], before["head.bias"][5:10] + shift)
     assert torch.equal(head["head.bias"][5:], torch.zeros(4))
+    # a bulk base has phenotype profiles (deconvolution start): matched genes keep theirs, new start at 0
+    assert base.params.phenotype_profiles
+    torch.testing.assert_close(head["profiles.weight"][:, :5], before["profiles.weight"][:, 5:10])
+    assert torch.equal(head["profiles.weight"][:, 5:], torch.zeros(head["profiles.weight"].shape[0], 4))
 
     # the adapters survive saving and loading
     model.save(tmp_path / "lora")
@@ -290,7 +295,8 @@ def test_lora_transfer_trains_adapters_and_leaves_the_base_untouched(tmp_path: P
         progress=False,
         overwrite=True,
     )
-    assert {n for n, p in head_only.net.named_parameters() if p.requires_grad} == {"head.weight", "head.bias"}
+    trainable = {n for n, p in head_only.net.named_parameters() if p.requires_grad}
+    assert trainable == {"head.weight", "head.bias", "profiles.weight"}
     full = bs.tl.fit_bitro(
         slides[0],
         transfer="bulk",
@@ -435,7 +441,8 @@ def test_transfer_of_an_rna_head_base_keeps_its_heads_unshifted() -> None:
     assert torch.equal(state["depth"], torch.full((9,), DEPTH_INIT["spot"]))
     assert float(state["ref_cells"]) == 10.0
     trainable = {n for n, p in net.named_parameters() if p.requires_grad}
-    assert trainable == {"head.weight", "head.bias", "rna_head.weight", "rna_head.bias", "depth"}
+    heads = {"head.weight", "head.bias", "rna_head.weight", "rna_head.bias", "profiles.weight"}
+    assert trainable == {*heads, "depth"}
     assert report["matched_genes"] == MARKERS[5:10]
 
 

@@ -211,3 +211,56 @@ def test_protocol_recognises_models_by_their_members() -> None:
     assert isinstance(Constant(), ExpressionModel)
     assert not isinstance(object(), ExpressionModel)
     assert BiTroModel.levels == ("spot", "bulk", "cell")
+
+
+def test_deconvolution_recovers_phenotype_profiles_from_bags() -> None:
+    """Bags built from known per-phenotype profiles: the start recovers their ratios; unseen codes get 0."""
+    from bitro_sc.models._deconv import deconvolve, log1p_match
+
+    rng = np.random.default_rng(0)
+    true = rng.gamma(2.0, 1.0, size=(3, 6))  # phenotype codes 1-3 (0 = unknown, never seen)
+    counts = rng.integers(0, 12, size=(200, 3)).astype(float)
+    design = np.c_[np.zeros(200), counts]
+    targets = counts @ true * 50.0  # deep bags: log1p ≈ log, the fit is exact up to one scale
+    per_cell = targets.mean(axis=0) / counts.sum(axis=1).mean()
+    out = deconvolve(design, targets, per_cell)
+    assert out.shape == (4, 6)
+    assert np.all(out[0] == 0.0)
+    np.testing.assert_allclose(out[1:] - out[1], np.log(true / true[0]), atol=1e-3)
+    # the per-gene scale matches the mean of log1p of the targets
+    fitted = design @ (np.exp(out) * per_cell)
+    np.testing.assert_allclose(np.log1p(fitted).mean(0), np.log1p(targets).mean(0), atol=1e-3)
+    np.testing.assert_allclose(log1p_match(fitted, targets), 0.0, atol=1e-3)
+
+
+def test_bulk_profile_does_not_grow_with_the_slide() -> None:
+    """With slide-size normalisation a slide and two copies of it side by side predict the same bulk
+    profile (per-cell values are shares of a reference slide); cell values still sum to the profile."""
+    params = ModelParams(**{**SMALL.to_dict(), "gat_layers": 0, "transformer_layers": 0})
+    net = BiTroNet(n_features=8, n_phenotypes=4, n_genes=4, params=params).eval()
+    net.init_depth("bulk", 300.0)
+    one = _slide(300)
+    two = SlideCells(
+        np.vstack([one.features, one.features]),
+        np.r_[one.phenotype, one.phenotype],
+        np.vstack([one.xy_um, one.xy_um + np.float32(5000.0)]),
+        None,
+        np.full(600, -1, dtype=np.int64),
+    )
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        p1 = slide_profile(net, one, one.chunk_partition(100), device=cpu).numpy()
+        p2 = slide_profile(net, two, two.chunk_partition(100), device=cpu).numpy()
+    np.testing.assert_allclose(p1, p2, rtol=1e-5)
+    cells, _ = slide_cell_values(net, two, two.chunk_partition(100), device=cpu)
+    np.testing.assert_allclose(cells.sum(0), p2, rtol=1e-4)
+    raw = BiTroNet(
+        n_features=8,
+        n_phenotypes=4,
+        n_genes=4,
+        params=ModelParams(**{**params.to_dict(), "slide_size_norm": False}),
+    )
+    raw.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        q2 = slide_profile(raw.eval(), two, two.chunk_partition(100), device=cpu).numpy()
+    np.testing.assert_allclose(q2, 2 * p1, rtol=1e-5)  # the plain sum: twice one slide's (ref = its size)

@@ -123,8 +123,12 @@ class BiTroModel:
     def _scale_for(self, level: str, bag_cells: float) -> float:
         """Factor for predicting at another level than trained with plain sum-like pooling: per-cell
         values are shares of the training bag, so a bag of another size is rescaled by the size
-        ratio (not needed with mean pooling or the RNA-content head)."""
-        if self.params.pooling == "mean" or self.params.normalized or level == self.level or bag_cells <= 0:
+        ratio (not needed with mean pooling or the RNA-content head, nor for whole slides with
+        ``slide_size_norm``, which the network scales itself)."""
+        p = self.params
+        if p.pooling == "mean" or p.normalized or level == self.level or bag_cells <= 0:
+            return 1.0
+        if level == "bulk" and p.slide_size_norm and p.pooling == "sum":
             return 1.0
         return self.bag_cells / bag_cells
 
@@ -294,6 +298,8 @@ class BiTroModel:
             raise ValueError(f"{path}: unknown model format {cfg.get('format')!r} (expected {_FORMAT!r}).")
         model_cfg = dict(cfg["model"])
         model_cfg.setdefault("rna_head", False)  # checkpoints written before the RNA-content head
+        model_cfg.setdefault("phenotype_profiles", False)  # ... before phenotype profiles
+        model_cfg.setdefault("slide_size_norm", False)  # ... and before slide-size normalisation
         params = ModelParams.coerce(model_cfg)
         net = build_net(
             n_features=int(cfg["n_features"]),

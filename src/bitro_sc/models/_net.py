@@ -123,6 +123,11 @@ class BiTroNet(nn.Module):
         self.norm = nn.LayerNorm(p.hidden)
         self.head = nn.Linear(p.hidden, n_genes)
         self.skip = nn.Linear(in_dim, n_genes, bias=False) if p.linear_skip else None
+        # per-phenotype log-profiles added to every cell's log-expression (row 0: unknown phenotype);
+        # zero until `set_profiles` (the deconvolution start of `fit_bitro`)
+        self.profiles = nn.Embedding(n_phenotypes + 1, n_genes) if p.phenotype_profiles else None
+        if self.profiles is not None:
+            nn.init.zeros_(self.profiles.weight)
         if self.skip is not None:  # starts as the plain deep model
             nn.init.zeros_(self.skip.weight)
         self.attn_head = nn.Linear(p.hidden, n_genes) if p.pooling == "attention" else None
@@ -170,6 +175,8 @@ class BiTroNet(nn.Module):
         z = self.head(h)
         if self.skip is not None:
             z = z + self.skip(inputs)
+        if self.profiles is not None:
+            z = z + self.profiles(batch.phenotype)
         y = torch.exp(z.clamp(max=_MAX_LOGIT)) if self.params.activation == "exp" else F.softplus(z)
         s = self.attn_head(h) if self.attn_head is not None else None
         r = None
@@ -179,14 +186,14 @@ class BiTroNet(nn.Module):
         return y, s, r
 
     def init_depth(self, level: str, ref_cells: float, genes: torch.Tensor | None = None) -> None:
-        """Start the depth exponent at its level's default (:data:`DEPTH_INIT`) for ``genes`` (a
-        bool mask; all genes by default) and set the reference bag size."""
-        if self.depth is None:
-            return
+        """Set the reference bag size (cells of an average training bag) and start the depth exponent
+        at its level's default (:data:`DEPTH_INIT`) for ``genes`` (a bool mask; all genes by default)."""
         with torch.no_grad():
+            self.ref_cells.fill_(float(ref_cells) if ref_cells > 0 else 1.0)
+            if self.depth is None:
+                return
             mask = torch.ones_like(self.depth, dtype=torch.bool) if genes is None else genes
             self.depth[mask] = DEPTH_INIT[level]
-            self.ref_cells.fill_(float(ref_cells) if ref_cells > 0 else 1.0)
 
     def depth_factor(self, n_cells: torch.Tensor) -> torch.Tensor | None:
         """Per-gene measurement factor ``(n / ref_cells) ** depth`` of bags of ``n_cells`` cells
@@ -209,6 +216,13 @@ class BiTroNet(nn.Module):
                 self.head.bias.copy_(m.log())
             else:
                 self.head.bias.copy_(m + torch.log(-torch.expm1(-m)))  # softplus^-1
+
+    def set_profiles(self, log_profiles: torch.Tensor) -> None:
+        """Set the per-phenotype log-profiles (rows: phenotype codes, 0 = unknown; genes)."""
+        if self.profiles is None:
+            raise ValueError("This network has no phenotype profiles (ModelParams.phenotype_profiles=False).")
+        with torch.no_grad():
+            self.profiles.weight.copy_(log_profiles.to(self.profiles.weight))
 
 
 def _layout(index: torch.Tensor, n_bags: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:

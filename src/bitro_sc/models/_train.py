@@ -32,7 +32,7 @@ from ._net import pool_bags
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._net import BiTroNet
-    from ._params import ModelParams, TrainParams
+    from ._params import TrainParams
 
 #: cells per forward batch when a slide is processed in chunks (several chunks per batch)
 CELLS_PER_BATCH = 4096
@@ -131,12 +131,25 @@ def _combine(
     return [t * a + u * b for t, u in zip(terms, nterms, strict=True)], top
 
 
-def _finalize(terms: list[torch.Tensor], params: ModelParams, n_cells: int) -> torch.Tensor:
+def slide_scale(net: BiTroNet, n_cells: int) -> torch.Tensor | float:
+    """Factor of a whole slide's summed cell values under plain sum pooling with ``slide_size_norm``:
+    ``ref_cells / n``. A deep bulk library is normalised to counts per 10k whatever the slide's
+    size, so the sum is scaled to a slide of the reference size (cell values stay shares of a bag
+    of ``ref_cells`` cells, the average training bag). 1 otherwise."""
+    p = net.params
+    if p.pooling == "sum" and not p.normalized and p.slide_size_norm and n_cells > 0:
+        return net.ref_cells / n_cells
+    return 1.0
+
+
+def _finalize(terms: list[torch.Tensor], net: BiTroNet, n_cells: int) -> torch.Tensor:
+    """A whole slide's profile from its summed chunk terms."""
+    params = net.params
     pooling = params.pooling
     if params.normalized:
         return terms[0] / terms[1]
     if pooling == "sum":
-        return terms[0]
+        return terms[0] * slide_scale(net, n_cells)
     if pooling == "mean":
         return terms[0] / n_cells
     return n_cells * terms[0] / terms[1]
@@ -159,7 +172,7 @@ def slide_profile(
             acc = _combine(acc, _terms(net, slide, part, groups, device, None))
     if acc is None:
         raise ValueError("The slide has no cells: run `bs.tl.segment` on it (or drop it).")
-    return _calibrated(net, _finalize(acc[0], net.params, int(part.order.size)), int(part.order.size))
+    return _calibrated(net, _finalize(acc[0], net, int(part.order.size)), int(part.order.size))
 
 
 def with_depth(net: BiTroNet, pooled: torch.Tensor, n_cells: torch.Tensor) -> torch.Tensor:
@@ -199,7 +212,7 @@ def slide_step(
         raise ValueError("The slide has no cells: run `bs.tl.segment` on it (or drop it).")
     terms, shift = acc
     leaves = [t.detach().requires_grad_(True) for t in terms]
-    pooled = _calibrated(net, _finalize(leaves, net.params, n), n)
+    pooled = _calibrated(net, _finalize(leaves, net, n), n)
     target = torch.as_tensor(item.target, dtype=pooled.dtype, device=device)[None]
     lib = torch.tensor([item.lib], dtype=pooled.dtype, device=device)
     value = loss_fn(pooled[None], target, lib, loss) * scale
@@ -249,6 +262,8 @@ def slide_cell_values(
                 rna[cells] = r[:, 0].float().cpu().numpy()
             elif pooling == "mean":
                 y = y / n
+            elif pooling == "sum":
+                y = y * slide_scale(net, n)
             elif pooling == "attention":
                 assert s is not None
                 assert shift is not None
@@ -291,6 +306,21 @@ def spot_values(
                 assert r is not None
                 rna[cells] = r[:, 0].float().cpu().numpy()
     return prof, cells_out, rna
+
+
+def bag_predictions(
+    net: BiTroNet, data: list[SpotSet] | list[BulkSlide], *, device: torch.device
+) -> np.ndarray:
+    """Current predictions (bags × genes) of the training bags of ``data``, in their order (eval mode)."""
+    net.eval()
+    out: list[np.ndarray] = []
+    with torch.no_grad():
+        for item in data:
+            if isinstance(item, SpotSet):
+                out.append(spot_values(net, item.slide, item.part, item.rows, device=device)[0])
+            else:
+                out.append(slide_profile(net, item.slide, item.part, device=device).cpu().numpy()[None])
+    return np.concatenate(out).astype(np.float64)
 
 
 def mean_log_rna(net: BiTroNet, data: list[SpotSet] | list[BulkSlide], *, device: torch.device) -> float:

@@ -95,6 +95,13 @@ def transfer_net(
     ):
         shift = math.log(base.bag_cells / target_bag_cells)
     net.head = _new_head(net.head, rows, bias_new, shift)
+    if net.profiles is not None:  # matched genes keep their phenotype profiles, new genes start at 0
+        table = torch.zeros(net.profiles.num_embeddings, len(genes), device=net.profiles.weight.device)
+        known = rows >= 0
+        table[:, torch.as_tensor(np.flatnonzero(known))] = net.profiles.weight.detach()[
+            :, torch.as_tensor(rows[known])
+        ]
+        net.profiles = nn.Embedding.from_pretrained(table, freeze=False)
     if net.skip is not None:  # new genes start without a linear path, as in a fresh network
         net.skip = _new_head(net.skip, rows, None, 0.0, init_std=0.0)
     if net.depth is not None:
@@ -116,7 +123,7 @@ def transfer_net(
     else:
         for p in net.parameters():
             p.requires_grad_(policy == "full")
-    for head in (net.head, net.attn_head, net.rna_head, net.skip):
+    for head in (net.head, net.attn_head, net.rna_head, net.skip, net.profiles):
         if head is not None:
             for p in head.parameters():
                 p.requires_grad_(True)
