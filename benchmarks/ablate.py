@@ -55,8 +55,27 @@ def _fit(train: list, genes: list[str], config: dict[str, Any]) -> Any:
     return cli.fit_methods(train, methods=(method,), genes=genes, fit_kwargs=kwargs, progress=False)[method]
 
 
-def spot(data: Path, config: dict[str, Any], folds: list[int]) -> dict[str, float]:
-    """Leave-one-slide-out over the prepared slides; returns the mean spot and cell scores."""
+def _true_types(sdata: Any, truth: Any) -> None:
+    """Diagnosis only: replace the k-means phenotypes with each cell's simulated type (the nucleus
+    under its centroid; "none" where no true nucleus is), i.e. a perfect cell typing."""
+    import pandas as pd
+
+    cells = sdata.tables["cells"]
+    labels = np.asarray(truth.labels)
+    y = np.clip(np.round(cells.obs["y_px"].to_numpy()).astype(int), 0, labels.shape[0] - 1)
+    x = np.clip(np.round(cells.obs["x_px"].to_numpy()).astype(int), 0, labels.shape[1] - 1)
+    true_id = labels[y, x]
+    expr = truth.expression
+    row = pd.Index(expr.obs["cell_id"].to_numpy()).get_indexer(true_id)
+    types = expr.obs["cell_type"].astype(str).to_numpy()[np.maximum(row, 0)]
+    cells.obs["bitro_phenotype"] = pd.Categorical(np.where((true_id > 0) & (row >= 0), types, "none"))
+
+
+def spot(
+    data: Path, config: dict[str, Any], folds: list[int], *, true_types: bool = False
+) -> dict[str, float]:
+    """Leave-one-slide-out over the prepared slides; returns the mean spot and cell scores.
+    ``true_types``: phenotypes = the simulated cell types (a perfect typing; diagnosis only)."""
     import spatialdata as sd
 
     import bitro_sc as bs
@@ -71,6 +90,9 @@ def spot(data: Path, config: dict[str, Any], folds: list[int]) -> dict[str, floa
     slides = [sd.read_zarr(p) for p in paths]
     with open(data / "truths.pkl", "rb") as f:
         truths = pickle.load(f)
+    if true_types:
+        for sdata, truth in zip(slides, truths, strict=True):
+            _true_types(sdata, truth)
     rows = []
     for k in folds:
         t0 = time.perf_counter()
@@ -115,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--data", type=Path, required=True)
     b.add_argument("--config", default="{}")
     b.add_argument("--folds", default="0,1,2,3")
+    b.add_argument("--true-types", action="store_true", help="phenotypes = simulated cell types (diagnosis)")
     c = sub.add_parser("her2st", help="leave-one-section-out on HER2ST")
     c.add_argument("--config", default="{}")
     args = p.parse_args(argv)
@@ -123,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     config = json.loads(args.config)
     if args.what == "spot":
-        result = spot(args.data, config, [int(f) for f in args.folds.split(",")])
+        result = spot(args.data, config, [int(f) for f in args.folds.split(",")], true_types=args.true_types)
     else:
         result = her2st(config)
     print("SUMMARY", json.dumps(config), json.dumps({k: round(v, 4) for k, v in result.items()}), flush=True)

@@ -172,10 +172,13 @@ def test_checkpoint_without_rna_head_field_loads_as_plain_sum_model(tmp_path: Pa
     assert model.record["train"]["lr"] == 1e-3  # lr=None resolves to the scratch rate
     model.save(tmp_path / "old")
     cfg = json.loads((tmp_path / "old" / "config.json").read_text())
-    del cfg["model"]["rna_head"]
+    for field in ("rna_head", "phenotype_profiles", "slide_size_norm"):  # fields added later
+        del cfg["model"][field]
     (tmp_path / "old" / "config.json").write_text(json.dumps(cfg))
     again = BiTroModel.load(tmp_path / "old")
     assert again.params.rna_head is False
+    assert again.params.phenotype_profiles is False
+    assert again.params.slide_size_norm is False
     pd.testing.assert_frame_equal(model.predict_frame(slides[1]), again.predict_frame(slides[1]))
 
 
@@ -197,6 +200,23 @@ def test_validation_split_groups_slides_by_patient() -> None:
         _split(patients, samples, ["p9"], "spot", seed=0)
     with pytest.raises(ValueError, match="keep at least one"):
         _split(patients, samples, patients, "spot", seed=0)
+
+
+def test_refit_trains_again_on_all_bags_for_the_chosen_epochs() -> None:
+    slides = _slides(2, grid=4)
+    kw = {"model": TINY, "progress": False, "genes": MARKERS[:6], "overwrite": True, "epochs": 3}
+    plain = bs.tl.fit_bitro(slides, **kw)
+    assert plain.record["refit"] is None
+    assert plain.record["model"]["phenotype_profiles"] is False  # auto: off for spots
+    model = bs.tl.fit_bitro(slides, train={"refit": True}, **kw)
+    assert model.record["n_bags_validation"] > 0  # the auto split held out spot blocks
+    refit = model.record["refit"]
+    assert refit["epochs"] == model.record["best_epoch"] + 1
+    assert len(refit["train_loss"]) == refit["epochs"]
+    assert model.record["history"] == plain.record["history"]  # the choosing run is the same
+    assert not np.allclose(
+        model.predict_frame(slides[0]).to_numpy(), plain.predict_frame(slides[0]).to_numpy()
+    )
 
 
 def test_same_seed_gives_the_same_model() -> None:
@@ -222,6 +242,8 @@ def test_bulk_training_predicts_slides_and_cells(rna_head: bool) -> None:
         progress=False,
     )
     assert model.level == "bulk"  # < 5 slides: no validation
+    assert model.record["model"]["phenotype_profiles"] is True  # auto: on for whole slides
+    assert model.net.profiles is not None
     assert model.record["split"]["validation"] == []
     bs.tl.predict_bitro(slides[3], model, level="bulk")
     bulk = slides[3].tables[K.BULK]

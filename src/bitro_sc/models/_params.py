@@ -184,6 +184,11 @@ class TrainParams(_Params):
         kept; the depth factor still sees the spot's full number of cells): a MIL augmentation.
     grad_clip
         Gradient norm clip (0: off).
+    refit
+        After early stopping on the validation bags has chosen the number of epochs, train again
+        from the start on all bags (training + validation) for that many epochs; the validation
+        history stays in the run record, the refit's losses in ``record["refit"]``. Doubles the
+        training time. Off by default (measured in ``benchmarks/results/accuracy.md``).
     """
 
     LR: ClassVar[float] = 1e-3
@@ -199,6 +204,7 @@ class TrainParams(_Params):
     max_cells_per_spot: int = 128
     drop_cells: float = 0.0
     grad_clip: float = 1.0
+    refit: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

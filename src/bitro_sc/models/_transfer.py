@@ -138,8 +138,8 @@ def transfer_net(
         "n_trainable": int(trainable),
         "n_frozen": int(frozen),
         "lora_targets": lora["target_modules"] if lora else None,
-        "frozen_modules": "all base weights except the gene (and RNA-content) head"
-        + (" (LoRA adapters trained)" if lora else "")
+        "frozen_modules": "all base weights except the gene head "
+        "(with its phenotype profiles and RNA-content head)" + (" (LoRA adapters trained)" if lora else "")
         if policy != "full"
         else "none",
         "base_level": base.level,

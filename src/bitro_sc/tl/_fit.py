@@ -466,47 +466,74 @@ def _fit(
     bias = torch.as_tensor(per_cell, dtype=torch.float32)
 
     # network ----------------------------------------------------------------------------------
-    report: dict[str, Any] = {}
-    lora = None
-    if base is None:
-        net = build_net(
-            n_features=stats.mean.shape[0], n_phenotypes=len(phenotypes), n_genes=len(chosen), params=params
-        )
-        net.set_gene_bias(bias)
-        net.init_depth(level, bag_cells)
-        if net.profiles is not None:
-            from ..models._deconv import bag_design, deconvolve
+    def start(data: list[Any]) -> tuple[Any, Any, dict[str, Any]]:
+        """The network before its first step on ``data``: fresh (+ deconvolution start) or transferred."""
+        torch.manual_seed(seed)
+        report: dict[str, Any] = {}
+        lora = None
+        if base is None:
+            net = build_net(
+                n_features=stats.mean.shape[0],
+                n_phenotypes=len(phenotypes),
+                n_genes=len(chosen),
+                params=params,
+            )
+            net.set_gene_bias(bias)
+            net.init_depth(level, bag_cells)
+            if net.profiles is not None:
+                from ..models._deconv import bag_design, deconvolve
 
-            design, bag_targets = bag_design(train_data, len(phenotypes) + 1)
-            design = design * _design_scale(design.sum(axis=1, keepdims=True), params, level, bag_cells)
-            net.set_profiles(torch.as_tensor(deconvolve(design, bag_targets, per_cell), dtype=torch.float32))
-    else:
-        net, lora, report = transfer_net(
-            base,
-            chosen,
-            policy=policy,  # type: ignore[arg-type]
-            bias_new=_bias_param(bias, params),
-            target_bag_cells=bag_cells,
-            level=level,
-        )
-    net.to(dev)
-    if base is not None and level == "spot" and params.activation == "exp":
-        # A base from whole slides (deep libraries) knows nothing of how sparse spots are, and the
-        # mean of log1p of sparse counts sits far below log1p of their mean: one log-scale per gene
-        # matches the base to the spot targets before the first step. Measured: bulk -> spot LoRA
-        # 0.367 / 0.362 / 0.348 with it vs 0.357 / 0.357 / 0.332 without (3 seeds); at bulk targets
-        # it lowered LoRA (spot -> bulk 0.067-0.175 vs 0.141-0.254), so it is spots only.
-        from ..models._deconv import log1p_match
-        from ..models._train import bag_predictions
+                design, bag_targets = bag_design(data, len(phenotypes) + 1)
+                design = design * _design_scale(design.sum(axis=1, keepdims=True), params, level, bag_cells)
+                net.set_profiles(
+                    torch.as_tensor(deconvolve(design, bag_targets, per_cell), dtype=torch.float32)
+                )
+        else:
+            net, lora, report = transfer_net(
+                base,
+                chosen,
+                policy=policy,  # type: ignore[arg-type]
+                bias_new=_bias_param(bias, params),
+                target_bag_cells=bag_cells,
+                level=level,
+            )
+        net.to(dev)
+        if base is not None and level == "spot" and params.activation == "exp":
+            # A base from whole slides (deep libraries) knows nothing of how sparse spots are, and the
+            # mean of log1p of sparse counts sits far below log1p of their mean: one log-scale per gene
+            # matches the base to the spot targets before the first step. Measured: bulk -> spot LoRA
+            # 0.367 / 0.362 / 0.348 with it vs 0.357 / 0.357 / 0.332 without (3 seeds); at bulk targets
+            # it lowered LoRA (spot -> bulk 0.067-0.175 vs 0.141-0.254), so it is spots only.
+            from ..models._deconv import log1p_match
+            from ..models._train import bag_predictions
 
-        log_c = log1p_match(bag_predictions(net, train_data, device=dev), targets.astype(np.float64))
-        with torch.no_grad():
-            net.head.bias.add_(torch.as_tensor(log_c, dtype=net.head.bias.dtype, device=dev))
+            bag_targets = np.concatenate([d.target.reshape(-1, len(chosen)) for d in data]).astype(np.float64)
+            log_c = log1p_match(bag_predictions(net, data, device=dev), bag_targets)
+            with torch.no_grad():
+                net.head.bias.add_(torch.as_tensor(log_c, dtype=net.head.bias.dtype, device=dev))
+        return net, lora, report
+
+    net, lora, report = start(train_data)
     n_trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     n_frozen = sum(p.numel() for p in net.parameters() if not p.requires_grad)
     history, best_epoch = train_loop(
         net, train_data, val_data, params=train, device=dev, seed=seed, progress=progress
     )
+    refit_record = None
+    if train.refit and val_data:
+        # the validation bags chose the number of epochs; train again from the start on all bags
+        epochs = best_epoch + 1
+        net, lora, report = start(train_data + val_data)
+        refit_history, _ = train_loop(
+            net,
+            train_data + val_data,
+            [],
+            params=dataclasses.replace(train, epochs=epochs),
+            device=dev,
+            seed=seed,
+            progress=progress,
+        )
+        refit_record = {"epochs": epochs, "train_loss": [row["train_loss"] for row in refit_history]}
     if net.rna_head is not None:
         # Bag profiles do not change when every cell's RNA content is scaled alike: fix that scale so
         # the training cells' geometric-mean RNA content is 1 (cell values = counts per 10k of a
@@ -541,6 +568,7 @@ def _fit(
         "cells_per_bag": bag_cells,
         "history": hist,
         "best_epoch": int(best_epoch),
+        "refit": refit_record,
         "n_trainable": int(n_trainable),
         "n_frozen": int(n_frozen),
         "matched_genes": report.get("matched_genes", []),
