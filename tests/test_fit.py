@@ -205,10 +205,10 @@ def test_validation_split_groups_slides_by_patient() -> None:
 def test_refit_trains_again_on_all_bags_for_the_chosen_epochs() -> None:
     slides = _slides(2, grid=4)
     kw = {"model": TINY, "progress": False, "genes": MARKERS[:6], "overwrite": True, "epochs": 3}
-    plain = bs.tl.fit_bitro(slides, **kw)
+    plain = bs.tl.fit_bitro(slides, train={"refit": False}, **kw)
     assert plain.record["refit"] is None
     assert plain.record["model"]["phenotype_profiles"] is False  # auto: off for spots
-    model = bs.tl.fit_bitro(slides, train={"refit": True}, **kw)
+    model = bs.tl.fit_bitro(slides, **kw)  # refit by default
     assert model.record["n_bags_validation"] > 0  # the auto split held out spot blocks
     refit = model.record["refit"]
     assert refit["epochs"] == model.record["best_epoch"] + 1

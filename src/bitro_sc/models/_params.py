@@ -186,9 +186,12 @@ class TrainParams(_Params):
         Gradient norm clip (0: off).
     refit
         After early stopping on the validation bags has chosen the number of epochs, train again
-        from the start on all bags (training + validation) for that many epochs; the validation
-        history stays in the run record, the refit's losses in ``record["refit"]``. Doubles the
-        training time. Off by default (measured in ``benchmarks/results/accuracy.md``).
+        from the start on all bags (training + validation) for that many epochs (default ``True``;
+        nothing to do without a validation split). The validation history stays in the run record,
+        the refit's losses are in ``record["refit"]``. It doubles the training time. Measured
+        (``benchmarks/results/accuracy.md``): HER2ST leave-one-section-out 0.139 / 0.140 / 0.139
+        over 3 seeds instead of 0.132 (seed 0); synthetic spots +0.004 to +0.007 spot score and
+        +0.006 to +0.026 cell score; synthetic bulk 0.169 instead of 0.185 (ridge 0.144).
     """
 
     LR: ClassVar[float] = 1e-3
@@ -204,7 +207,7 @@ class TrainParams(_Params):
     max_cells_per_spot: int = 128
     drop_cells: float = 0.0
     grad_clip: float = 1.0
-    refit: bool = False
+    refit: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
