@@ -97,10 +97,8 @@ def transfer_net(
     net.head = _new_head(net.head, rows, bias_new, shift)
     if net.profiles is not None:  # matched genes keep their phenotype profiles, new genes start at 0
         table = torch.zeros(net.profiles.num_embeddings, len(genes), device=net.profiles.weight.device)
-        known = rows >= 0
-        table[:, torch.as_tensor(np.flatnonzero(known))] = net.profiles.weight.detach()[
-            :, torch.as_tensor(rows[known])
-        ]
+        cols = np.flatnonzero(rows >= 0)
+        table[:, torch.as_tensor(cols)] = net.profiles.weight.detach()[:, torch.as_tensor(rows[cols])]
         net.profiles = nn.Embedding.from_pretrained(table, freeze=False)
     if net.skip is not None:  # new genes start without a linear path, as in a fresh network
         net.skip = _new_head(net.skip, rows, None, 0.0, init_std=0.0)
