@@ -857,8 +857,8 @@ to_bulk
   far its validation loss fell before it overfitted. This simulation is deliberately small so
   that the notebook runs in minutes: it demonstrates the recipe, and the gain in this one run
   can go either way. Measured at a larger size (`benchmarks/results/accuracy.md`, transfer
-  section), LoRA beat training from scratch in both directions (bulk → spot 0.367 vs 0.357 mean
-  spot Pearson; spot → bulk 0.141 vs 0.068 across held-out slides). A real bulk cohort has
+  section), LoRA beat training from scratch in both directions (bulk → spot 0.372 vs 0.362 mean
+  spot Pearson; spot → bulk 0.253 vs 0.068 across held-out slides). A real bulk cohort has
   hundreds of slides.
 - **Spot → bulk.** A spot model is already a bulk model (the sum over all cells of a slide),
   so compare adaptations with the "as is" row.
