@@ -24,13 +24,15 @@ FLOOR = 0.02
 
 def bag_design(data: list[SpotSet] | list[BulkSlide], n_codes: int) -> tuple[np.ndarray, np.ndarray]:
     """Cells of each phenotype code per training bag (bags × codes) and the bag targets (bags × genes)."""
+    from ._train import SpotSet
+
     rows: list[np.ndarray] = []
     targets: list[np.ndarray] = []
     for item in data:
         codes = item.slide.phenotype
         part = item.part
-        if hasattr(item, "rows"):  # spots: one bag per spot-table row
-            for r, t in zip(item.rows, item.target, strict=True):  # type: ignore[union-attr]
+        if isinstance(item, SpotSet):  # spots: one bag per spot-table row
+            for r, t in zip(item.rows, item.target, strict=True):
                 cells = part.order[part.cell_ptr[r] : part.cell_ptr[r + 1]]
                 rows.append(np.bincount(codes[cells], minlength=n_codes))
                 targets.append(t)
