@@ -22,24 +22,23 @@ if TYPE_CHECKING:  # pragma: no cover
 FLOOR = 0.02
 
 
-def bag_design(data: list[SpotSet] | list[BulkSlide], n_codes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cells of each phenotype code per training bag (bags × codes) and the bag targets (bags × genes)."""
+def bag_design(data: list[SpotSet] | list[BulkSlide], n_codes: int) -> np.ndarray:
+    """Cells of each phenotype code per training bag (bags × codes), in the order of
+    :func:`~bitro_sc.models._train.bag_targets`."""
     from ._train import SpotSet
 
     rows: list[np.ndarray] = []
-    targets: list[np.ndarray] = []
     for item in data:
         codes = item.slide.phenotype
         part = item.part
         if isinstance(item, SpotSet):  # spots: one bag per spot-table row
-            for r, t in zip(item.rows, item.target, strict=True):
-                cells = part.order[part.cell_ptr[r] : part.cell_ptr[r + 1]]
-                rows.append(np.bincount(codes[cells], minlength=n_codes))
-                targets.append(t)
+            for r in item.rows:
+                rows.append(
+                    np.bincount(codes[part.order[part.cell_ptr[r] : part.cell_ptr[r + 1]]], minlength=n_codes)
+                )
         else:  # a whole slide is one bag
             rows.append(np.bincount(codes, minlength=n_codes))
-            targets.append(np.asarray(item.target).reshape(-1))
-    return np.asarray(rows, dtype=np.float64), np.asarray(targets, dtype=np.float64)
+    return np.asarray(rows, dtype=np.float64)
 
 
 def deconvolve(design: np.ndarray, targets: np.ndarray, per_cell: np.ndarray) -> np.ndarray:

@@ -308,6 +308,11 @@ def spot_values(
     return prof, cells_out, rna
 
 
+def bag_targets(data: list[SpotSet] | list[BulkSlide], n_genes: int) -> np.ndarray:
+    """Targets (bags × genes, counts per 10k) of the bags of ``data``, in their order."""
+    return np.concatenate([d.target.reshape(-1, n_genes) for d in data])
+
+
 def bag_predictions(
     net: BiTroNet, data: list[SpotSet] | list[BulkSlide], *, device: torch.device
 ) -> np.ndarray:

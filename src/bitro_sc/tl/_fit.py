@@ -374,7 +374,7 @@ def _fit(
     from ..models import BiTroModel, TrainParams
     from ..models._data import FeatureStats, cells_table, jsonable, phenotype_categories
     from ..models._model import build_net, resolve_device
-    from ..models._train import mean_log_rna
+    from ..models._train import bag_targets, mean_log_rna
     from ..models._train import train as train_loop
     from ..models._transfer import transfer_net
     from ..pp import highly_variable_genes
@@ -454,7 +454,7 @@ def _fit(
         keys=keys,
     )
     bag_cells = float(np.mean(bag_sizes))
-    targets = np.concatenate([d.target.reshape(-1, len(chosen)) for d in train_data])
+    targets = bag_targets(train_data, len(chosen))
     # The head starts at the loss-optimal constant: for the log1p MSE that is the mean of log1p
     # targets (sparse spots make it far below log1p of the mean), for Poisson the mean itself.
     if train.loss == "mse":
@@ -483,10 +483,11 @@ def _fit(
             if net.profiles is not None:
                 from ..models._deconv import bag_design, deconvolve
 
-                design, bag_targets = bag_design(data, len(phenotypes) + 1)
+                design = bag_design(data, len(phenotypes) + 1)
                 design = design * _design_scale(design.sum(axis=1, keepdims=True), params, level, bag_cells)
+                start_targets = bag_targets(data, len(chosen)).astype(np.float64)
                 net.set_profiles(
-                    torch.as_tensor(deconvolve(design, bag_targets, per_cell), dtype=torch.float32)
+                    torch.as_tensor(deconvolve(design, start_targets, per_cell), dtype=torch.float32)
                 )
         else:
             net, lora, report = transfer_net(
@@ -507,8 +508,9 @@ def _fit(
             from ..models._deconv import log1p_match
             from ..models._train import bag_predictions
 
-            bag_targets = np.concatenate([d.target.reshape(-1, len(chosen)) for d in data]).astype(np.float64)
-            log_c = log1p_match(bag_predictions(net, data, device=dev), bag_targets)
+            log_c = log1p_match(
+                bag_predictions(net, data, device=dev), bag_targets(data, len(chosen)).astype(np.float64)
+            )
             with torch.no_grad():
                 net.head.bias.add_(torch.as_tensor(log_c, dtype=net.head.bias.dtype, device=dev))
         return net, lora, report
