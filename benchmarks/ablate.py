@@ -133,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     a = sub.add_parser("prepare", help="simulate and prepare the spot benchmark's slides")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--out", type=Path, required=True)
+    a.add_argument("--size-um", type=float, default=800.0, help="slide side (µm)")
+    a.add_argument("--n-slides", type=int, default=4)
     b = sub.add_parser("spot", help="leave-one-slide-out on prepared slides")
     b.add_argument("--data", type=Path, required=True)
     b.add_argument("--config", default="{}")
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--config", default="{}")
     args = p.parse_args(argv)
     if args.what == "prepare":
-        prepare(args.seed, args.out)
+        prepare(args.seed, args.out, n_slides=args.n_slides, size_um=args.size_um)
         return 0
     config = json.loads(args.config)
     if args.what == "spot":

@@ -39,6 +39,7 @@ def test_features_written_as_float32_with_parameters(toy):
     assert p["nucleus_pixels"] == "labels"
     assert p["mpp"] == pytest.approx(0.5)
     assert p["n_missing"] == 0
+    assert p["stains"] == "macenko"
     # standardised over this slide: mean 0, sd 1 for non-constant features
     np.testing.assert_allclose(x.mean(0), 0, atol=1e-4)
 
@@ -272,3 +273,49 @@ def test_her2st_crop_features_are_plausible(her2st_dir):
     assert 15 < raw["area_um2"].median() < 80
     assert 1000 < raw["density_per_mm2"].median() < 10000
     assert (raw["nuc_h_mean"] > raw["ring_h_mean"]).mean() > 0.9
+
+
+def _restained(sdata, factor: float):
+    """A copy of a slide whose stains are ``factor`` times as dense (optical density scaled)."""
+    import copy
+
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import get_transformation
+
+    out = copy.deepcopy(sdata)
+    image = out.images["he"]
+    rgb = np.asarray(image.data).astype(np.float64)
+    od = np.clip(-np.log((rgb + 1.0) / 240.0), 0.0, None)
+    dense = np.clip(240.0 * np.exp(-factor * od) - 1.0, 0, 255).round().astype(np.uint8)
+    out.images["he"] = Image2DModel.parse(
+        dense, dims=("c", "y", "x"), transformations=get_transformation(image, get_all=True)
+    )
+    return out
+
+
+@pytest.mark.parametrize("factor", [0.7, 1.4])
+def test_macenko_stains_make_features_invariant_to_staining_strength(factor):
+    sdata, _ = toy_cells_slide(seed=0)
+    darker = _restained(sdata, factor)
+    cols = ["nuc_h_mean", "nuc_e_mean", "ring_h_mean"]
+    feats = {}
+    for stains in ("macenko", "fixed"):
+        enc = MorphologyEncoder(stains=stains)
+        for name, s in (("orig", sdata), ("restained", darker)):
+            bs.tl.cell_features(s, encoder=enc, overwrite=True, progress=False)
+            feats[stains, name] = _raw(s)[cols]
+    ratio = {st: (feats[st, "restained"].mean() / feats[st, "orig"].mean()) for st in ("macenko", "fixed")}
+    # the fixed matrix reads the denser stain as more haematoxylin; the slide's own estimate does not
+    np.testing.assert_allclose(ratio["fixed"]["nuc_h_mean"], factor, rtol=0.1)
+    np.testing.assert_allclose(ratio["macenko"][["nuc_h_mean", "nuc_e_mean", "ring_h_mean"]], 1.0, atol=0.05)
+    # per cell, not only on average
+    r = np.corrcoef(feats["macenko", "orig"]["nuc_h_mean"], feats["macenko", "restained"]["nuc_h_mean"])[0, 1]
+    assert r > 0.98
+
+
+def test_blank_image_with_macenko_stains_names_the_fixed_alternative():
+    sdata, _ = toy_cells_slide(seed=0, size_px=100)
+    blank = _restained(sdata, 0.0)
+    with pytest.raises(ValueError, match="stains='fixed'"):
+        bs.tl.cell_features(blank, progress=False)
+    bs.tl.cell_features(blank, encoder=MorphologyEncoder(stains="fixed"), progress=False)

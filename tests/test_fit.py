@@ -100,9 +100,11 @@ def test_predictions_land_in_the_spot_table_with_the_record(trained) -> None:
     bs.tl.predict_bitro(slide, model, overwrite=True)
 
 
-def test_cell_predictions_sum_to_spot_predictions(trained) -> None:
-    """Default (plain sum pooling): the cells of a spot sum to its prediction."""
-    model, _, _, _ = trained
+def test_cell_predictions_sum_to_spot_predictions() -> None:
+    """Plain sum pooling (``rna_head=False``): the cells of a spot sum to its prediction."""
+    model = bs.tl.fit_bitro(
+        _slides(2, grid=4), epochs=2, model={**TINY, "rna_head": False}, genes=MARKERS[:6], progress=False
+    )
     assert model.net.rna_head is None
     slide = toy_slide(seed=12, grid=4)
     spots = model.predict_frame(slide, level="spot")
@@ -144,6 +146,48 @@ def test_rna_head_cell_predictions_pool_to_spot_predictions() -> None:
         factor = model.net.depth_factor(torch.as_tensor(n_cells.to_numpy())).numpy()
     pooled = summed.div(total, axis=0) * factor
     np.testing.assert_allclose(pooled.to_numpy(), spots.iloc[pooled.index].to_numpy(), rtol=1e-4)
+
+
+def test_library_loss_is_zero_when_rna_contents_add_up_to_the_library() -> None:
+    from bitro_sc.models._train import library_loss
+
+    rna = torch.tensor([0.5, 1.5, 1.0, 3.0])
+    index = torch.tensor([0, 0, 1, 1])
+    assert float(library_loss(rna, index, 2, torch.tensor([2.0, 4.0]))) == pytest.approx(0.0, abs=1e-7)
+    expected = (np.log(2.0 / 4.0) ** 2 + np.log(4.0 / 2.0) ** 2) / 2
+    assert float(library_loss(rna, index, 2, torch.tensor([4.0, 2.0]))) == pytest.approx(expected, rel=1e-6)
+
+
+def test_default_spot_model_learns_rna_contents_from_spot_libraries() -> None:
+    """Spots: the RNA-content head is on by default, and the library loss makes a spot's summed
+    cell RNA contents follow its measured library (without it nothing ties them)."""
+    from bitro_sc.models._data import library_and_counts
+
+    slides = _slides(2, grid=5)
+    table = slides[0].tables[K.TABLE]
+    lib, _ = library_and_counts(table, list(table.var_names))
+    r = {}
+    for weight in (1.0, 0.0):
+        model = bs.tl.fit_bitro(
+            slides,
+            epochs=15,
+            model=TINY,
+            train={"lr": 3e-3, "library_weight": weight},
+            genes=MARKERS[:8],
+            validation=None,
+            progress=False,
+        )
+        assert model.net.rna_head is not None and model.params.rna_head is True
+        assert model.record["train"]["library_weight"] == weight
+        frame = model.predict_frame(slides[0], level="cell")
+        cells = slides[0].tables[K.CELLS]
+        spot_of = pd.to_numeric(cells.obs[K.SPOT_ID]).to_numpy()
+        inside = np.isfinite(spot_of)
+        total = pd.Series(frame.attrs["rna_content"][inside]).groupby(spot_of[inside].astype(int)).sum()
+        r[weight] = _pearson(np.log(total.to_numpy()), np.log(lib[total.index]))
+    print(f"Pearson(log Σ r, log library) over spots: with library loss {r[1.0]:.3f}, without {r[0.0]:.3f}")
+    assert r[1.0] > 0.95
+    assert r[1.0] > r[0.0] + 0.05  # 0.994 vs 0.895 when written
 
 
 def test_saved_model_reloads_with_identical_predictions(trained, tmp_path: Path) -> None:
@@ -423,7 +467,13 @@ def test_gene_bias_starts_at_the_log1p_optimal_constant() -> None:
     slides = _slides(2)
     genes = MARKERS[:4]
     model = bs.tl.fit_bitro(
-        slides, epochs=1, train={"lr": 1e-12}, model=TINY, genes=genes, validation=None, progress=False
+        slides,
+        epochs=1,
+        train={"lr": 1e-12},
+        model={**TINY, "rna_head": False},
+        genes=genes,
+        validation=None,
+        progress=False,
     )
     targets, sizes = [], []
     for s in slides:

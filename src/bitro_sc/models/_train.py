@@ -357,6 +357,7 @@ def _spot_loss(
     max_cells: int | None,
     rng: np.random.Generator | None,
     drop_cells: float = 0.0,
+    library: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     windows = [(si, int(sets[si].rows[k])) for si, k in picks]
     batch, _ = make_batch(
@@ -373,7 +374,28 @@ def _spot_loss(
     pooled = with_depth(net, pooled, batch.n_cells)  # the spots' full cell counts, however many were kept
     target = torch.from_numpy(np.stack([sets[si].target[k] for si, k in picks])).to(device, pooled.dtype)
     lib = torch.tensor([sets[si].lib[k] for si, k in picks], dtype=pooled.dtype, device=device)
-    return loss_fn(pooled, target, lib, loss)
+    value = loss_fn(pooled, target, lib, loss)
+    if library is not None and r is not None:
+        weight, per_cell = library
+        kept = torch.bincount(batch.batch, minlength=batch.num_graphs).to(lib)
+        # subsampled spots: their kept cells stand for all of them
+        expected = lib / per_cell * kept / batch.n_cells.to(lib).clamp(min=1.0)
+        value = value + weight * library_loss(r[:, 0], batch.batch, batch.num_graphs, expected)
+    return value
+
+
+def library_loss(rna: torch.Tensor, index: torch.Tensor, n_bags: int, expected: torch.Tensor) -> torch.Tensor:
+    """Mean squared log-ratio of each bag's summed RNA content ``Σ r`` to ``expected`` (the bag's
+    library in units of the average training cell's library)."""
+    total = torch.zeros(n_bags, dtype=rna.dtype, device=rna.device).index_add_(0, index, rna)
+    return ((torch.log(total) - torch.log(expected)) ** 2).mean()
+
+
+def library_per_cell(sets: list[SpotSet]) -> float:
+    """Mean library of a training spot divided by its mean number of cells (the library-loss unit)."""
+    libs = np.concatenate([s.lib for s in sets])
+    cells = np.concatenate([s.part.sizes()[s.rows] for s in sets])
+    return float(libs.mean() / max(cells.mean(), 1e-12)) if libs.size else 1.0
 
 
 def evaluate_loss(
@@ -450,6 +472,9 @@ def _train_epochs(
         if spot_level
         else [(si, 0) for si in range(len(train_data))]
     )
+    library = None
+    if spot_level and net.params.normalized and params.library_weight > 0:
+        library = (params.library_weight, library_per_cell(train_data))  # type: ignore[arg-type]
     bar = tqdm(range(params.epochs), desc="fit_bitro", disable=not progress, leave=True)
     for epoch in bar:
         net.train()
@@ -468,6 +493,7 @@ def _train_epochs(
                     max_cells=params.max_cells_per_spot,
                     drop_cells=params.drop_cells,
                     rng=rng,
+                    library=library,
                 )
                 value.backward()
                 losses.append(float(value.detach()))

@@ -132,14 +132,14 @@ def normalize_stains(
     if inplace:
         _sdata.check_free(sdata, key_added, overwrite=overwrite)
     image = _sdata.get_image(sdata, image_key)
-    stains, max_conc = estimate_stains(_subsample(image, max_fit_pixels))
+    stains, max_conc = estimate_stains(subsample_rgb(image, max_fit_pixels))
     if reference is None:
         ref, ref_max = REFERENCE_STAINS, REFERENCE_MAX_CONC
     elif isinstance(reference, np.ndarray):
         ref, ref_max = estimate_stains(reference)
     else:
         ref_image = _sdata.get_image(reference, _sdata.resolve_image_key(reference, None))
-        ref, ref_max = estimate_stains(_subsample(ref_image, max_fit_pixels))
+        ref, ref_max = estimate_stains(subsample_rgb(ref_image, max_fit_pixels))
     data = image.data if isinstance(image.data, da.Array) else da.from_array(image.data)
     data = data.rechunk({0: 3})
     out = data.map_blocks(_normalize_block, stains, max_conc, ref, ref_max, dtype=np.uint8)
@@ -155,7 +155,8 @@ def normalize_stains(
     return None
 
 
-def _subsample(image: xr.DataArray, max_pixels: int) -> np.ndarray:
+def subsample_rgb(image: xr.DataArray, max_pixels: int) -> np.ndarray:
+    """``(y, x, 3)`` pixels of a ``(c, y, x)`` image on a regular stride, at most ``max_pixels``."""
     h, w = image.sizes["y"], image.sizes["x"]
     stride = max(1, int(np.ceil(np.sqrt(h * w / max_pixels))))
     sub = image.data[:, ::stride, ::stride]

@@ -124,8 +124,8 @@ def cell_features(
       from the label image) is set to the fitted mean, 0;
     - ``uns["bitro_features"]`` (``uns[f"{key_added}_params"]`` for another key): ``encoder``,
       ``feature_names``, ``fov_um``, ``mpp``, ``nucleus_pixels`` (``"labels"`` or ``"ellipses"``),
-      ``n_missing`` and ``scaler`` (``mean``, ``scale``, ``n_cells``, ``n_slides``) — the raw
-      values are ``X * scale + mean``.
+      ``stains`` (morphology encoder: ``"macenko"`` or ``"fixed"``), ``n_missing`` and ``scaler``
+      (``mean``, ``scale``, ``n_cells``, ``n_slides``) — the raw values are ``X * scale + mean``.
 
     A slide without cells gets a ``(0, n_features)`` matrix.
 
@@ -214,3 +214,5 @@ def cell_features(
             "n_missing": int(bad.sum()),
             "scaler": fitted.to_dict(),
         }
+        if hasattr(backend, "stains"):  # the morphology encoder: per-slide (Macenko) or fixed stains
+            table.uns[uns_key]["stains"] = str(backend.stains)

@@ -440,6 +440,8 @@ def _fit(
         params = model
         if params.phenotype_profiles is None:  # auto: whole-slide bags (benchmarks/results/accuracy.md)
             params = dataclasses.replace(params, phenotype_profiles=level == "bulk")
+        if params.rna_head is None:  # auto: spots, whose libraries supervise it (ditto)
+            params = dataclasses.replace(params, rna_head=level == "spot")
     train_data, val_data, bag_sizes = _build_data(
         slides,
         train_idx,
