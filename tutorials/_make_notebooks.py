@@ -238,8 +238,10 @@ plt.show()
 
 `level="spot"` writes `tables["table"].layers["bitro"]` (spots × genes); `level="cell"` turns
 `tables["cells"]` into a cells × genes table with the prediction in `layers["bitro"]`. Values are
-counts per 10,000 (library-normalised, not log-transformed); the cells of a spot sum to the
-spot's prediction.
+counts per 10,000 (library-normalised, not log-transformed). Each cell's value is its own
+expression (a spot model also learns every cell's RNA content, from the spots' library sizes,
+written to `obs["bitro_rna_content"]`); a spot's prediction is its cells' summed expression
+divided by their summed RNA content (times a per-gene depth factor).
 """),
         code(r"""
 bs.tl.predict_bitro(test, model)  # spots

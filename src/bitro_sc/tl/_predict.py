@@ -39,13 +39,14 @@ def predict_bitro(
       counts) holding the prediction.
     - ``level="cell"``: ``tables[cells_key]`` is replaced by a cells × genes table with the same
       obs / obsm / obsp / uns, the model's genes as var, ``X`` all zero (sparse) and the
-      predictions in ``layers[key_added]``. The values of a spot's cells sum to its spot
-      prediction (cells outside spots are predicted in spatial windows of a spot's size; a bulk
-      model predicts every cell in windows of its training chunk size). Models built with
-      ``ModelParams(rna_head=True)`` write each cell's own expression instead (counts per 10k of a
-      cell of typical RNA content) and its relative RNA content in
+      predictions in ``layers[key_added]`` (cells outside spots are predicted in spatial windows
+      of a spot's size; a bulk model predicts every cell in windows of its training chunk size).
+      Spot-trained models (RNA-content head, the default for spots) write each cell's own
+      expression (counts per 10k of a cell of typical RNA content) and its RNA content in
       ``obs[f"{key_added}_rna_content"]``; a spot's prediction is then ``Σ values / Σ rna_content``
-      over its cells times the model's per-gene depth factor (``model.net.depth_factor``).
+      over its cells times the model's per-gene depth factor (``model.net.depth_factor``). Without
+      the RNA-content head (``ModelParams(rna_head=False)``, bulk-trained models) the values of a
+      spot's cells sum to its spot prediction.
 
     The model's run record (genes, training HVGs, …) is copied to ``uns[key_added]`` of the table.
 
