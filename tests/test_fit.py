@@ -177,7 +177,8 @@ def test_default_spot_model_learns_rna_contents_from_spot_libraries() -> None:
             validation=None,
             progress=False,
         )
-        assert model.net.rna_head is not None and model.params.rna_head is True
+        assert model.net.rna_head is not None
+        assert model.params.rna_head is True
         assert model.record["train"]["library_weight"] == weight
         frame = model.predict_frame(slides[0], level="cell")
         cells = slides[0].tables[K.CELLS]

@@ -859,9 +859,11 @@ to_bulk
   far its validation loss fell before it overfitted. This simulation is deliberately small so
   that the notebook runs in minutes: it demonstrates the recipe, and the gain in this one run
   can go either way. Measured at a larger size (`benchmarks/results/accuracy.md`, transfer
-  section), LoRA beat training from scratch in both directions (bulk → spot 0.372 vs 0.362 mean
-  spot Pearson; spot → bulk 0.253 vs 0.068 across held-out slides). A real bulk cohort has
-  hundreds of slides.
+  section, 3 seeds), spot → bulk LoRA beat training from scratch on 2 of 3 seeds (0.238 / 0.287 /
+  0.256 vs 0.243 / 0.241 / 0.241 across held-out slides), but bulk → spot LoRA trailed scratch
+  on one spot slide (0.359 / 0.352 / 0.345 vs 0.378 / 0.367 / 0.368 mean spot Pearson): with the
+  current cell features one spatial slide is enough to train from scratch here. A real bulk
+  cohort has hundreds of slides.
 - **Spot → bulk.** A spot model is already a bulk model (the sum over all cells of a slide),
   so compare adaptations with the "as is" row.
 - **Noise.** With a few dozen test spots or a dozen test slides, one gene's r has a standard
