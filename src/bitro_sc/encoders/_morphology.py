@@ -158,7 +158,7 @@ class MorphologyEncoder:
     differently give comparable features; ``"fixed"`` uses the fixed Ruifrok-Johnston matrix for
     every slide. Measured on synthetic slides with slide-to-slide stain variation
     (``benchmarks/results/accuracy.md``): a classifier trained on 3 slides types the cells of the
-    4th at 0.91-0.92 accuracy with ``"macenko"``, 0.83-0.93 with ``"fixed"``.
+    4th at 0.905-0.924 accuracy with ``"macenko"``, 0.825-0.933 with ``"fixed"``.
 
     The slide is processed in tiles of ``tile_um`` µm (plus a margin), so memory is bounded by a
     tile; per-pixel work is one numba pass per tile (stain lookup tables, per-nucleus sums, integral
