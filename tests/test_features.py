@@ -319,3 +319,19 @@ def test_blank_image_with_macenko_stains_names_the_fixed_alternative():
     with pytest.raises(ValueError, match="stains='fixed'"):
         bs.tl.cell_features(blank, progress=False)
     bs.tl.cell_features(blank, encoder=MorphologyEncoder(stains="fixed"), progress=False)
+
+
+def test_reusing_a_scaler_checks_how_the_stains_were_read():
+    train, _ = toy_cells_slide(seed=0, size_px=160)
+    new, _ = toy_cells_slide(seed=1, size_px=160)
+    bs.tl.cell_features(train, encoder=MorphologyEncoder(stains="fixed"), progress=False)
+    with pytest.raises(ValueError, match="stains='fixed'"):
+        bs.tl.cell_features(new, scaler=train, progress=False)
+    bs.tl.cell_features(new, scaler=train, encoder=MorphologyEncoder(stains="fixed"), progress=False)
+    assert new.tables[K.CELLS].uns[K.FEATURES_PARAMS]["stains"] == "fixed"
+    # features written before the `stains` record existed were read with the fixed matrix
+    old = dict(train.tables[K.CELLS].uns[K.FEATURES_PARAMS])
+    del old["stains"]
+    assert FeatureScaler.from_any(old).stains == "fixed"
+    with pytest.raises(ValueError, match="not be comparable"):
+        bs.tl.cell_features(new, scaler=old, overwrite=True, progress=False)

@@ -28,6 +28,9 @@ class FeatureScaler:
         Names of the features, in column order; checked when the scaler is applied.
     encoder
         Name of the encoder that made the features.
+    stains
+        How the morphology encoder read the stain intensities (``"macenko"`` or ``"fixed"``; empty
+        for other encoders); checked by ``bs.tl.cell_features`` when the scaler is re-applied.
     n_cells, n_slides
         How many cells / slides the statistics were fitted on.
     """
@@ -38,10 +41,16 @@ class FeatureScaler:
     encoder: str = ""
     n_cells: int = 0
     n_slides: int = 0
+    stains: str = ""
 
     @classmethod
     def fit(
-        cls, matrices: Sequence[np.ndarray], *, feature_names: Sequence[str], encoder: str = ""
+        cls,
+        matrices: Sequence[np.ndarray],
+        *,
+        feature_names: Sequence[str],
+        encoder: str = "",
+        stains: str = "",
     ) -> FeatureScaler:
         """Pooled mean / std over the rows of all ``matrices`` (NaNs ignored), in float64."""
         d = len(feature_names)
@@ -61,7 +70,7 @@ class FeatureScaler:
         std = np.sqrt(sq / np.maximum(count - 1, 1))
         std[~(std > 1e-12)] = 1.0
         n_cells = int(sum(len(x) for x in matrices))
-        return cls(mean, std, list(feature_names), encoder, n_cells, len(matrices))
+        return cls(mean, std, list(feature_names), encoder, n_cells, len(matrices), stains)
 
     def transform(self, x: np.ndarray, *, feature_names: Sequence[str] | None = None) -> np.ndarray:
         """Standardised float32 copy of ``x``; checks the features match the fitted ones."""
@@ -117,6 +126,9 @@ class FeatureScaler:
             )
         names = [str(v) for v in obj.get("feature_names", [])]
         encoder = str(obj.get("encoder", ""))
+        stains = obj.get("stains")
+        if stains is None:  # morphology features written before per-slide stains used the fixed matrix
+            stains = "fixed" if encoder == "morphology" else ""
         stats = obj.get("scaler", obj)
         if not isinstance(stats, Mapping) or "mean" not in stats or "scale" not in stats:
             raise ValueError("The `scaler` dict has no 'mean' and 'scale' statistics.")
@@ -127,4 +139,5 @@ class FeatureScaler:
             encoder=encoder,
             n_cells=int(stats.get("n_cells", 0)),
             n_slides=int(stats.get("n_slides", 0)),
+            stains=str(stains),
         )

@@ -150,6 +150,14 @@ def cell_features(
     if hasattr(backend, "build"):  # deep encoders: fail on missing weights / packages before any work
         backend.build()
     fitted = None if scaler is None else FeatureScaler.from_any(scaler, cells_key=cells_key)
+    stains = str(getattr(backend, "stains", ""))
+    if fitted is not None and fitted.stains and stains and fitted.stains != stains:
+        raise ValueError(
+            f"The `scaler` features read the stains with stains={fitted.stains!r}, this encoder with "
+            f"stains={stains!r}: the features would not be comparable. Pass "
+            f"`encoder=bs.encoders.MorphologyEncoder(stains={fitted.stains!r})`, or recompute the "
+            "reference features with this encoder."
+        )
     uns_key = features_params_key(key_added)
 
     inputs = []
@@ -198,7 +206,7 @@ def cell_features(
         raws.append(raw)
     name = str(getattr(backend, "name", type(backend).__name__))
     if fitted is None:
-        fitted = FeatureScaler.fit(raws, feature_names=names, encoder=name)
+        fitted = FeatureScaler.fit(raws, feature_names=names, encoder=name, stains=stains)
 
     for (_s, table, _image, slide_mpp, labels), raw in zip(inputs, raws, strict=True):
         x = fitted.transform(raw, feature_names=names)
@@ -214,5 +222,5 @@ def cell_features(
             "n_missing": int(bad.sum()),
             "scaler": fitted.to_dict(),
         }
-        if hasattr(backend, "stains"):  # the morphology encoder: per-slide (Macenko) or fixed stains
-            table.uns[uns_key]["stains"] = str(backend.stains)
+        if stains:  # the morphology encoder: per-slide (Macenko) or fixed stains
+            table.uns[uns_key]["stains"] = stains
