@@ -72,7 +72,13 @@ def _stain_luts(image: xr.DataArray | None = None) -> tuple[np.ndarray, np.ndarr
         lut_h = (od[None, :] * hed_from_rgb[:, 0][:, None]).astype(np.float32)  # (3, 256)
         lut_e = (od[None, :] * hed_from_rgb[:, 1][:, None]).astype(np.float32)
         return lut_h, lut_e
-    from ..pp._stains import _IO, REFERENCE_MAX_CONC, REFERENCE_STAINS, estimate_stains, subsample_rgb
+    from ..pp._stains import (
+        REFERENCE_MAX_CONC,
+        REFERENCE_STAINS,
+        _optical_density,
+        estimate_stains,
+        subsample_rgb,
+    )
 
     try:
         stains, max_conc = estimate_stains(subsample_rgb(image, 2_000_000))
@@ -84,7 +90,7 @@ def _stain_luts(image: xr.DataArray | None = None) -> tuple[np.ndarray, np.ndarr
     to_conc = np.linalg.pinv(stains) * (REFERENCE_MAX_CONC / max_conc)[:, None]  # (2, 3): OD -> conc
     # normalised OD (natural log) = REFERENCE_STAINS @ conc; Ruifrok reads log10 OD
     coef = hed_from_rgb[:, :2].T @ REFERENCE_STAINS @ to_conc / np.log(10.0)  # (2 stains, 3 channels)
-    od_ln = np.clip(-np.log((v + 1.0) / _IO), 0.0, None)
+    od_ln = np.clip(_optical_density(v), 0.0, None)  # Macenko's OD (natural log); white glass 0
     lut_h = (coef[0][:, None] * od_ln[None, :]).astype(np.float32)
     lut_e = (coef[1][:, None] * od_ln[None, :]).astype(np.float32)
     return lut_h, lut_e
