@@ -86,6 +86,7 @@ def synthetic(
     mpp: float = 0.5,
     n_genes: int = 200,
     n_patients: int | None = None,
+    gene_seed: int | None = None,
     umi_per_cell: float | None = None,
     with_bulk: bool = False,
     lazy: bool | None = None,
@@ -130,6 +131,11 @@ def synthetic(
     n_patients
         Number of patients the slides come from (slide ``i`` belongs to patient ``i % n_patients``);
         default: one per slide below four slides, otherwise ``n_slides // 2`` (≥ 2 slides each).
+    gene_seed
+        Seed of the gene model (each gene's baseline per cell type and its program effects); default
+        ``seed``. Two cohorts with the same ``gene_seed`` and different ``seed`` values share one biology
+        in different patients and slides: e.g. bulk slides to train a base on and spot slides to
+        transfer it to.
     umi_per_cell
         Expected UMIs of an average cell; default 60 for Visium, 25 for ST (≈ the depth of those
         platforms over the simulated genes).
@@ -184,7 +190,10 @@ def synthetic(
 
     from ._synth_expr import gene_model
 
-    genes = gene_model(n_genes, np.random.default_rng(np.random.SeedSequence([seed, 0])))
+    if gene_seed is not None and not isinstance(gene_seed, int | np.integer):
+        raise ValueError(f"`gene_seed` must be an integer or None, got {gene_seed!r}.")
+    biology = seed if gene_seed is None else int(gene_seed)
+    genes = gene_model(n_genes, np.random.default_rng(np.random.SeedSequence([biology, 0])))
     out = []
     for i in range(n_slides):
         p = i % n_patients
