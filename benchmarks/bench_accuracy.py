@@ -13,7 +13,7 @@ Sections (choose with ``--sections``; all run side by side on the same folds, ge
 ``transfer``
     Scarce targets: one slide of spots, with and without a bulk-trained base (LoRA,
     ``transfer="bulk"``); and a few bulk slides with and without a spot-trained base
-    (``transfer="spatial"``).
+    (``transfer="spatial"``). Both cohorts share one gene model; several model seeds.
 ``her2st``
     Leave-one-section-out over the HER2ST sections C2-C5 (``bs.io.read_st``): HEST-style score
     (mean Pearson over the top-50 HVGs of the training sections) per method and fold.
@@ -176,43 +176,35 @@ def bench_bulk(args: argparse.Namespace, t0: float) -> str:
 
 
 def bench_transfer(args: argparse.Namespace, t0: float) -> str:
-    import bitro_sc as bs
-    from bitro_sc import cli
-
-    n_bulk, size, genes_n = (8, 300.0, 40) if args.quick else (20, 500.0, 100)
-    epochs = 3 if args.quick else args.epochs
-    bulk_slides, _ = _synthetic(n_bulk, seed=args.seed + 200, size_um=size, n_genes=genes_n, with_bulk=True)
-    spot_slides, _ = _synthetic(3, seed=args.seed + 300, size_um=size * 1.5, n_genes=genes_n)
-    cli.prepare(bulk_slides + spot_slides, progress=False, t0=t0)
-    scarce, tests = spot_slides[:1], spot_slides[1:]
-    genes = bs.pp.highly_variable_genes([s.tables["table"] for s in scarce], n_top=50)
-    kw = {"epochs": epochs, "seed": args.seed, "progress": False}
-    base = bs.tl.fit_bitro(bulk_slides, level="bulk", genes=genes, **kw)
-    variants = {
-        "scratch (1 spot slide)": bs.tl.fit_bitro(scarce, genes=genes, **kw),
-        "LoRA from bulk base": bs.tl.fit_bitro(scarce, transfer="bulk", base=base, genes=genes, **kw),
-        "ridge (1 spot slide)": bs.tl.fit_baseline(scarce, method="ridge", genes=genes),
-    }
-    rows = []
-    for name, model in variants.items():
-        scores = [_spot_fold_scores(model, s, "x") for s in tests]
-        rows.append(
-            {"model": name, "spot_mean_pearson": float(np.mean([d["pearson"].mean() for d in scores]))}
-        )
-    _log("transfer bulk -> spot done", t0)
-    # reverse direction: a spot-trained base adapted to a few bulk slides
-    few = bulk_slides[:4]
-    held = bulk_slides[4:]
-    spot_base = bs.tl.fit_bitro(spot_slides, genes=genes, **kw)
-    rev = {
-        "scratch (4 bulk slides)": bs.tl.fit_bitro(few, level="bulk", genes=genes, **kw),
-        "LoRA from spot base": bs.tl.fit_bitro(few, transfer="spatial", base=spot_base, genes=genes, **kw),
-    }
     import anndata as ad
 
+    import bitro_sc as bs
+    from bitro_sc import cli
     from bitro_sc.tl._cross_validate import _prediction_table
 
-    for name, model in rev.items():
+    if args.quick:
+        sizes, size, genes_n, epochs, seeds = [8], 300.0, 40, 3, [args.seed]
+    else:
+        sizes = sorted({int(v) for v in args.transfer_bulk.split(",")})
+        size, genes_n, epochs = 500.0, 100, args.epochs
+        seeds = [args.seed + k for k in range(args.transfer_seeds)]
+    # one biology (gene model) for both cohorts: different patients, slides and platforms
+    biology = args.seed + 200
+    bulk_slides, _ = _synthetic(
+        max(sizes), seed=args.seed + 200, size_um=size, n_genes=genes_n, with_bulk=True, gene_seed=biology
+    )
+    spot_slides, _ = _synthetic(
+        3, seed=args.seed + 300, size_um=size * 1.5, n_genes=genes_n, gene_seed=biology
+    )
+    cli.prepare(bulk_slides + spot_slides, progress=False, t0=t0)
+    scarce, tests = spot_slides[:1], spot_slides[1:]
+    few, held = bulk_slides[:4], bulk_slides[4:]
+    genes = bs.pp.highly_variable_genes([s.tables["table"] for s in scarce], n_top=50)
+
+    def spot_score(model: Any) -> float:
+        return float(np.mean([_spot_fold_scores(model, s, "x")["pearson"].mean() for s in tests]))
+
+    def bulk_score(model: Any) -> float:
         light = [
             _prediction_table(s.tables["bulk"], model.predict_frame(s, level="bulk").dropna(how="all"), "x")
             for s in held
@@ -220,14 +212,46 @@ def bench_transfer(args: argparse.Namespace, t0: float) -> str:
         df = bs.tl.evaluate(
             ad.concat(light, merge="first"), layer="x", genes=genes, top_hvg=None, level="bulk"
         )
-        rows.append({"model": name, "bulk_mean_pearson_across_slides": df["pearson"].mean()})
-    _log("transfer spot -> bulk done", t0)
-    res = pd.DataFrame(rows).set_index("model")
+        return float(df["pearson"].mean())
+
+    b2s: dict[tuple[str, int], float] = {}
+    s2b: dict[tuple[str, int], float] = {}
+    for seed in seeds:
+        kw = {"epochs": epochs, "seed": seed, "progress": False}
+        b2s["scratch (1 spot slide)", seed] = spot_score(bs.tl.fit_bitro(scarce, genes=genes, **kw))
+        b2s["ridge (1 spot slide)", seed] = spot_score(
+            bs.tl.fit_baseline(scarce, method="ridge", genes=genes)
+        )
+        for n in sizes:
+            base = bs.tl.fit_bitro(bulk_slides[:n], level="bulk", genes=genes, **kw)
+            b2s[f"bulk base ({n} slides), no spot training", seed] = spot_score(base)
+            lora = bs.tl.fit_bitro(scarce, transfer="bulk", base=base, genes=genes, **kw)
+            b2s[f"LoRA from bulk base ({n} slides)", seed] = spot_score(lora)
+        _log(f"transfer bulk -> spot, seed {seed} done", t0)
+        spot_base = bs.tl.fit_bitro(spot_slides, genes=genes, **kw)
+        s2b["spot base (3 slides), no bulk training", seed] = bulk_score(spot_base)
+        s2b["scratch (4 bulk slides)", seed] = bulk_score(
+            bs.tl.fit_bitro(few, level="bulk", genes=genes, **kw)
+        )
+        lora = bs.tl.fit_bitro(few, transfer="spatial", base=spot_base, genes=genes, **kw)
+        s2b["LoRA from spot base", seed] = bulk_score(lora)
+        _log(f"transfer spot -> bulk, seed {seed} done", t0)
+
+    def table(scores: dict[tuple[str, int], float]) -> pd.DataFrame:
+        df = pd.Series(scores).unstack()
+        df.columns = [f"model seed {c}" for c in df.columns]
+        df["mean"] = df.mean(axis=1)
+        return df.loc[list(dict.fromkeys(k for k, _ in scores))]
+
     return (
-        f"### Transfer with scarce targets (BiTro {epochs} epochs)\n\n"
-        f"bulk -> spot: base on {n_bulk} bulk slides, target 1 spot slide, scored on 2 held-out spot slides; "
-        f"spot -> bulk: base on 3 spot slides, target 4 bulk slides, scored across {len(held)} held-out "
-        f"slides.\n\n{_md_table(res)}\n"
+        f"### Transfer with scarce targets (BiTro {epochs} epochs, model seeds {seeds})\n\n"
+        f"Both cohorts share one gene model (`gene_seed={biology}`) and differ in patients and slides. "
+        f"bulk -> spot: bases on the first {sizes} of {max(sizes)} bulk slides of {size:.0f} µm, target "
+        f"1 spot slide of {size * 1.5:.0f} µm ({scarce[0].tables['table'].n_obs} spots), scored on 2 "
+        f"held-out spot slides (mean per-gene Pearson over the {len(genes)} genes):\n\n"
+        f"{_md_table(table(b2s))}\n\n"
+        f"spot -> bulk: base on the 3 spot slides, target 4 bulk slides, per-gene Pearson across the "
+        f"{len(held)} other bulk slides:\n\n{_md_table(table(s2b))}\n"
     )
 
 
@@ -295,6 +319,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--n-slides", type=int, default=4, help="synthetic spot section: slides")
     p.add_argument("--size-um", type=float, default=2000.0, help="synthetic spot section: slide side (µm)")
     p.add_argument("--folds", type=int, default=None, help="synthetic spot section: held-out slides (last N)")
+    p.add_argument(
+        "--transfer-bulk", default="80", help="transfer section: bulk slides of the bases (comma-separated)"
+    )
+    p.add_argument("--transfer-seeds", type=int, default=3, help="transfer section: model seeds")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--append", action="store_true", help="append to --out instead of replacing it")
     args = p.parse_args(argv)
