@@ -859,11 +859,11 @@ to_bulk
   far its validation loss fell before it overfitted. This simulation is deliberately small so
   that the notebook runs in minutes: it demonstrates the recipe, and the gain in this one run
   can go either way. Measured at a larger size (`benchmarks/results/accuracy.md`, transfer
-  section, 3 seeds), spot → bulk LoRA beat training from scratch on 2 of 3 seeds (0.238 / 0.287 /
-  0.256 vs 0.243 / 0.241 / 0.241 across held-out slides), but bulk → spot LoRA trailed scratch
-  on one spot slide (0.359 / 0.352 / 0.345 vs 0.378 / 0.367 / 0.368 mean spot Pearson): with the
-  current cell features one spatial slide is enough to train from scratch here. A real bulk
-  cohort has hundreds of slides.
+  section, 3 model seeds, bulk and spot slides of one biology), bulk → spot LoRA beat training
+  from scratch on one spot slide when the base had seen 40 or 80 bulk slides (0.405 / 0.406 vs
+  0.381 mean spot Pearson) but not with 20 (0.376), and spot → bulk LoRA beat training on 4 bulk
+  slides alone (0.253 vs 0.125 across 76 held-out slides). A real bulk cohort has hundreds of
+  slides.
 - **Spot → bulk.** A spot model is already a bulk model (the sum over all cells of a slide),
   so compare adaptations with the "as is" row.
 - **Noise.** With a few dozen test spots or a dozen test slides, one gene's r has a standard
