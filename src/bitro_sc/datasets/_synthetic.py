@@ -181,6 +181,8 @@ def synthetic(
     n_patients = _default_patients(n_slides) if n_patients is None else int(n_patients)
     if not 1 <= n_patients <= n_slides:
         raise ValueError(f"`n_patients` must be between 1 and n_slides={n_slides}, got {n_patients}.")
+    if gene_seed is not None and not isinstance(gene_seed, int | np.integer):
+        raise ValueError(f"`gene_seed` must be an integer or None, got {gene_seed!r}.")
     if chunk_px < 64:
         raise ValueError(f"`chunk_px` must be at least 64 pixels, got {chunk_px}.")
     for name, value in (("density_scale", density_scale), ("blur_um", blur_um), ("noise_sd", noise_sd)):
@@ -190,8 +192,6 @@ def synthetic(
 
     from ._synth_expr import gene_model
 
-    if gene_seed is not None and not isinstance(gene_seed, int | np.integer):
-        raise ValueError(f"`gene_seed` must be an integer or None, got {gene_seed!r}.")
     biology = seed if gene_seed is None else int(gene_seed)
     genes = gene_model(n_genes, np.random.default_rng(np.random.SeedSequence([biology, 0])))
     out = []
