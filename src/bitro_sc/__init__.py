@@ -15,11 +15,13 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0.dev0"
 
 _SUBMODULES = ("io", "pp", "tl", "pl", "datasets", "metrics", "models", "segmentation", "encoders")
+#: slide metadata helpers, public at the top level (defined in ``bitro_sc._sdata``)
+_FUNCTIONS = ("get_mpp", "set_mpp", "slide_info", "set_slide_info")
 
 if TYPE_CHECKING:  # pragma: no cover
     from . import datasets, encoders, io, metrics, models, pl, pp, segmentation, tl
 
-__all__ = [*_SUBMODULES, "__version__"]
+__all__ = [*_SUBMODULES, *_FUNCTIONS, "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -27,6 +29,8 @@ def __getattr__(name: str) -> Any:
         module = importlib.import_module(f".{name}", __name__)
         globals()[name] = module
         return module
+    if name in _FUNCTIONS:
+        return getattr(importlib.import_module("._sdata", __name__), name)
     raise AttributeError(f"module 'bitro_sc' has no attribute {name!r}")
 
 

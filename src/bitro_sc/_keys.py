@@ -50,6 +50,14 @@ COUNTS_LAYER = "counts"
 PREDICTION = "bitro"  # layer of spot / bulk / cell tables
 RUN = "bitro"  # uns: config, genes, split, metrics, history
 
+# --- levels ---------------------------------------------------------------------------------
+#: levels a model is trained at (spot table targets, bulk table targets)
+FIT_LEVELS: tuple[str, ...] = ("spot", "bulk")
+#: levels a model predicts at
+PREDICT_LEVELS: tuple[str, ...] = ("spot", "bulk", "cell")
+#: sample id given to a slide whose identity is unknown, from its position ``i`` in a list
+FALLBACK_SAMPLE = "slide_{i}"
+
 # --- SpatialData.attrs ----------------------------------------------------------------------
 #: ``sdata.attrs[ATTRS]`` holds slide-level metadata: sample_id, patient_id, and per image the
 #: pixel size provenance ("mpp_source": "metadata" | "user" | "estimated ..." ).

@@ -186,3 +186,186 @@ def cell_centroids_um(table: AnnData, *, cells_key: str = K.CELLS) -> np.ndarray
         f"The cells table {cells_key!r} has no {K.X_UM!r}/{K.Y_UM!r} columns nor obsm['spatial'] (µm); "
         "run `bs.tl.segment` to make a cells table that follows the data contract."
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# slides: lists, identity, which table holds a level, the cells table, spot ids
+# ----------------------------------------------------------------------------------------------
+def as_slides(sdata_or_list: SpatialData | Any, *, what: str = "slide") -> list[SpatialData]:
+    """One SpatialData or a sequence of them, as a non-empty list (``TypeError`` for anything else)."""
+    from spatialdata import SpatialData
+
+    slides = [sdata_or_list] if isinstance(sdata_or_list, SpatialData) else list(sdata_or_list)
+    if not slides:
+        raise ValueError(f"No {what} given: pass a SpatialData object or a non-empty list of them.")
+    bad = sorted({type(s).__name__ for s in slides if not isinstance(s, SpatialData)})
+    if bad:
+        raise TypeError(f"Expected SpatialData objects, got {bad}.")
+    return slides
+
+
+def sample_id(sdata: SpatialData, i: int = 0, *, table_key: str | None = None) -> str:
+    """The slide's sample id: ``attrs``, else the single value of ``obs["sample_id"]`` of
+    ``tables[table_key]``, else :data:`~bitro_sc._keys.FALLBACK_SAMPLE` for position ``i``."""
+    value = _slide_value(sdata, K.SAMPLE_ID, table_key)
+    return value if value is not None else K.FALLBACK_SAMPLE.format(i=i)
+
+
+def patient_id(sdata: SpatialData, *, table_key: str | None = None) -> str | None:
+    """The slide's patient id (``attrs``, else the single value of the table's ``obs``), or ``None``."""
+    return _slide_value(sdata, K.PATIENT_ID, table_key)
+
+
+def sample_ids(slides: Any, *, table_key: str | None = None) -> list[str]:
+    """:func:`sample_id` of every slide of a list."""
+    return [sample_id(s, i, table_key=table_key) for i, s in enumerate(slides)]
+
+
+def _slide_value(sdata: SpatialData, column: str, table_key: str | None) -> str | None:
+    value = slide_info(sdata)[column]
+    if value is None and table_key is not None and table_key in sdata.tables:
+        obs = sdata.tables[table_key].obs
+        if column in obs:
+            unique = obs[column].astype(str).unique()
+            if len(unique) == 1:
+                value = unique[0]
+    return None if value is None else str(value)
+
+
+def level_table_key(
+    level: str, *, table_key: str = K.TABLE, bulk_key: str = K.BULK, cells_key: str = K.CELLS
+) -> str:
+    """The table that holds ``level`` (``"spot"`` → spot table, ``"bulk"`` → bulk, ``"cell"`` → cells)."""
+    keys = {"spot": table_key, "bulk": bulk_key, "cell": cells_key}
+    if level not in keys:
+        raise ValueError(f"`level` must be one of {list(keys)}, got {level!r}.")
+    return keys[level]
+
+
+def check_level(level: Any, allowed: tuple[str, ...] = K.PREDICT_LEVELS) -> str:
+    """``level`` if it is one of ``allowed``, else a ``ValueError`` listing them."""
+    if level not in allowed:
+        raise ValueError(f"`level` must be one of {list(allowed)}, got {level!r}.")
+    return str(level)
+
+
+def bulk_row(sdata: SpatialData, *, bulk_key: str = K.BULK, i: int = 0) -> int:
+    """Row of ``tables[bulk_key]`` that measures this slide.
+
+    The row whose ``obs["sample_id"]`` (else obs name) equals the slide's sample id; a one-row
+    table when the slide has no sample id. Errors name the fix when the table is missing, when no
+    row matches, or when several do.
+    """
+    import numpy as np
+    import pandas as pd
+
+    name = sample_id(sdata, i)
+    if bulk_key not in sdata.tables:
+        raise KeyError(
+            f"Slide {name!r} has no bulk table {bulk_key!r}: add one (e.g. from `bs.io.read_bulk`) "
+            "or train at `level='spot'`."
+        )
+    table = sdata.tables[bulk_key]
+    own = slide_info(sdata)[K.SAMPLE_ID]
+    if own is None and table.n_obs == 1:
+        return 0
+    ids = table.obs[K.SAMPLE_ID].astype(str) if K.SAMPLE_ID in table.obs else pd.Series(table.obs_names)
+    hit = np.flatnonzero(ids.to_numpy() == str(own))
+    if hit.size == 1:
+        return int(hit[0])
+    found = "none matches" if hit.size == 0 else f"{hit.size} match"
+    raise ValueError(
+        f"The bulk table {bulk_key!r} has samples {list(ids)[:5]}{' ...' if len(ids) > 5 else ''} and "
+        f"{found} the slide's sample_id {own!r}. Set the slide's identity with "
+        "`bs.set_slide_info(sdata, sample_id=...)` or fix obs['sample_id'] of the bulk table "
+        "(one row per sample)."
+    )
+
+
+def cells_table(sdata: SpatialData, cells_key: str = K.CELLS, *, features_key: str | None = None) -> AnnData:
+    """The cells table (with ``obsm[features_key]`` when given), or an error naming the missing step."""
+    if cells_key not in sdata.tables:
+        raise KeyError(
+            f"The SpatialData object has no cells table {cells_key!r} "
+            f"(tables: {list(sdata.tables.keys()) or 'none'}): run `bs.tl.segment` first"
+            + (" and `bs.tl.cell_features`." if features_key else ".")
+        )
+    cells = sdata.tables[cells_key]
+    if features_key is not None and features_key not in cells.obsm:
+        raise KeyError(
+            f"The cells table {cells_key!r} has no obsm[{features_key!r}]: run `bs.tl.cell_features` "
+            f"first (or pass the `features_key` it wrote; present: {list(cells.obsm) or 'none'})."
+        )
+    return cells
+
+
+def cell_spot_ids(cells: AnnData, *, spot_key: str = K.SPOT_ID, cells_key: str = K.CELLS) -> np.ndarray:
+    """Spot instance id of every cell (int64, ``-1`` where a cell is in no spot).
+
+    Raises a ``KeyError`` naming `bs.tl.assign_cells` when the cells were never assigned.
+    """
+    import numpy as np
+    import pandas as pd
+
+    if spot_key not in cells.obs:
+        raise KeyError(
+            f"The cells table {cells_key!r} has no obs[{spot_key!r}]: run `bs.tl.assign_cells` first."
+        )
+    ids = pd.to_numeric(cells.obs[spot_key], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    out = np.full(ids.shape, -1, dtype=np.int64)
+    ok = np.isfinite(ids) & (ids >= 0)
+    out[ok] = ids[ok].astype(np.int64)
+    return out
+
+
+def spot_instance_ids(table: AnnData) -> np.ndarray:
+    """Spot instance id of every row of a spot table (``obs["spot_id"]``, else the row number), int64."""
+    import numpy as np
+    import pandas as pd
+
+    if K.SPOT_ID in table.obs:
+        return pd.to_numeric(table.obs[K.SPOT_ID]).to_numpy(dtype=np.int64)
+    return np.arange(table.n_obs, dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------------------------
+# run records: one serialiser for JSON (model files) and for AnnData's uns (zarr / h5ad)
+# ----------------------------------------------------------------------------------------------
+def jsonable(obj: Any) -> Any:
+    """A JSON-serialisable copy (numpy → lists / scalars; unknown objects → str)."""
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if obj is None or isinstance(obj, str | int | float | bool):
+        return obj
+    return str(obj)
+
+
+def to_uns(obj: Any) -> Any:
+    """A copy of a (JSON-able) record that AnnData can write to zarr / h5ad: ``None`` → ``"none"``,
+    ragged lists → ``{"0": ..., "1": ...}``, lists → arrays."""
+    import math
+
+    import numpy as np
+
+    obj = jsonable(obj)
+    if isinstance(obj, dict):
+        return {k: to_uns(v) for k, v in obj.items()}
+    if obj is None:
+        return "none"
+    if isinstance(obj, list):
+        if any(isinstance(v, dict | list) for v in obj):
+            return {str(i): to_uns(v) for i, v in enumerate(obj)}
+        if any(isinstance(v, str) for v in obj):
+            return np.asarray(["none" if v is None else str(v) for v in obj], dtype=object)
+        if any(v is None for v in obj):
+            return np.asarray([math.nan if v is None else v for v in obj], dtype=float)
+        return np.asarray(obj) if obj else np.zeros(0)
+    return obj
