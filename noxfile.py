@@ -1,7 +1,7 @@
 """Development sessions: ``nox -s tests | lint | docs | bench | demo``.
 
-Set ``BITRO_SC_TORCH`` to the PyTorch requirement to install first (default ``torch==2.13.0``, the CPU
-build our machines provide locally; use e.g. ``torch`` elsewhere).
+PyTorch is installed first, as the README says: ``torch==2.13.0`` from PyTorch's CPU index (set
+``BITRO_SC_TORCH`` to another requirement, e.g. a CUDA build's, to change it).
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ import nox
 
 nox.options.sessions = ["lint", "tests"]
 TORCH = os.environ.get("BITRO_SC_TORCH", "torch==2.13.0")
+CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
 
 def _install(session: nox.Session, extras: str) -> None:
-    session.install(TORCH)
+    session.install(TORCH, "--extra-index-url", CPU_INDEX)
     session.install("-e", f".[{extras}]")
 
 
