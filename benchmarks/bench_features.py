@@ -115,9 +115,8 @@ def _squidpy_features(
 def _warm_up() -> None:
     """Compile numba kernels and import modules once, so the timings measure steady state."""
     import bitro_sc as bs
-    from bitro_sc.encoders._toy import toy_cells_slide
 
-    toy, _ = toy_cells_slide(size_px=96, labels=False)
+    toy = bs.datasets.toy("nuclei", size_px=96, labels=False)
     bs.tl.cell_features(toy, progress=False)
 
 

@@ -41,8 +41,8 @@ def _peak_rss_gib() -> float:
 
 
 def _slide_cells(n_cells: int, seed: int, *, spots: bool):
+    from bitro_sc.datasets._toy import graph_knn
     from bitro_sc.models._bags import SlideCells
-    from bitro_sc.models._toy import graph_knn
 
     rng = np.random.default_rng(seed)
     if spots:  # ~30 cells inside each spot (55 µm diameter) of a 100 µm grid

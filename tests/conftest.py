@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+import bitro_sc as bs
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -49,6 +51,12 @@ def visium_sr1_dir(shared_data: Path) -> Path:
     if not path.is_dir():
         pytest.fail(f"{path} is missing from the shared data")
     return path
+
+
+@pytest.fixture
+def nuclei_slide():
+    """A fresh small ``bs.datasets.toy("nuclei")`` slide: 100 px image, cells from the true labels, spots."""
+    return bs.datasets.toy("nuclei", seed=0, size_px=100)
 
 
 @pytest.fixture

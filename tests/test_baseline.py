@@ -1,16 +1,10 @@
 from __future__ import annotations
 
-import warnings
-
 import anndata as ad
-import geopandas as gpd
 import numpy as np
 import pandas as pd
 import pytest
 from scipy import sparse
-from shapely.geometry import Point
-from spatialdata import SpatialData
-from spatialdata.models import ShapesModel, TableModel
 
 import bitro_sc as bs
 from bitro_sc import _keys as K
@@ -20,64 +14,9 @@ from bitro_sc.tl._baseline import BaselineModel, spot_features
 N_TYPES, N_FEAT, N_GENES = 3, 6, 25
 
 
-def toy_slide(seed: int, *, n_spots: int = 60, sample_id: str | None = None, empty_spots: int = 3):
-    """Spots of 0-8 cells of 3 types; features reveal the type; counts ~ Poisson(sum of cell profiles).
-
-    Returns (sdata, truth) with truth = cells x genes expected expression (AnnData).
-    """
-    rng = np.random.default_rng(seed)
-    fixed = np.random.default_rng(123)  # the biology is shared by all slides
-    centroids = fixed.normal(scale=2.0, size=(N_TYPES, N_FEAT))
-    profiles = fixed.gamma(0.7, 4.0, size=(N_TYPES, N_GENES))
-    n_cells = rng.integers(1, 9, size=n_spots)
-    n_cells[:empty_spots] = 0
-    cell_spot = np.repeat(np.arange(n_spots), n_cells)
-    spot_mix = rng.dirichlet(np.ones(N_TYPES) * 0.5, size=n_spots)
-    cell_type = np.array([rng.choice(N_TYPES, p=spot_mix[s]) for s in cell_spot], dtype=int)
-    feats = centroids[cell_type] + rng.normal(scale=0.5, size=(cell_type.size, N_FEAT))
-    cell_expr = profiles[cell_type] * rng.lognormal(0, 0.2, size=(cell_type.size, N_GENES))
-    spot_expr = np.zeros((n_spots, N_GENES))
-    np.add.at(spot_expr, cell_spot, cell_expr)
-    counts = rng.poisson(spot_expr * 3 + 0.05)
-    genes = [f"G{j}" for j in range(N_GENES)]
-    sid = sample_id or f"S{seed}"
-    obs = pd.DataFrame(
-        {
-            K.SPOT_ID: np.arange(n_spots),
-            K.REGION: pd.Categorical([K.SPOTS] * n_spots),
-            K.SAMPLE_ID: sid,
-        },
-        index=[f"{sid}_spot{i}" for i in range(n_spots)],
-    )
-    table = TableModel.parse(
-        ad.AnnData(sparse.csr_matrix(counts.astype(np.float32)), obs=obs, var=pd.DataFrame(index=genes)),
-        region=K.SPOTS,
-        region_key=K.REGION,
-        instance_key=K.SPOT_ID,
-    )
-    n = cell_type.size
-    cobs = pd.DataFrame(
-        {
-            K.CELL_ID: np.arange(1, n + 1),
-            K.REGION: pd.Categorical([K.CELLS] * n),
-            K.SPOT_ID: cell_spot.astype(float),
-        },
-        index=[f"{sid}_cell{i}" for i in range(n)],
-    )
-    # one cell outside every spot
-    cells = ad.AnnData(np.zeros((n, 0), dtype=np.float32), obs=cobs)
-    cells.obsm[K.FEATURES] = feats.astype(np.float32)
-    cells.obs.iloc[-1, cells.obs.columns.get_loc(K.SPOT_ID)] = np.nan
-    cells = TableModel.parse(cells, region=K.CELLS, region_key=K.REGION, instance_key=K.CELL_ID)
-    spots = ShapesModel.parse(
-        gpd.GeoDataFrame({"geometry": [Point(i, 0) for i in range(n_spots)], "radius": np.ones(n_spots)})
-    )
-    with warnings.catch_warnings():  # the cells table annotates no shapes element here: not needed
-        warnings.filterwarnings("ignore", message="The table is annotating")
-        sdata = SpatialData(shapes={K.SPOTS: spots}, tables={K.TABLE: table, K.CELLS: cells})
-    sdata.attrs[K.ATTRS] = {K.SAMPLE_ID: sid, K.PATIENT_ID: f"P{seed}"}
-    truth = ad.AnnData(cell_expr, obs=pd.DataFrame(index=cobs.index), var=pd.DataFrame(index=genes))
-    return sdata, truth
+def toy_slide(seed: int, **options):
+    """``bs.datasets.toy("mixture")`` and its truth: spots of 0-8 cells of 3 types (features reveal it)."""
+    return bs.datasets.toy("mixture", seed=seed, return_truth=True, **options)
 
 
 def _measured_log(sdata, genes):

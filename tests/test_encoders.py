@@ -11,7 +11,6 @@ import pytest
 import bitro_sc as bs
 from bitro_sc import _keys as K
 from bitro_sc.encoders import ENCODERS, TimmEncoder, TorchEncoder, get_encoder
-from bitro_sc.encoders._toy import toy_cells_slide
 
 torch = pytest.importorskip("torch")
 
@@ -35,7 +34,7 @@ class TinyCNN(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def slide():
-    return toy_cells_slide(seed=0, size_px=200, labels=False)[0]
+    return bs.datasets.toy("nuclei", seed=0, size_px=200, labels=False)
 
 
 def test_encoders_import_does_not_import_torch():
@@ -105,7 +104,7 @@ def test_tiles_and_batches_do_not_change_torch_features(slide):
 def test_cell_features_with_a_torch_module_and_local_weights(tmp_path):
     from safetensors.torch import save_file
 
-    slide, _ = toy_cells_slide(seed=1, size_px=160, labels=False)
+    slide = bs.datasets.toy("nuclei", seed=1, size_px=160, labels=False)
     torch.manual_seed(1)
     trained = TinyCNN()
     path = tmp_path / "tiny.safetensors"
@@ -123,7 +122,7 @@ def test_cell_features_with_a_torch_module_and_local_weights(tmp_path):
     scaler = t.uns[K.FEATURES_PARAMS]["scaler"]
     np.testing.assert_allclose(t.obsm[K.FEATURES] * scaler["scale"] + scaler["mean"], ref, atol=1e-4)
 
-    plain, _ = toy_cells_slide(seed=1, size_px=160, labels=False)  # a bare nn.Module works too
+    plain = bs.datasets.toy("nuclei", seed=1, size_px=160, labels=False)  # a bare nn.Module works too
     bs.tl.cell_features(plain, encoder=TinyCNN(), fov_um=24, progress=False)
     assert plain.tables[K.CELLS].obsm[K.FEATURES].shape[1] == 6
 

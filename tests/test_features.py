@@ -10,7 +10,6 @@ import bitro_sc as bs
 from bitro_sc import _keys as K
 from bitro_sc.encoders import MORPHOLOGY_FEATURES, FeatureScaler, MorphologyEncoder
 from bitro_sc.encoders._morphology import paint_ellipses
-from bitro_sc.encoders._toy import toy_cells_slide
 
 
 def _raw(sdata) -> pd.DataFrame:
@@ -22,7 +21,7 @@ def _raw(sdata) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def toy():
-    sdata, cell_type = toy_cells_slide(seed=0)
+    sdata, cell_type = bs.datasets.toy("nuclei", return_truth=True, seed=0)
     bs.tl.cell_features(sdata, progress=False)
     return sdata, cell_type
 
@@ -74,7 +73,7 @@ def test_density_matches_the_grid_spacing(toy):
 
 
 def test_tile_size_does_not_change_features():
-    sdata, _ = toy_cells_slide(seed=1, size_px=200)
+    sdata = bs.datasets.toy("nuclei", seed=1, size_px=200)
     image = sdata.images[K.IMAGE]
     obs = sdata.tables[K.CELLS].obs
     labels = sdata.labels[K.CELL_LABELS]
@@ -85,7 +84,7 @@ def test_tile_size_does_not_change_features():
 
 
 def test_ellipses_from_the_table_approximate_the_true_nuclei():
-    sdata, _ = toy_cells_slide(seed=2)
+    sdata = bs.datasets.toy("nuclei", seed=2)
     obs = sdata.tables[K.CELLS].obs
     truth = np.asarray(sdata.labels[K.CELL_LABELS])
     painted = paint_ellipses(
@@ -105,8 +104,8 @@ def test_ellipses_from_the_table_approximate_the_true_nuclei():
 
 
 def test_slide_without_labels_uses_ellipses_with_the_same_features():
-    with_labels, _ = toy_cells_slide(seed=3)
-    without, _ = toy_cells_slide(seed=3, labels=False)
+    with_labels = bs.datasets.toy("nuclei", seed=3)
+    without = bs.datasets.toy("nuclei", seed=3, labels=False)
     bs.tl.cell_features(with_labels, progress=False)
     bs.tl.cell_features(without, progress=False)
     assert without.tables[K.CELLS].uns[K.FEATURES_PARAMS]["nucleus_pixels"] == "ellipses"
@@ -117,8 +116,8 @@ def test_slide_without_labels_uses_ellipses_with_the_same_features():
 
 def test_field_of_view_is_physical_not_pixels():
     # the same tissue design scanned at 0.5 and 0.25 µm/px gives the same context features
-    coarse, _ = toy_cells_slide(seed=4, mpp=0.5, size_px=240)
-    fine, _ = toy_cells_slide(seed=4, mpp=0.25, size_px=480)
+    coarse = bs.datasets.toy("nuclei", seed=4, mpp=0.5, size_px=240)
+    fine = bs.datasets.toy("nuclei", seed=4, mpp=0.25, size_px=480)
     bs.tl.cell_features(coarse, fov_um=30.0, progress=False)
     bs.tl.cell_features(fine, fov_um=30.0, progress=False)
     a, b = _raw(coarse), _raw(fine)
@@ -127,8 +126,8 @@ def test_field_of_view_is_physical_not_pixels():
 
 
 def test_list_of_slides_shares_one_scaler_and_new_slides_reuse_it():
-    s1, _ = toy_cells_slide(seed=5, size_px=200)
-    s2, _ = toy_cells_slide(seed=6, size_px=200, mpp=0.4)
+    s1 = bs.datasets.toy("nuclei", seed=5, size_px=200)
+    s2 = bs.datasets.toy("nuclei", seed=6, size_px=200, mpp=0.4)
     bs.tl.cell_features([s1, s2], progress=False)
     p1 = s1.tables[K.CELLS].uns[K.FEATURES_PARAMS]["scaler"]
     p2 = s2.tables[K.CELLS].uns[K.FEATURES_PARAMS]["scaler"]
@@ -139,7 +138,7 @@ def test_list_of_slides_shares_one_scaler_and_new_slides_reuse_it():
     both = np.concatenate([s1.tables[K.CELLS].obsm[K.FEATURES], s2.tables[K.CELLS].obsm[K.FEATURES]])
     np.testing.assert_allclose(both.mean(0), 0, atol=1e-4)
 
-    new, _ = toy_cells_slide(seed=6, size_px=200, mpp=0.4)  # same tissue as s2
+    new = bs.datasets.toy("nuclei", seed=6, size_px=200, mpp=0.4)  # same tissue as s2
     bs.tl.cell_features(new, scaler=s1, progress=False)
     np.testing.assert_allclose(
         new.tables[K.CELLS].obsm[K.FEATURES], s2.tables[K.CELLS].obsm[K.FEATURES], atol=1e-5
@@ -158,26 +157,26 @@ def test_existing_features_are_not_overwritten(toy):
         bs.tl.cell_features(sdata, progress=False)
 
 
-def test_missing_cells_table_names_the_step():
-    sdata, _ = toy_cells_slide(seed=0, size_px=100)
+def test_missing_cells_table_names_the_step(nuclei_slide):
+    sdata = nuclei_slide
     del sdata.tables[K.CELLS]
     with pytest.raises(KeyError, match=r"bs\.tl\.segment"):
         bs.tl.cell_features(sdata, progress=False)
 
 
-def test_missing_image_is_a_clear_error():
-    sdata, _ = toy_cells_slide(seed=0, size_px=100)
+def test_missing_image_is_a_clear_error(nuclei_slide):
+    sdata = nuclei_slide
     del sdata.images[K.IMAGE]
     with pytest.raises(ValueError, match="no image element"):
         bs.tl.cell_features(sdata, progress=False)
 
 
-def test_wrong_number_of_channels_is_a_clear_error():
+def test_wrong_number_of_channels_is_a_clear_error(nuclei_slide):
     from spatialdata.models import Image2DModel
 
     from bitro_sc._sdata import micron_transformations
 
-    sdata, _ = toy_cells_slide(seed=0, size_px=100)
+    sdata = nuclei_slide
     gray = np.zeros((1, 100, 100), dtype=np.uint8)
     sdata.images[K.IMAGE] = Image2DModel.parse(
         gray, dims=("c", "y", "x"), transformations=micron_transformations(0.5)
@@ -186,10 +185,10 @@ def test_wrong_number_of_channels_is_a_clear_error():
         bs.tl.cell_features(sdata, progress=False)
 
 
-def test_unknown_pixel_size_is_a_clear_error():
+def test_unknown_pixel_size_is_a_clear_error(nuclei_slide):
     from spatialdata.transformations import Identity, remove_transformation, set_transformation
 
-    sdata, _ = toy_cells_slide(seed=0, size_px=100)
+    sdata = nuclei_slide
     image = sdata.images[K.IMAGE]
     remove_transformation(image, K.MICRON_CS)
     set_transformation(image, Identity(), to_coordinate_system=K.PIXEL_CS)
@@ -199,8 +198,8 @@ def test_unknown_pixel_size_is_a_clear_error():
     assert sdata.tables[K.CELLS].uns[K.FEATURES_PARAMS]["mpp"] == 0.5
 
 
-def test_unregistered_encoder_lists_the_names():
-    sdata, _ = toy_cells_slide(seed=0, size_px=100)
+def test_unregistered_encoder_lists_the_names(nuclei_slide):
+    sdata = nuclei_slide
     with pytest.raises(ValueError, match="morphology"):
         bs.tl.cell_features(sdata, encoder="resnet", progress=False)
 
@@ -225,10 +224,10 @@ def test_features_predict_the_true_cell_type_on_a_synthetic_slide():
     assert bacc > 0.65  # chance is 0.2
 
 
-def test_slide_without_cells_gets_an_empty_matrix():
+def test_slide_without_cells_gets_an_empty_matrix(nuclei_slide):
     from bitro_sc.segmentation import write_cells
 
-    sdata, _ = toy_cells_slide(seed=0, size_px=100)
+    sdata = nuclei_slide
     with pytest.warns(UserWarning, match="No cells"):
         write_cells(sdata, np.zeros((100, 100), np.uint32), mpp=0.5, overwrite=True, labels_key=None)
     bs.tl.cell_features(sdata, labels_key=None, progress=False)
@@ -295,7 +294,7 @@ def _restained(sdata, factor: float):
 
 @pytest.mark.parametrize("factor", [0.7, 1.4])
 def test_macenko_stains_make_features_invariant_to_staining_strength(factor):
-    sdata, _ = toy_cells_slide(seed=0)
+    sdata = bs.datasets.toy("nuclei", seed=0)
     darker = _restained(sdata, factor)
     cols = ["nuc_h_mean", "nuc_e_mean", "ring_h_mean"]
     feats = {}
@@ -313,8 +312,8 @@ def test_macenko_stains_make_features_invariant_to_staining_strength(factor):
     assert r > 0.98
 
 
-def test_blank_image_with_macenko_stains_names_the_fixed_alternative():
-    sdata, _ = toy_cells_slide(seed=0, size_px=100)
+def test_blank_image_with_macenko_stains_names_the_fixed_alternative(nuclei_slide):
+    sdata = nuclei_slide
     blank = _restained(sdata, 0.0)
     with pytest.raises(ValueError, match="stains='fixed'"):
         bs.tl.cell_features(blank, progress=False)
@@ -322,8 +321,8 @@ def test_blank_image_with_macenko_stains_names_the_fixed_alternative():
 
 
 def test_reusing_a_scaler_checks_how_the_stains_were_read():
-    train, _ = toy_cells_slide(seed=0, size_px=160)
-    new, _ = toy_cells_slide(seed=1, size_px=160)
+    train = bs.datasets.toy("nuclei", seed=0, size_px=160)
+    new = bs.datasets.toy("nuclei", seed=1, size_px=160)
     bs.tl.cell_features(train, encoder=MorphologyEncoder(stains="fixed"), progress=False)
     with pytest.raises(ValueError, match="stains='fixed'"):
         bs.tl.cell_features(new, scaler=train, progress=False)

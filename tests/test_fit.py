@@ -11,8 +11,8 @@ import torch
 
 import bitro_sc as bs
 from bitro_sc import _keys as K
+from bitro_sc.datasets import toy as toy_slide  # kind 'cells'
 from bitro_sc.models import BiTroModel
-from bitro_sc.models._toy import toy_slide
 from bitro_sc.pp import normalize_expression
 
 torch.set_num_threads(1)

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from bitro_sc.datasets._toy import graph_knn, toy_cells
 from bitro_sc.models import BiTroModel, ExpressionModel, ModelParams, TrainParams
 from bitro_sc.models._bags import Partition, SlideCells, make_batch, spatial_chunks
 from bitro_sc.models._net import BiTroNet, pool_bags
-from bitro_sc.models._toy import graph_knn, toy_cells
 from bitro_sc.models._train import BulkSlide, loss_fn, slide_cell_values, slide_profile, slide_step
 
 torch.set_num_threads(1)

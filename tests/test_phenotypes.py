@@ -7,12 +7,11 @@ import pytest
 
 import bitro_sc as bs
 from bitro_sc import _keys as K
-from bitro_sc.encoders._toy import toy_cells_slide
 
 
 @pytest.fixture(scope="module")
 def slides():
-    pairs = [toy_cells_slide(seed=s, size_px=200) for s in (10, 11, 12)]
+    pairs = [bs.datasets.toy("nuclei", return_truth=True, seed=s, size_px=200) for s in (10, 11, 12)]
     bs.tl.cell_features([p[0] for p in pairs[:2]], progress=False)
     bs.tl.cell_features(pairs[2][0], scaler=pairs[0][0], progress=False)
     return pairs
@@ -68,15 +67,15 @@ def test_existing_column_is_not_overwritten(slides):
         bs.tl.phenotypes(s, n_clusters=2)
 
 
-def test_missing_features_name_the_step():
-    s, _ = toy_cells_slide(seed=0, size_px=100)
+def test_missing_features_name_the_step(nuclei_slide):
+    s = nuclei_slide
     with pytest.raises(KeyError, match=r"bs\.tl\.cell_features"):
         bs.tl.phenotypes(s)
 
 
 def test_per_slide_scaling_is_warned_about():
-    a, _ = toy_cells_slide(seed=20, size_px=120)
-    b, _ = toy_cells_slide(seed=21, size_px=120)
+    a = bs.datasets.toy("nuclei", seed=20, size_px=120)
+    b = bs.datasets.toy("nuclei", seed=21, size_px=120)
     bs.tl.cell_features(a, progress=False)
     bs.tl.cell_features(b, progress=False)  # two separately fitted scalers
     with pytest.warns(UserWarning, match="per-slide scaling"):

@@ -18,47 +18,7 @@ import bitro_sc as bs
 from bitro_sc import _keys as K
 from bitro_sc import _sdata
 
-PINK = np.array([236, 178, 214], np.float32)
-NUCLEUS = np.array([88, 60, 150], np.float32)
-
-
-def toy_slide(
-    *, seed: int = 0, size_px: int = 400, mpp: float = 0.5, n: int = 60, glass_frac: float = 0.0
-) -> tuple[sd.SpatialData, np.ndarray]:
-    """Pink tissue with dark purple elliptical nuclei (known labels); glass on the right."""
-    from skimage.draw import ellipse
-
-    rng = np.random.default_rng(seed)
-    img = np.broadcast_to(PINK, (size_px, size_px, 3)).copy()
-    tissue_w = int(size_px * (1 - glass_frac))
-    img[:, tissue_w:] = 245.0
-    labels = np.zeros((size_px, size_px), np.uint32)
-    centres: list[tuple[float, float]] = []
-    tries = 0
-    while len(centres) < n and tries < 5000:
-        tries += 1
-        a_um, b_um = rng.uniform(3.0, 5.0), rng.uniform(2.5, 4.0)
-        r, c = rng.uniform(12, size_px - 12), rng.uniform(12, tissue_w - 12)
-        if any((r - y) ** 2 + (c - x) ** 2 < (2.4 * a_um / mpp) ** 2 for y, x in centres):
-            continue
-        rr, cc = ellipse(r, c, a_um / mpp, b_um / mpp, shape=labels.shape, rotation=rng.uniform(0, np.pi))
-        labels[rr, cc] = len(centres) + 1
-        centres.append((r, c))
-    nuc = labels > 0
-    img[nuc] = NUCLEUS
-    img += rng.normal(0, 6, img.shape)
-    rgb = np.clip(img, 0, 255).astype(np.uint8)
-    sdata = sd.SpatialData(
-        images={
-            K.IMAGE: Image2DModel.parse(
-                np.moveaxis(rgb, -1, 0),
-                dims=("c", "y", "x"),
-                transformations=_sdata.micron_transformations(mpp),
-            )
-        }
-    )
-    _sdata.set_slide_info(sdata, sample_id="toy", patient_id="p0")
-    return sdata, labels
+NUCLEUS = np.array([88, 60, 150], np.float32)  # nucleus RGB of the "image" toy slides
 
 
 def match_f1(truth: np.ndarray, pred: np.ndarray, *, iou: float = 0.5) -> tuple[float, float, float]:
@@ -82,7 +42,7 @@ def match_f1(truth: np.ndarray, pred: np.ndarray, *, iou: float = 0.5) -> tuple[
 
 
 def test_write_cells_follows_the_contract():
-    sdata, labels = toy_slide(n=12)
+    sdata, labels = bs.datasets.toy("image", return_truth=True, n=12)
     bs.segmentation.write_cells(sdata, labels, mpp=0.5)
     table = sdata.tables[K.CELLS]
     shapes = sdata.shapes[K.CELL_SHAPES]
@@ -117,7 +77,7 @@ def test_write_cells_follows_the_contract():
 
 
 def test_write_cells_with_offset_places_a_crop():
-    sdata, labels = toy_slide(n=5)
+    sdata, labels = bs.datasets.toy("image", return_truth=True, n=5)
     bs.segmentation.write_cells(sdata, labels[100:300, 50:250], mpp=0.5, offset_px=(100, 50))
     obs = sdata.tables[K.CELLS].obs
     ys, xs = np.nonzero(labels[100:300, 50:250] == obs[K.CELL_ID].iloc[0])
@@ -128,7 +88,7 @@ def test_write_cells_with_offset_places_a_crop():
 
 
 def test_write_cells_never_overwrites_silently():
-    sdata, labels = toy_slide(n=5)
+    sdata, labels = bs.datasets.toy("image", return_truth=True, n=5)
     bs.segmentation.write_cells(sdata, labels, mpp=0.5)
     with pytest.raises(ValueError, match="overwrite=True"):
         bs.segmentation.write_cells(sdata, labels, mpp=0.5)
@@ -139,7 +99,7 @@ def test_write_cells_never_overwrites_silently():
 def test_cell_props_match_regionprops():
     from skimage.measure import regionprops_table
 
-    _, labels = toy_slide(n=30, seed=3)
+    _, labels = bs.datasets.toy("image", return_truth=True, n=30, seed=3)
     ours = bs.segmentation.cell_props(labels)
     ref = pd.DataFrame(
         regionprops_table(
@@ -171,7 +131,7 @@ def test_cell_props_match_regionprops():
 
 
 def test_watershed_finds_toy_nuclei():
-    sdata, truth = toy_slide(n=60)
+    sdata, truth = bs.datasets.toy("image", return_truth=True, n=60)
     bs.tl.segment(sdata, progress=False, tissue=False)
     pred = np.asarray(sdata.labels[K.CELL_LABELS])
     f1, precision, recall = match_f1(truth, pred)
@@ -193,7 +153,7 @@ def test_watershed_f1_on_synthetic_slides(seed, mpp):
 
 
 def test_border_cells_kept_once_for_any_tile_size():
-    sdata, _ = toy_slide(n=80, size_px=500)
+    sdata = bs.datasets.toy("image", n=80, size_px=500)
     results = []
     for tile_um in (37.0, 61.0, 1000.0):  # 74 px, 122 px, one tile
         bs.tl.segment(sdata, progress=False, tissue=False, tile_um=tile_um, overwrite=True)
@@ -210,7 +170,7 @@ def test_border_cells_kept_once_for_any_tile_size():
 
 
 def test_only_tissue_is_segmented_and_glass_gives_no_cells():
-    sdata, truth = toy_slide(n=50, glass_frac=0.4)
+    sdata, truth = bs.datasets.toy("image", return_truth=True, n=50, glass_frac=0.4)
     # isolated "nuclei" lying on glass (debris) must not become cells
     rgb = np.moveaxis(np.asarray(sdata.images[K.IMAGE]), 0, -1).copy()
     rgb[50:60, 350:360] = NUCLEUS.astype(np.uint8)
@@ -224,7 +184,7 @@ def test_only_tissue_is_segmented_and_glass_gives_no_cells():
     assert obs[K.X_PX].max() < 400 * 0.6 + 5
     assert len(obs) >= 0.9 * (len(np.unique(truth)) - 1)
 
-    glass = toy_slide(n=0)[0]
+    glass = bs.datasets.toy("image", n=0)
     glass.images[K.IMAGE] = Image2DModel.parse(
         np.full((3, 300, 300), 244, np.uint8),
         dims=("c", "y", "x"),
@@ -239,7 +199,7 @@ def test_given_tissue_polygons_are_used():
     import geopandas as gpd
     import shapely
 
-    sdata, truth = toy_slide(n=60)
+    sdata, truth = bs.datasets.toy("image", return_truth=True, n=60)
     left = gpd.GeoDataFrame({"geometry": [shapely.box(0, 0, 199.5, 399.5)]})
     bs.tl.segment(sdata, progress=False, tissue=left)
     obs = sdata.tables[K.CELLS].obs
@@ -255,7 +215,7 @@ def test_given_tissue_polygons_are_used():
 def test_a_callable_method_is_used_per_tile():
     from scipy import ndimage as ndi
 
-    sdata, truth = toy_slide(n=40)
+    sdata, truth = bs.datasets.toy("image", return_truth=True, n=40)
     seen = []
 
     def dark_blobs(tile, mpp):
@@ -272,7 +232,7 @@ def test_a_callable_method_is_used_per_tile():
 def test_method_file_reads_polygons(tmp_path: Path):
     from skimage.measure import find_contours
 
-    sdata, truth = toy_slide(n=25)
+    sdata, truth = bs.datasets.toy("image", return_truth=True, n=25)
     features = []
     for i in range(1, int(truth.max()) + 1):
         ring = max(find_contours((truth == i).astype(float), 0.5), key=len)[:, ::-1]  # (x, y)
@@ -320,7 +280,7 @@ def test_cellvit_and_hovernet_polygon_files(tmp_path: Path):
 @pytest.mark.parametrize(("method", "extra"), [("stardist", "stardist"), ("cellpose", "cellpose")])
 def test_optional_methods_name_their_extra(method, extra, monkeypatch):
     monkeypatch.setitem(sys.modules, method, None)  # make the package unimportable
-    sdata, _ = toy_slide(n=3)
+    sdata = bs.datasets.toy("image", n=3)
     with pytest.raises(ImportError, match=rf"bitro-sc\[{extra}\]"):
         bs.tl.segment(sdata, method=method, model_path="/nonexistent", progress=False, tissue=False)
 
@@ -350,7 +310,7 @@ def test_stardist_plumbing_with_a_stub(monkeypatch, tmp_path):
         ("csbdeep.utils", utils),
     ]:
         monkeypatch.setitem(sys.modules, name, mod)
-    sdata, truth = toy_slide(n=20)
+    sdata, truth = bs.datasets.toy("image", return_truth=True, n=20)
     with pytest.raises(ValueError, match="model_path"):
         bs.tl.segment(sdata, method="stardist", progress=False, tissue=False)
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -365,7 +325,7 @@ def test_stardist_plumbing_with_a_stub(monkeypatch, tmp_path):
 
 
 def test_unknown_method_lists_the_registered_ones():
-    sdata, _ = toy_slide(n=3)
+    sdata = bs.datasets.toy("image", n=3)
     with pytest.raises(ValueError, match="watershed"):
         bs.tl.segment(sdata, method="nope")
     with pytest.raises(TypeError, match="min_area_um2"):
@@ -373,13 +333,13 @@ def test_unknown_method_lists_the_registered_ones():
 
 
 def test_too_coarse_image_is_refused_with_advice():
-    sdata, _ = toy_slide(n=3)
+    sdata = bs.datasets.toy("image", n=3)
     with pytest.raises(ValueError, match=r"too coarse.*full-resolution"):
         bs.tl.segment(sdata, mpp=4.0)
 
 
 def test_input_errors_are_clear():
-    sdata, _ = toy_slide(n=3)
+    sdata = bs.datasets.toy("image", n=3)
     with pytest.raises(ValueError, match="no image element"):
         bs.tl.segment(sd.SpatialData())
     bad = sd.SpatialData(

@@ -9,13 +9,15 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 import numpy as np
 
 from .. import _keys as K
+from .. import _sdata
+from ..io._common import spot_shapes, spot_table
+from ._synth_expr import PROGRAMS, cell_expression, covariates, gene_model
+from ._synth_tissue import CELL_TYPES, REGIONS, SlidePlan, plan_slide
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
     import pandas as pd
     from spatialdata import SpatialData
-
-    from ._synth_tissue import SlidePlan
 
 Kind = Literal["visium", "st", "bulk"]
 
@@ -190,8 +192,6 @@ def synthetic(
             raise ValueError(f"`{name}` must be a non-negative number, got {value!r}.")
     umi = _UMI_PER_CELL[kind] if umi_per_cell is None else float(umi_per_cell)
 
-    from ._synth_expr import gene_model
-
     biology = seed if gene_seed is None else int(gene_seed)
     genes = gene_model(n_genes, np.random.default_rng(np.random.SeedSequence([biology, 0])))
     out = []
@@ -332,9 +332,6 @@ def _barcode(row: int, col: int) -> str:
 def _cells_frame(plan: SlidePlan, cov: np.ndarray, depth: np.ndarray) -> pd.DataFrame:
     import pandas as pd
 
-    from ._synth_expr import PROGRAMS
-    from ._synth_tissue import CELL_TYPES, REGIONS
-
     c = plan.cells
     m = plan.mpp
     df = pd.DataFrame(
@@ -383,11 +380,6 @@ def _one_slide(
     from scipy import ndimage
     from spatialdata import SpatialData
     from spatialdata.models import Image2DModel, TableModel
-
-    from .. import _sdata
-    from ..io._common import spot_shapes, spot_table
-    from ._synth_expr import cell_expression, covariates
-    from ._synth_tissue import plan_slide
 
     plan = plan_slide(
         height_um=height_um,

@@ -340,26 +340,3 @@ def unique_gene_names(names: Sequence[str]) -> list[str]:
     from anndata.utils import make_index_unique
 
     return list(make_index_unique(pd.Index([str(n) for n in names])))
-
-
-def read_image_file(path: Path) -> Any:
-    """An RGB uint8 (y, x, 3) array from a JPEG/PNG (PIL) or TIFF (tifffile, lazily for pyramids)."""
-    if path.suffix.lower() in (".tif", ".tiff", ".btf", ".ome.tif"):
-        from ._wsi import tiff_levels
-
-        return rgb_uint8(tiff_levels(path)[0], what=f"image {str(path)!r}")
-    from PIL import Image
-
-    old = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None  # H&E images are legitimately huge; it is the user's own file
-    try:
-        with Image.open(path) as raw:
-            im: Image.Image = raw
-            if raw.getexif().get(0x0112, 1) != 1:  # honour an EXIF orientation tag
-                from PIL import ImageOps
-
-                im = ImageOps.exif_transpose(raw)
-            arr = np.asarray(im if im.mode in ("RGB", "RGBA") else im.convert("RGB"))
-    finally:
-        Image.MAX_IMAGE_PIXELS = old
-    return rgb_uint8(arr, what=f"image {str(path)!r}")

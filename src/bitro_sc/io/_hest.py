@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,7 +12,9 @@ import numpy as np
 import pandas as pd
 
 from .. import _keys as K
+from .._cells import write_cells
 from ._common import check_dir, check_file, integer_counts, rgb_uint8, spot_sdata, unique_gene_names
+from ._wsi import tiff_levels
 
 if TYPE_CHECKING:  # pragma: no cover
     from spatialdata import SpatialData
@@ -68,8 +71,6 @@ def read_hest(
     >>> sdata = bs.io.read_hest("hest_data", "TENX95")  # doctest: +SKIP
     """
     import anndata as ad
-
-    from ._wsi import tiff_levels
 
     base = check_dir(root, what="HEST")
     h5ad = check_file(base / "st" / f"{sample_id}.h5ad", what=f"HEST expression ({sample_id})")
@@ -248,10 +249,6 @@ def polygon_props(polygons: list[Any]) -> pd.DataFrame:
 
 def add_polygon_cells(sdata: SpatialData, cells: pd.DataFrame, *, mpp: float) -> None:
     """Write nucleus polygons as the cells elements (``bs.tl.segment``'s layout) plus their class."""
-    import warnings
-
-    from ..segmentation._write import write_cells
-
     if not len(cells):
         warnings.warn(
             "The CellViT segmentation has no nuclei; no cells are written.", UserWarning, stacklevel=3

@@ -13,12 +13,12 @@ import pandas as pd
 from ._common import (
     check_file,
     integer_counts,
-    read_image_file,
     rgb_uint8,
     spot_sdata,
     strip_suffixes,
     unique_gene_names,
 )
+from ._wsi import read_image_file
 
 if TYPE_CHECKING:  # pragma: no cover
     from spatialdata import SpatialData

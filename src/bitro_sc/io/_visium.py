@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import pandas as pd
 
-from ._common import check_dir, check_file, integer_counts, read_image_file, spot_sdata, unique_gene_names
+from ._common import check_dir, check_file, integer_counts, spot_sdata, unique_gene_names
+from ._wsi import read_image_file
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData

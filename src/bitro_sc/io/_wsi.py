@@ -119,6 +119,27 @@ def sdata_from_levels(levels: list[Any], *, mpp: float, chunk_px: int = CHUNK_PX
     return SpatialData(images={K.IMAGE: image_element(levels, mpp=mpp, chunk_px=chunk_px)})
 
 
+def read_image_file(path: Path) -> Any:
+    """An RGB uint8 (y, x, 3) array from a JPEG/PNG (PIL) or TIFF (tifffile, lazily for pyramids)."""
+    if path.suffix.lower() in (".tif", ".tiff", ".btf", ".ome.tif"):
+        return rgb_uint8(tiff_levels(path)[0], what=f"image {str(path)!r}")
+    from PIL import Image
+
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # H&E images are legitimately huge; it is the user's own file
+    try:
+        with Image.open(path) as raw:
+            im: Image.Image = raw
+            if raw.getexif().get(0x0112, 1) != 1:  # honour an EXIF orientation tag
+                from PIL import ImageOps
+
+                im = ImageOps.exif_transpose(raw)
+            arr = np.asarray(im if im.mode in ("RGB", "RGBA") else im.convert("RGB"))
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+    return rgb_uint8(arr, what=f"image {str(path)!r}")
+
+
 # --- tifffile ----------------------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from .._cells import CELL_OBS, PROPS_PX, cell_props, cells_table_obs, shapes_key_for, write_cells
 from .._lazy import attach
 
 # public name -> private module that defines it; loaded on first access (fast `import bitro_sc`)
@@ -19,12 +20,13 @@ _EXPORTS = {
     "segment_image": "_tiling",
     "polygons_to_cells": "_external",
     "read_polygons": "_external",
-    "write_cells": "_write",
-    "cells_table_obs": "_write",
-    "shapes_key_for": "_write",
-    "CELL_OBS": "_write",
-    "cell_props": "_props",
-    "PROPS_PX": "_props",
 }
 
-__getattr__, __dir__, __all__ = attach(__name__, _EXPORTS)
+__getattr__, _, _lazy_names = attach(__name__, _EXPORTS)
+# the cells contract (write_cells, ...) lives in bitro_sc._cells, shared with bs.io and bs.datasets
+__all__ = ["CELL_OBS", "PROPS_PX", "cell_props", "cells_table_obs", "shapes_key_for", "write_cells"]
+__all__ += _lazy_names
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -7,6 +7,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from .._registry import Registry
+from ._external import CellposeSegmenter, FileSegmenter, StarDistSegmenter
+from ._watershed import HaematoxylinWatershed
 
 
 @runtime_checkable
@@ -32,9 +34,6 @@ class Segmenter(Protocol):
 
 
 def _builtin_segmenters() -> Registry[Any]:
-    from ._external import CellposeSegmenter, FileSegmenter, StarDistSegmenter
-    from ._watershed import HaematoxylinWatershed
-
     reg: Registry[Any] = Registry("segmentation method")
     reg.register("watershed", HaematoxylinWatershed())
     reg.register("stardist", StarDistSegmenter())

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._props import cell_props
+from .._cells import PROPS_PX, cell_props
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -164,8 +164,6 @@ def segment_image(
     import dask.array as da
     import pandas as pd
     from tqdm.auto import tqdm
-
-    from ._props import PROPS_PX
 
     arr = getattr(image, "data", image)
     if not isinstance(arr, da.Array):

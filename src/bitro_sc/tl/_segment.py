@@ -10,6 +10,11 @@ import numpy as np
 
 from .. import _keys as K
 from .. import _sdata
+from .._cells import shapes_key_for, write_cells
+from ..pp._tissue import rasterize_tissue, tissue_mask
+from ..segmentation._base import SEGMENTERS
+from ..segmentation._external import FileSegmenter, polygons_to_cells, rasterize_polygons
+from ..segmentation._tiling import TissueRaster, segment_image
 
 if TYPE_CHECKING:  # pragma: no cover
     import geopandas as gpd
@@ -47,9 +52,6 @@ def _tissue_raster(
 ) -> tuple[Any, str | None]:
     """The tissue as a :class:`TissueRaster` (``None``: segment everywhere) and its element name."""
     import geopandas as gpd
-
-    from ..pp._tissue import rasterize_tissue, tissue_mask
-    from ..segmentation._tiling import TissueRaster
 
     if tissue is None or tissue is False:
         return None, None
@@ -192,11 +194,6 @@ def segment(
     >>> bs.tl.segment(sdata)  # doctest: +SKIP
     >>> sdata.tables["cells"].obs[["x_um", "y_um", "area_um2"]].head()  # doctest: +SKIP
     """
-    from ..segmentation._base import SEGMENTERS
-    from ..segmentation._external import FileSegmenter, polygons_to_cells, rasterize_polygons
-    from ..segmentation._tiling import segment_image
-    from ..segmentation._write import shapes_key_for, write_cells
-
     image_key = _sdata.resolve_image_key(sdata, image_key)
     arr = _sdata.get_image(sdata, image_key).transpose("c", "y", "x")
     mpp = _sdata.get_mpp(sdata, image_key, mpp)
