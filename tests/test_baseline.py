@@ -15,7 +15,8 @@ from spatialdata.models import ShapesModel, TableModel
 import bitro_sc as bs
 from bitro_sc import _keys as K
 from bitro_sc import metrics
-from bitro_sc.tl._baseline import BaselineModel, spot_features
+from bitro_sc.models import BaselineModel
+from bitro_sc.models._baseline import spot_features
 
 N_TYPES, N_FEAT, N_GENES = 3, 6, 25
 

@@ -228,7 +228,7 @@ def test_checkpoint_without_rna_head_field_loads_as_plain_sum_model(tmp_path: Pa
 
 
 def test_validation_split_groups_slides_by_patient() -> None:
-    from bitro_sc.tl._fit import _split
+    from bitro_sc.models._split import split_slides as _split
 
     patients = ["p1", "p1", "p2", "p3", "p4", "p5"]
     samples = [f"s{i}" for i in range(6)]
@@ -431,7 +431,7 @@ def test_predict_accepts_any_model_implementing_the_protocol() -> None:
             self.levels = ("spot",)
             self.record = {"genes": ["gene1", "gene2"], "hvgs": ["gene2"], "method": "constant"}
 
-        def predict_frame(self, sdata, *, level="spot"):
+        def predict_frame(self, sdata, *, level="spot", keys=None):
             t = sdata.tables[K.TABLE]
             return pd.DataFrame(7.0, index=t.obs_names, columns=self.genes)
 
