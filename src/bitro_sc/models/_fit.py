@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from .. import _keys as K
 from .. import _sdata
@@ -25,10 +26,11 @@ from ._model import BiTroModel, resolve_device
 from ._params import DataKeys, ModelParams, TrainParams
 from ._split import slide_groups, split_slides, training_hvgs
 from ._start import ScratchStart, Start
+from ._train import bag_targets, mean_log_rna
+from ._train import train as train_loop
 from ._transfer import TransferStart
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
     from spatialdata import SpatialData
 
 
@@ -59,11 +61,6 @@ def fit(
     graph read. The run record (``model.record``, also written to ``uns[key_added]`` of every
     training table) names the keys in ``record["keys"]``; predictions use them by default.
     """
-    import torch
-
-    from ._train import bag_targets, mean_log_rna
-    from ._train import train as train_loop
-
     slides = _sdata.as_slides(slides, what="training slide")
     level = _sdata.check_level(level, K.FIT_LEVELS)
     keys = DataKeys.coerce(keys)
@@ -126,10 +123,11 @@ def fit(
     if tp.refit and val_data:
         # the validation bags chose the number of epochs; train again from the start on all bags
         epochs = best_epoch + 1
-        net, lora, report = begin(train_data + val_data)
+        all_bags: list[Any] = [*train_data, *val_data]
+        net, lora, report = begin(all_bags)
         refit_history, _ = train_loop(
             net,
-            train_data + val_data,
+            all_bags,
             [],
             params=dataclasses.replace(tp, epochs=epochs),
             device=dev,

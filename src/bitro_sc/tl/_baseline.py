@@ -43,8 +43,8 @@ def fit_baseline(
     ``level="bulk"``), ``obsm["X_bitro"]`` of the cells table, plus ``log1p`` of its number of
     cells, to ``log1p`` counts-per-10k of the measured profile (library size over all genes).
     Features are standardised over the training data. The penalty is chosen among ``alpha``
-    (default :data:`DEFAULT_ALPHAS`) by inner cross-validation grouped by slide, maximising the
-    mean per-gene Pearson of out-of-fold predictions. ``"mean"``: the mean counts-per-10k
+    (default: 13 values from 0.1 to 1e5, log-spaced) by inner cross-validation grouped by slide,
+    maximising the mean per-gene Pearson of out-of-fold predictions. ``"mean"``: the mean counts-per-10k
     profile of the training spots (slides).
 
     Parameters
@@ -84,7 +84,7 @@ def fit_baseline(
     """
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
-    level = _sdata.check_level(level, K.FIT_LEVELS)
+    _sdata.check_level(level, K.FIT_LEVELS)
     slides = _sdata.as_slides(sdata_or_list, what="training slide")
     keys = DataKeys(
         table_key=table_key,

@@ -134,10 +134,10 @@ def fit_bitro(
     if transfer not in _TRANSFERS:
         raise ValueError(f"`transfer` must be one of {list(_TRANSFERS)}, got {transfer!r}.")
     expected = "bulk" if transfer == "spatial" else "spot"
-    level = _sdata.check_level(expected if level is None else level, K.FIT_LEVELS)  # type: ignore[assignment]
-    if transfer is not None and level != expected:
+    fit_level = _sdata.check_level(expected if level is None else level, K.FIT_LEVELS)
+    if transfer is not None and fit_level != expected:
         raise ValueError(
-            f"transfer={transfer!r} adapts a model to {expected}-level targets, but level={level!r}. "
+            f"transfer={transfer!r} adapts a model to {expected}-level targets, but level={fit_level!r}. "
             f"Drop `level=` or use transfer={'spatial' if expected == 'spot' else 'bulk'!r}."
         )
     if bulk is not None and transfer != "bulk":
@@ -181,7 +181,7 @@ def fit_bitro(
             keys=keys,
             run=run,
         )
-    return run(slides, level=level, genes=genes, base=base_model, policy=policy)
+    return run(slides, level=fit_level, genes=genes, base=base_model, policy=policy)
 
 
 def _resolve_base(

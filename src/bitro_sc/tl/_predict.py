@@ -77,7 +77,7 @@ def predict_bitro(
     >>> bs.tl.predict_bitro(test_slide, model, level="cell")  # doctest: +SKIP
     >>> test_slide.tables["cells"].to_df(layer="bitro")  # doctest: +SKIP
     """
-    level = _sdata.check_level(level, K.PREDICT_LEVELS)  # type: ignore[assignment]
+    _sdata.check_level(level, K.PREDICT_LEVELS)
     if not isinstance(model, ExpressionModel):
         raise TypeError(
             f"`model` must implement bitro_sc.models.ExpressionModel (genes, levels, record, predict_frame); "
