@@ -9,7 +9,8 @@ from scipy import sparse
 import bitro_sc as bs
 from bitro_sc import _keys as K
 from bitro_sc import metrics
-from bitro_sc.tl._baseline import BaselineModel, spot_features
+from bitro_sc.models import BaselineModel
+from bitro_sc.models._baseline import spot_features
 
 N_TYPES, N_FEAT, N_GENES = 3, 6, 25
 
@@ -160,3 +161,19 @@ def test_cell_level_on_a_slide_without_spots_uses_each_cells_own_features():
     )
     np.testing.assert_allclose(cells.to_numpy(), expected, rtol=1e-10)
     assert cells.shape == (wsi.tables[K.CELLS].n_obs, 2)
+
+
+def test_ridge_reads_features_under_a_custom_key_and_predicts_with_it():
+    train = [toy_slide(s)[0] for s in (1, 2)]
+    test, _ = toy_slide(6)
+    plain = bs.tl.fit_baseline(train, method="ridge", genes=["G1", "G2"], alpha=1.0)
+    expected = plain.predict_frame(test, level="spot")
+    for s in [*train, test]:
+        cells = s.tables[K.CELLS]
+        cells.obsm["X_uni"] = cells.obsm.pop(K.FEATURES)
+    model = bs.tl.fit_baseline(train, method="ridge", genes=["G1", "G2"], alpha=1.0, features_key="X_uni")
+    assert model.record["keys"]["features_key"] == "X_uni"
+    pd.testing.assert_frame_equal(model.predict_frame(test, level="spot"), expected)
+    bs.tl.predict_bitro(test, model)  # the recorded key, without naming it
+    table = test.tables[K.TABLE]
+    np.testing.assert_allclose(table[:, ["G1", "G2"]].layers[K.PREDICTION], expected.to_numpy(), rtol=1e-6)

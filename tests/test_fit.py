@@ -228,7 +228,7 @@ def test_checkpoint_without_rna_head_field_loads_as_plain_sum_model(tmp_path: Pa
 
 
 def test_validation_split_groups_slides_by_patient() -> None:
-    from bitro_sc.tl._fit import _split
+    from bitro_sc.models._split import split_slides as _split
 
     patients = ["p1", "p1", "p2", "p3", "p4", "p5"]
     samples = [f"s{i}" for i in range(6)]
@@ -431,7 +431,7 @@ def test_predict_accepts_any_model_implementing_the_protocol() -> None:
             self.levels = ("spot",)
             self.record = {"genes": ["gene1", "gene2"], "hvgs": ["gene2"], "method": "constant"}
 
-        def predict_frame(self, sdata, *, level="spot"):
+        def predict_frame(self, sdata, *, level="spot", keys=None):
             t = sdata.tables[K.TABLE]
             return pd.DataFrame(7.0, index=t.obs_names, columns=self.genes)
 
@@ -532,3 +532,56 @@ def test_transfer_remaps_the_linear_skip_by_gene() -> None:
     torch.testing.assert_close(net.skip.weight[:2], base.net.skip.weight[4:6])
     assert torch.equal(net.skip.weight[2], torch.zeros_like(net.skip.weight[2]))
     assert net.skip.weight.requires_grad
+
+
+def _rename_cell_keys(sdata) -> None:
+    """Move features, phenotype, spot ids and graph of the cells table to custom keys."""
+    cells = sdata.tables[K.CELLS]
+    cells.obsm["X_uni"] = cells.obsm.pop(K.FEATURES)
+    cells.obs["my_type"] = cells.obs.pop(K.PHENOTYPE)
+    cells.obs["my_spot"] = cells.obs.pop(K.SPOT_ID)
+    cells.obsp["cg_connectivities"] = cells.obsp.pop(K.CONNECTIVITIES)
+    cells.obsp["cg_distances"] = cells.obsp.pop(K.DISTANCES)
+
+
+def test_data_under_custom_keys_is_fitted_and_predicted_with_the_recorded_keys(tmp_path: Path) -> None:
+    import json
+
+    kw = {"epochs": 1, "model": TINY, "genes": MARKERS[:4], "progress": False, "validation": None}
+    plain = bs.tl.fit_bitro(_slides(2, grid=4), **kw)
+    slides = _slides(2, grid=4)
+    for s in slides:
+        _rename_cell_keys(s)
+    with pytest.raises(KeyError, match="X_bitro"):
+        bs.tl.fit_bitro(slides, **kw)
+    keys = {"features_key": "X_uni", "phenotype_key": "my_type", "spot_key": "my_spot", "graph_key": "cg"}
+    model = bs.tl.fit_bitro(slides, **kw, **keys)
+    assert {k: model.record["keys"][k] for k in keys} == keys
+    assert model.keys == bs.models.DataKeys(**keys)
+    assert model.phenotypes == plain.phenotypes  # the phenotype column was read
+    expected = plain.predict_frame(_slides(2, grid=4)[1])
+    pd.testing.assert_frame_equal(model.predict_frame(slides[1]), expected)
+    # predict_bitro reads the keys the model was trained on, without naming them
+    bs.tl.predict_bitro(slides[1], model)
+    table = slides[1].tables[K.TABLE]
+    layer = table[:, model.genes].layers[K.PREDICTION]
+    np.testing.assert_array_equal(layer, expected.to_numpy())
+    # explicit arguments override the recorded keys
+    with pytest.raises(KeyError, match="X_other"):
+        bs.tl.predict_bitro(slides[1], model, features_key="X_other", key_added="other")
+    # saved models keep their keys; files written before keys were recorded load with the defaults
+    model.save(tmp_path / "m")
+    assert BiTroModel.load(tmp_path / "m").keys == model.keys
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    del cfg["record"]["keys"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    assert BiTroModel.load(tmp_path / "m").keys == bs.models.DataKeys()
+
+
+def test_models_fit_is_the_algorithm_behind_fit_bitro() -> None:
+    kw = {"genes": MARKERS[:4], "progress": False, "validation": None, "model": TINY}
+    a = bs.tl.fit_bitro(_slides(2, grid=4), epochs=1, **kw)
+    b = bs.models.fit(_slides(2, grid=4), train={"epochs": 1}, **kw)
+    slide = _slides(2, grid=4)[1]
+    pd.testing.assert_frame_equal(a.predict_frame(slide), b.predict_frame(slide))
+    assert b.record["transfer"] == "none"

@@ -107,3 +107,16 @@ def test_graph_equals_squidpys_on_the_same_micron_coordinates(points, mode):
         ours, theirs = t.obsp[key].toarray(), ref.obsp[key].toarray()
         np.fill_diagonal(theirs, 0)
         np.testing.assert_allclose(ours, theirs, rtol=1e-9, atol=1e-12)
+
+
+def test_key_added_writes_the_graph_under_squidpy_style_keys(points):
+    sdata = _slide(points)
+    bs.tl.cell_graph(sdata, k=5)
+    bs.tl.cell_graph(sdata, k=5, key_added="cg")
+    t = sdata.tables[K.CELLS]
+    assert (t.obsp["cg_connectivities"] != t.obsp[K.CONNECTIVITIES]).nnz == 0
+    assert (t.obsp["cg_distances"] != t.obsp[K.DISTANCES]).nnz == 0
+    assert t.uns["cg_neighbors"]["connectivities_key"] == "cg_connectivities"
+    assert t.uns["cg_neighbors"]["distances_key"] == "cg_distances"
+    with pytest.raises(ValueError, match="cg_connectivities"):
+        bs.tl.cell_graph(sdata, k=5, key_added="cg")

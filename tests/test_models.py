@@ -8,9 +8,9 @@ import torch
 
 from bitro_sc.datasets._toy import graph_knn, toy_cells
 from bitro_sc.models import BiTroModel, ExpressionModel, ModelParams, TrainParams
-from bitro_sc.models._bags import Partition, SlideCells, make_batch, spatial_chunks
+from bitro_sc.models._bags import BulkSlide, Partition, SlideCells, make_batch, spatial_chunks
 from bitro_sc.models._net import BiTroNet, pool_bags
-from bitro_sc.models._train import BulkSlide, loss_fn, slide_cell_values, slide_profile, slide_step
+from bitro_sc.models._slide import loss_fn, slide_cell_values, slide_profile, slide_step
 
 torch.set_num_threads(1)
 SMALL = ModelParams(hidden=16, phenotype_dim=4, gat_heads=2, transformer_heads=2, dropout=0.2)
@@ -205,7 +205,7 @@ def test_protocol_recognises_models_by_their_members() -> None:
             self.levels = ("spot",)
             self.record = {"genes": ["a"], "hvgs": []}
 
-        def predict_frame(self, sdata, *, level="spot"):
+        def predict_frame(self, sdata, *, level="spot", keys=None):
             raise NotImplementedError
 
     assert isinstance(Constant(), ExpressionModel)

@@ -274,9 +274,10 @@ def bulk_row(sdata: SpatialData, *, bulk_key: str = K.BULK, i: int = 0) -> int:
     if hit.size == 1:
         return int(hit[0])
     found = "none matches" if hit.size == 0 else f"{hit.size} match"
+    note = ": the bulk samples match no slide" if hit.size == 0 else ""
     raise ValueError(
         f"The bulk table {bulk_key!r} has samples {list(ids)[:5]}{' ...' if len(ids) > 5 else ''} and "
-        f"{found} the slide's sample_id {own!r}. Set the slide's identity with "
+        f"{found} the slide's sample_id {own!r}{note}. Set the slide's identity with "
         "`bs.set_slide_info(sdata, sample_id=...)` or fix obs['sample_id'] of the bulk table "
         "(one row per sample)."
     )
@@ -369,3 +370,14 @@ def to_uns(obj: Any) -> Any:
             return np.asarray([math.nan if v is None else v for v in obj], dtype=float)
         return np.asarray(obj) if obj else np.zeros(0)
     return obj
+
+
+def features_params_key(features_key: str) -> str:
+    """The ``uns`` key of the cells table that records how ``obsm[features_key]`` was computed."""
+    return K.FEATURES_PARAMS if features_key == K.FEATURES else f"{features_key}_params"
+
+
+def bulk_table(sdata: SpatialData, *, bulk_key: str = K.BULK, i: int = 0) -> AnnData:
+    """The one-row slice of ``tables[bulk_key]`` that measures this slide (:func:`bulk_row`)."""
+    row = bulk_row(sdata, bulk_key=bulk_key, i=i)
+    return sdata.tables[bulk_key][row : row + 1]

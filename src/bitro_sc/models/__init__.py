@@ -1,10 +1,20 @@
-"""The BiTro model: nn.Module, bags (cells → PyG batches), training loop, LoRA policies, checkpoints.
+"""Expression models: BiTro (network, bags, the whole training algorithm, transfer, checkpoints) and
+the HEST-style baselines, behind one protocol.
 
 Public names load lazily (``import bitro_sc.models`` does not import torch):
 
+- :func:`fit` — train a :class:`BiTroModel` (the algorithm behind ``bs.tl.fit_bitro``);
 - :class:`BiTroModel` — a fitted model (``save`` / ``load``, ``predict_frame``);
+- :class:`BaselineModel`, :func:`fit_baseline` — ridge / mean baselines (``bs.tl.fit_baseline``);
 - :class:`ModelParams`, :class:`TrainParams` — architecture and training knobs;
+- :class:`DataKeys` — where a model reads a slide (tables, features, phenotype, spot id, graph);
 - :class:`ExpressionModel` — the protocol ``bs.tl.predict_bitro`` accepts (BiTro, baselines).
+
+Modules: ``_params`` (knobs, keys), ``_data`` (slides → cell arrays and bags), ``_bags`` (bags →
+PyG batches), ``_net`` (the network, pooling), ``_slide`` (whole slides: chunked exact gradient),
+``_train`` (spot loop, training loop), ``_split`` (validation split, genes), ``_start`` (fresh
+start), ``_deconv`` (deconvolution start), ``_transfer`` (everything about transfer), ``_fit``
+(the algorithm), ``_model`` (BiTroModel), ``_baseline`` (ridge / mean), ``_protocol``.
 """
 
 from __future__ import annotations
@@ -12,7 +22,11 @@ from __future__ import annotations
 from .._lazy import attach
 
 _EXPORTS = {
+    "fit": "_fit",
     "BiTroModel": "_model",
+    "BaselineModel": "_baseline",
+    "fit_baseline": "_baseline",
+    "DataKeys": "_params",
     "ModelParams": "_params",
     "TrainParams": "_params",
     "ExpressionModel": "_protocol",

@@ -178,3 +178,24 @@ def make_batch(
     batch._num_graphs = len(sizes)
     cell_index = np.concatenate([c for _, c in idx_parts]) if idx_parts else np.zeros(0, np.int64)
     return batch, cell_index
+
+
+@dataclass
+class SpotSet:
+    """Spot-level training targets of one slide: the spots that hold at least one cell."""
+
+    slide: SlideCells
+    part: Partition
+    rows: np.ndarray  # spot-table rows (= partition groups) used
+    target: np.ndarray  # (len(rows), genes) counts per 10k
+    lib: np.ndarray  # (len(rows),) library sizes (all genes)
+
+
+@dataclass
+class BulkSlide:
+    """Bulk target of one slide: the whole slide is one bag, cut into chunks."""
+
+    slide: SlideCells
+    part: Partition
+    target: np.ndarray  # (genes,) counts per 10k
+    lib: float

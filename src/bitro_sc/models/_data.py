@@ -1,36 +1,30 @@
-"""SpatialData → model inputs: scaled cell arrays, spot / bulk targets, JSON-safe metadata."""
+"""SpatialData → model inputs: scaled cell arrays, spot / bulk targets, the training bags.
+
+Every key is read from a :class:`~bitro_sc.models.DataKeys` (features, phenotype, spot id and
+graph included), so data written under custom keys is fitted and predicted by naming them.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from .. import _keys as K
 from .. import _sdata
-from ._bags import SlideCells
+from ..pp._expression import cp10k, get_counts
+from ._bags import BulkSlide, SlideCells, SpotSet
+from ._params import DataKeys
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
     from spatialdata import SpatialData
 
 
-def cells_table(sdata: SpatialData, cells_key: str = K.CELLS) -> AnnData:
-    """The featurised cells table, or an error naming the missing step."""
-    if cells_key not in sdata.tables:
-        raise KeyError(
-            f"The SpatialData object has no cells table {cells_key!r} "
-            f"(tables: {list(sdata.tables.keys()) or 'none'}): run `bs.tl.segment` and "
-            "`bs.tl.cell_features` first."
-        )
-    cells = sdata.tables[cells_key]
-    if K.FEATURES not in cells.obsm:
-        raise KeyError(
-            f"The cells table {cells_key!r} has no obsm[{K.FEATURES!r}]: run `bs.tl.cell_features` first."
-        )
-    return cells
+def cells_table(sdata: SpatialData, keys: DataKeys) -> AnnData:
+    """The featurised cells table of ``keys``, or an error naming the missing step."""
+    return _sdata.cells_table(sdata, keys.cells_key, features_key=keys.features_key)
 
 
 def cell_positions_um(cells: AnnData) -> np.ndarray:
@@ -38,44 +32,28 @@ def cell_positions_um(cells: AnnData) -> np.ndarray:
     return _sdata.cell_centroids_um(cells).astype(np.float32)
 
 
-def cell_spot_ids(cells: AnnData) -> np.ndarray:
-    """Spot instance id per cell (int64, -1 where a cell is in no spot); error if never assigned."""
-    if K.SPOT_ID not in cells.obs:
-        raise KeyError(f"The cells table has no obs[{K.SPOT_ID!r}]: run `bs.tl.assign_cells` first.")
-    ids = pd.to_numeric(cells.obs[K.SPOT_ID], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
-    out = np.full(ids.shape, -1, dtype=np.int64)
-    ok = np.isfinite(ids) & (ids >= 0)
-    out[ok] = ids[ok].astype(np.int64)
-    return out
-
-
 def spot_rows(table: AnnData, cell_spots: np.ndarray) -> np.ndarray:
     """Row of the spot table of every cell (-1: in no spot, or in a spot the table does not have)."""
-    ids = (
-        pd.to_numeric(table.obs[K.SPOT_ID]).to_numpy(dtype=np.int64)
-        if K.SPOT_ID in table.obs
-        else np.arange(table.n_obs, dtype=np.int64)
-    )
-    rows = pd.Index(ids).get_indexer(cell_spots)
+    rows = pd.Index(_sdata.spot_instance_ids(table)).get_indexer(cell_spots)
     rows[cell_spots < 0] = -1
     return rows.astype(np.int64)
 
 
-def phenotype_categories(cells: AnnData) -> list[str]:
-    if K.PHENOTYPE not in cells.obs:
+def phenotype_categories(cells: AnnData, phenotype_key: str) -> list[str]:
+    if phenotype_key not in cells.obs:
         return []
-    col = cells.obs[K.PHENOTYPE]
+    col = cells.obs[phenotype_key]
     cats = (
         col.cat.categories if isinstance(col.dtype, pd.CategoricalDtype) else pd.Index(col.dropna().unique())
     )
     return [str(c) for c in cats]
 
 
-def phenotype_codes(cells: AnnData, categories: list[str]) -> np.ndarray:
+def phenotype_codes(cells: AnnData, categories: list[str], phenotype_key: str) -> np.ndarray:
     """Embedding index per cell: 1 + position in ``categories``; 0 for unknown / missing phenotypes."""
-    if K.PHENOTYPE not in cells.obs or not categories:
+    if phenotype_key not in cells.obs or not categories:
         return np.zeros(cells.n_obs, dtype=np.int64)
-    values = cells.obs[K.PHENOTYPE].astype(object).map(lambda v: None if pd.isna(v) else str(v))
+    values = cells.obs[phenotype_key].astype(object).map(lambda v: None if pd.isna(v) else str(v))
     return (pd.Index(categories).get_indexer(values.to_numpy()) + 1).astype(np.int64)
 
 
@@ -108,37 +86,37 @@ def slide_cells(
     phenotypes: list[str],
     need_graph: bool,
     need_spots: bool,
-    table_key: str = K.TABLE,
-    cells_key: str = K.CELLS,
+    keys: DataKeys,
 ) -> SlideCells:
     """Model inputs of one slide (scaled features, phenotype codes, µm positions, graph, spot rows)."""
-    cells = cells_table(sdata, cells_key)
-    x = np.asarray(cells.obsm[K.FEATURES])
+    cells = cells_table(sdata, keys)
+    x = np.asarray(cells.obsm[keys.features_key])
     if x.shape[1] != stats.mean.shape[0]:
         raise ValueError(
-            f"The cells table has {x.shape[1]} features in obsm[{K.FEATURES!r}], the model expects "
+            f"The cells table has {x.shape[1]} features in obsm[{keys.features_key!r}], the model expects "
             f"{stats.mean.shape[0]}. Compute the features with the same encoder as the training slides."
         )
     graph = None
     if need_graph:
-        if K.CONNECTIVITIES not in cells.obsp:
+        if keys.connectivities not in cells.obsp:
             raise KeyError(
-                f"The cells table has no obsp[{K.CONNECTIVITIES!r}] (cell graph): run `bs.tl.cell_graph` "
-                "first, or use a model without GAT layers (`model={'gat_layers': 0}`)."
+                f"The cells table has no obsp[{keys.connectivities!r}] (cell graph): run `bs.tl.cell_graph` "
+                "first (or pass the `graph_key` it wrote), or use a model without GAT layers "
+                "(`model={'gat_layers': 0}`)."
             )
         from scipy import sparse
 
-        graph = sparse.csr_matrix(cells.obsp[K.CONNECTIVITIES])
+        graph = sparse.csr_matrix(cells.obsp[keys.connectivities])
     spot_index = np.full(cells.n_obs, -1, dtype=np.int64)
-    if need_spots:
-        if table_key not in sdata.tables:
-            raise KeyError(f"The SpatialData object has no spot table {table_key!r}.")
-        spot_index = spot_rows(sdata.tables[table_key], cell_spot_ids(cells))
-    elif K.SPOT_ID in cells.obs and table_key in sdata.tables:
-        spot_index = spot_rows(sdata.tables[table_key], cell_spot_ids(cells))
+    has_table = keys.table_key in sdata.tables
+    if need_spots and not has_table:
+        raise KeyError(f"The SpatialData object has no spot table {keys.table_key!r}.")
+    if need_spots or (keys.spot_key in cells.obs and has_table):
+        ids = _sdata.cell_spot_ids(cells, spot_key=keys.spot_key, cells_key=keys.cells_key)
+        spot_index = spot_rows(sdata.tables[keys.table_key], ids)
     return SlideCells(
         features=stats.apply(x),
-        phenotype=phenotype_codes(cells, phenotypes),
+        phenotype=phenotype_codes(cells, phenotypes, keys.phenotype_key),
         xy_um=cell_positions_um(cells),
         graph=graph,
         spot_index=spot_index,
@@ -149,8 +127,6 @@ def library_and_counts(table: AnnData, genes: list[str]) -> tuple[np.ndarray, np
     """(library size over all genes (n,), counts of ``genes`` (n, g) dense float64)."""
     from scipy import sparse
 
-    from ..pp._expression import get_counts
-
     counts = get_counts(table)
     lib = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
     cols = table.var_names.get_indexer(genes)
@@ -159,36 +135,89 @@ def library_and_counts(table: AnnData, genes: list[str]) -> tuple[np.ndarray, np
     return lib, np.asarray(dense, dtype=np.float64)
 
 
-def bulk_row(sdata: SpatialData, *, bulk_key: str = K.BULK) -> int:
-    """Row of the slide's own sample in its bulk table, or an error when no sample matches it."""
-    from .._sdata import slide_info
-
-    table = sdata.tables[bulk_key]
-    sample = slide_info(sdata)[K.SAMPLE_ID]
-    ids = table.obs[K.SAMPLE_ID].astype(str) if K.SAMPLE_ID in table.obs else pd.Series(table.obs_names)
-    if sample is not None:
-        hit = np.flatnonzero(ids.to_numpy() == str(sample))
-        if hit.size:
-            return int(hit[0])
-    elif table.n_obs == 1:
-        return 0
-    raise ValueError(
-        f"The bulk table {bulk_key!r} has samples {list(ids)[:5]} but the slide's sample_id is {sample!r}: "
-        "the bulk samples match no slide. Set the slide's identity with "
-        "`bitro_sc._sdata.set_slide_info(sdata, sample_id=...)` or fix obs['sample_id'] of the bulk table."
-    )
-
-
-def jsonable(obj: Any) -> Any:
-    """A JSON-serialisable copy (numpy → lists / scalars; unknown objects → str)."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if obj is None or isinstance(obj, str | int | float | bool):
-        return obj
-    return str(obj)
+def build_data(
+    slides: list[SpatialData],
+    train_idx: list[int],
+    val_idx: list[int],
+    spot_frac: float,
+    *,
+    level: str,
+    genes: list[str],
+    stats: FeatureStats,
+    phenotypes: list[str],
+    need_graph: bool,
+    chunk_cells: int,
+    keys: DataKeys,
+) -> tuple[list[SpotSet] | list[BulkSlide], list[SpotSet] | list[BulkSlide], list[int]]:
+    """(training bags, validation bags, cells per training bag). At spot level with ``spot_frac``,
+    the spots with the largest x of every training slide (that share of them) are validation bags."""
+    train_data: list = []
+    val_data: list = []
+    bag_sizes: list[int] = []
+    n_with_cells = 0
+    for i in [*train_idx, *val_idx]:
+        s = slides[i]
+        cells = slide_cells(
+            s,
+            stats=stats,
+            phenotypes=phenotypes,
+            need_graph=need_graph,
+            need_spots=level == "spot",
+            keys=keys,
+        )
+        if level == "spot":
+            table = s.tables[keys.table_key]
+            lib, counts = library_and_counts(table, genes)
+            part = cells.spot_partition(table.n_obs)
+            sizes = part.sizes()
+            rows = np.flatnonzero((sizes > 0) & (lib > 0))
+            n_with_cells += rows.size
+            if rows.size == 0:
+                continue
+            y = cp10k(counts[rows], lib[rows])
+            items = [(rows, y, lib[rows])]
+            if i in train_idx and spot_frac > 0:
+                x = np.array(
+                    [cells.xy_um[part.order[part.cell_ptr[r] : part.cell_ptr[r + 1]], 0].mean() for r in rows]
+                )
+                held = x > np.quantile(x, 1 - spot_frac)
+                if held.any() and (~held).any():
+                    items = [
+                        (rows[~held], y[~held], lib[rows][~held]),
+                        (rows[held], y[held], lib[rows][held]),
+                    ]
+            for j, (r, yr, lb) in enumerate(items):
+                item = SpotSet(cells, part, r, yr.astype(np.float32), lb.astype(np.float32))
+                if i in train_idx and j == 0:
+                    train_data.append(item)
+                    bag_sizes.extend(sizes[r].tolist())
+                else:
+                    val_data.append(item)
+        else:
+            row = _sdata.bulk_row(s, bulk_key=keys.bulk_key, i=i)
+            lib, counts = library_and_counts(s.tables[keys.bulk_key][row : row + 1], genes)
+            if cells.n_cells == 0 or lib[0] <= 0:
+                raise ValueError(
+                    f"Bulk slide {i} has no cells or an empty bulk profile; drop it or segment it."
+                )
+            n_with_cells += 1
+            bulk = BulkSlide(
+                cells,
+                cells.chunk_partition(chunk_cells),
+                cp10k(counts[0], lib[0]).astype(np.float32),
+                float(lib[0]),
+            )
+            if i in train_idx:
+                train_data.append(bulk)
+                bag_sizes.append(cells.n_cells)
+            else:
+                val_data.append(bulk)
+    if level == "spot" and n_with_cells == 0:
+        raise ValueError(
+            "No spot of any training slide holds a cell (the spots have no cells: obs['spot_id'] of the "
+            "cells table is missing / -1 everywhere): run `bs.tl.assign_cells` first, and check that the "
+            "spots overlap the segmented tissue."
+        )
+    if not train_data:
+        raise ValueError("The training split has no usable bag (spots with cells / bulk slides).")
+    return train_data, val_data, bag_sizes

@@ -10,12 +10,9 @@ the fit; no scverse library offers a bag-level deconvolution on arbitrary cell c
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ._train import BulkSlide, SpotSet
+from ._bags import BulkSlide, SpotSet
 
 #: profiles are floored at this fraction of the gene's mean value per cell (log of zero is -inf, and
 #: a phenotype the training bags never showed expressing a gene may still do so elsewhere)
@@ -25,8 +22,6 @@ FLOOR = 0.02
 def bag_design(data: list[SpotSet] | list[BulkSlide], n_codes: int) -> np.ndarray:
     """Cells of each phenotype code per training bag (bags × codes), in the order of
     :func:`~bitro_sc.models._train.bag_targets`."""
-    from ._train import SpotSet
-
     rows: list[np.ndarray] = []
     for item in data:
         codes = item.slide.phenotype

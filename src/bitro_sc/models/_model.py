@@ -10,9 +10,10 @@ import numpy as np
 import pandas as pd
 
 from .. import _keys as K
-from ._data import FeatureStats, bulk_row, jsonable, slide_cells
-from ._params import ModelParams, TrainParams
-from ._protocol import LEVELS
+from .. import _sdata
+from ._bags import Partition, SlideCells, spatial_chunks
+from ._data import FeatureStats, slide_cells
+from ._params import DataKeys, ModelParams, TrainParams
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -52,10 +53,14 @@ class BiTroModel:
     levels
         Levels it can predict: ``("spot", "bulk", "cell")``.
     record
-        Run record (config, genes, HVGs, split, history, parameter counts, matched / new genes).
+        Run record (config, genes, HVGs, keys, split, history, parameter counts, matched / new genes).
+    keys
+        The :class:`~bitro_sc.models.DataKeys` it was trained on (``record["keys"]``; the defaults
+        for models saved before keys were recorded): predictions read the same keys unless told
+        otherwise.
     """
 
-    levels: tuple[str, ...] = LEVELS
+    levels: tuple[str, ...] = K.PREDICT_LEVELS
 
     def __init__(
         self,
@@ -104,20 +109,30 @@ class BiTroModel:
         return max(round(self.bag_cells), 1)
 
     @property
+    def keys(self) -> DataKeys:
+        return DataKeys.coerce(self.record.get("keys"))
+
+    @property
     def history(self) -> pd.DataFrame:
         """Training history (one row per epoch: train_loss, val_loss)."""
         return pd.DataFrame(self.record.get("history", {}))
 
     # ------------------------------------------------------------------------------------------
-    def _inputs(self, sdata: SpatialData, *, need_spots: bool, table_key: str, cells_key: str):
+    def _inputs(
+        self,
+        sdata: SpatialData,
+        *,
+        need_spots: bool,
+        keys: DataKeys | None = None,
+        **key_overrides: str | None,
+    ) -> SlideCells:
         return slide_cells(
             sdata,
             stats=self.stats,
             phenotypes=self.phenotypes,
             need_graph=self.params.gat_layers > 0,
             need_spots=need_spots,
-            table_key=table_key,
-            cells_key=cells_key,
+            keys=(keys or self.keys).replace(**key_overrides),
         )
 
     def _scale_for(self, level: str, bag_cells: float) -> float:
@@ -138,30 +153,26 @@ class BiTroModel:
         *,
         level: Literal["spot", "bulk", "cell"] = "spot",
         device: str | torch.device | None = None,
-        table_key: str = K.TABLE,
-        cells_key: str = K.CELLS,
+        keys: DataKeys | None = None,
+        table_key: str | None = None,
+        cells_key: str | None = None,
     ) -> np.ndarray:
         """Predictions (counts per 1e4) as an array: spot-table rows (spot; NaN rows for spots without
         cells), one slide profile (bulk, shape ``(1, genes)``) or cells-table rows (cell)."""
-        return self._predict(sdata, level=level, device=device, table_key=table_key, cells_key=cells_key)[0]
+        keys = (keys or self.keys).replace(table_key=table_key, cells_key=cells_key)
+        return self._predict(sdata, level=level, device=device, keys=keys)[0]
 
     def _predict(
-        self,
-        sdata: SpatialData,
-        *,
-        level: str,
-        device: str | torch.device | None,
-        table_key: str,
-        cells_key: str,
+        self, sdata: SpatialData, *, level: str, device: str | torch.device | None, keys: DataKeys
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """(predictions, RNA content per cell or None); the RNA contents only for ``level="cell"``."""
         import torch
 
-        from ._bags import Partition, spatial_chunks
-        from ._train import slide_cell_values, spot_values, with_depth
+        from ._slide import slide_cell_values, with_depth
+        from ._train import spot_values
 
-        if level not in LEVELS:
-            raise ValueError(f"`level` must be one of {list(LEVELS)}, got {level!r}.")
+        _sdata.check_level(level, K.PREDICT_LEVELS)
+        table_key = keys.table_key
         dev = resolve_device(device)
         net = self.net.to(dev).eval()
         if level == "spot":
@@ -169,7 +180,7 @@ class BiTroModel:
                 raise KeyError(
                     f"The SpatialData object has no spot table {table_key!r}; predict `level='cell'`."
                 )
-            slide = self._inputs(sdata, need_spots=True, table_key=table_key, cells_key=cells_key)
+            slide = self._inputs(sdata, need_spots=True, keys=keys)
             n_spots = sdata.tables[table_key].n_obs
             part = slide.spot_partition(n_spots)
             groups = np.flatnonzero(part.sizes() > 0)
@@ -178,7 +189,7 @@ class BiTroModel:
             mean_cells = float(part.sizes()[groups].mean()) if groups.size else 0.0
             out[groups] = prof * self._scale_for("spot", mean_cells)
             return out, None
-        slide = self._inputs(sdata, need_spots=False, table_key=table_key, cells_key=cells_key)
+        slide = self._inputs(sdata, need_spots=False, keys=keys)
         if level == "bulk" or self.level == "bulk":
             part = slide.chunk_partition(self.window_cells)
             values, rna = slide_cell_values(net, slide, part, device=dev)
@@ -220,32 +231,32 @@ class BiTroModel:
         sdata: SpatialData,
         *,
         level: Literal["spot", "bulk", "cell"] = "spot",
+        keys: DataKeys | None = None,
         device: str | torch.device | None = None,
-        table_key: str = K.TABLE,
-        bulk_key: str = K.BULK,
-        cells_key: str = K.CELLS,
+        table_key: str | None = None,
+        bulk_key: str | None = None,
+        cells_key: str | None = None,
     ) -> pd.DataFrame:
         """Predictions (counts per 1e4, not log) as a DataFrame, rows = obs_names of the target table.
 
-        ``level="bulk"``: rows = the slide's bulk table (other samples' rows NaN), or one row named after
-        the slide's ``sample_id`` when it has no bulk table. See :class:`~bitro_sc.models.ExpressionModel`.
+        ``keys``: where to read the slide (default: :attr:`keys`, those of training); ``table_key``,
+        ``bulk_key`` and ``cells_key`` override single keys. ``level="bulk"``: rows = the slide's bulk
+        table (other samples' rows NaN), or one row named after the slide's ``sample_id`` when it has
+        no bulk table. See :class:`~bitro_sc.models.ExpressionModel`.
         """
-        from .._sdata import slide_info
-
-        values, rna = self._predict(
-            sdata, level=level, device=device, table_key=table_key, cells_key=cells_key
-        )
+        keys = (keys or self.keys).replace(table_key=table_key, bulk_key=bulk_key, cells_key=cells_key)
+        values, rna = self._predict(sdata, level=level, device=device, keys=keys)
         if level == "spot":
-            index = sdata.tables[table_key].obs_names
+            index = sdata.tables[keys.table_key].obs_names
         elif level == "cell":
-            index = sdata.tables[cells_key].obs_names
-        elif bulk_key in sdata.tables:
-            table = sdata.tables[bulk_key]
+            index = sdata.tables[keys.cells_key].obs_names
+        elif keys.bulk_key in sdata.tables:
+            table = sdata.tables[keys.bulk_key]
             full = np.full((table.n_obs, len(self.genes)), np.nan, dtype=np.float32)
-            full[bulk_row(sdata, bulk_key=bulk_key)] = values[0]
+            full[_sdata.bulk_row(sdata, bulk_key=keys.bulk_key)] = values[0]
             values, index = full, table.obs_names
         else:
-            index = pd.Index([slide_info(sdata)[K.SAMPLE_ID] or "slide"])
+            index = pd.Index([_sdata.sample_id(sdata)])
         frame = pd.DataFrame(values, index=pd.Index(index).astype(str), columns=pd.Index(self.genes))
         if rna is not None:
             frame.attrs["rna_content"] = rna
@@ -254,7 +265,7 @@ class BiTroModel:
     # ------------------------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
         """JSON-serialisable description (everything but the weights)."""
-        return jsonable(
+        return _sdata.jsonable(
             {
                 "format": _FORMAT,
                 "genes": self.genes,

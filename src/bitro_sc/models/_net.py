@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -262,3 +263,18 @@ def pool_bags(
             contrib = y * softmax(s, index, num_nodes=n_bags) * counts[index, None]
     pooled = torch.zeros(n_bags, y.shape[1], dtype=y.dtype, device=y.device).index_add_(0, index, contrib)
     return pooled, contrib
+
+
+def design_scale(n: np.ndarray, params: ModelParams, level: str, bag_cells: float) -> np.ndarray:
+    """What one cell weighs in its bag's profile (bags of ``n`` cells) as :func:`pool_bags` and the
+    depth factor have it at the start of training (:data:`DEPTH_INIT`): 1 (plain sum), ``n̄ / n``
+    (whole slides with ``slide_size_norm``), ``1 / n`` (mean) or ``(n / n̄) ** β / n`` (RNA-content
+    head, all cells alike at the start); ``n̄`` = ``bag_cells``."""
+    n = np.maximum(n, 1.0)
+    if params.normalized:
+        return (n / bag_cells) ** DEPTH_INIT[level] / n
+    if params.pooling == "mean":
+        return 1.0 / n
+    if level == "bulk" and params.slide_size_norm:
+        return bag_cells / n
+    return np.ones_like(n)

@@ -7,6 +7,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TypeVar, get_args, get_type_hints
 
+from .. import _keys as K
+from .. import _sdata
+
 _P = TypeVar("_P", bound="_Params")
 
 
@@ -158,6 +161,17 @@ class ModelParams(_Params):
         if self.hidden < 1 or self.gat_layers < 0 or self.transformer_layers < 0:
             raise ValueError("ModelParams: hidden must be >= 1 and layer counts >= 0.")
 
+    def resolved(self, level: str) -> ModelParams:
+        """These parameters with the automatic (``None``) choices made for training at ``level``:
+        ``phenotype_profiles`` on for whole-slide bags, ``rna_head`` on for spots, whose libraries
+        supervise it (``benchmarks/results/accuracy.md``)."""
+        params = self
+        if params.phenotype_profiles is None:
+            params = dataclasses.replace(params, phenotype_profiles=level == "bulk")
+        if params.rna_head is None:
+            params = dataclasses.replace(params, rna_head=level == "spot")
+        return params
+
 
 @dataclass(frozen=True)
 class TrainParams(_Params):
@@ -225,3 +239,79 @@ class TrainParams(_Params):
             raise ValueError("TrainParams: epochs, batch_size and chunk_cells must be >= 1 and lr > 0.")
         if not self.library_weight >= 0:
             raise ValueError(f"TrainParams.library_weight must be >= 0, got {self.library_weight!r}.")
+
+    def resolved(self, *, lora: bool) -> TrainParams:
+        """These parameters with ``lr=None`` made concrete: :data:`LORA_LR` when training LoRA
+        adapters (they trail training from scratch at :data:`LR`), else :data:`LR`."""
+        if self.lr is not None:
+            return self
+        return dataclasses.replace(self, lr=self.LORA_LR if lora else self.LR)
+
+
+@dataclass(frozen=True)
+class DataKeys:
+    """Where a model reads its data on a slide: the keys of the tables and of their columns.
+
+    Every field defaults to the data contract's name (:mod:`bitro_sc._keys`). A fitted model
+    records the keys it was trained on (``record["keys"]``) and predicts with them unless told
+    otherwise.
+
+    Parameters
+    ----------
+    table_key, bulk_key, cells_key
+        Spot table, bulk table (one row per slide) and cells table.
+    features_key
+        ``obsm`` of the cells table with the cell features (``bs.tl.cell_features(key_added=)``).
+    phenotype_key
+        ``obs`` column of the cells table with the phenotype (``bs.tl.phenotypes(key_added=)``).
+    spot_key
+        ``obs`` column of the cells table with each cell's spot (``bs.tl.assign_cells(key_added=)``).
+    graph_key
+        Prefix of the cell graph in ``obsp`` (``f"{graph_key}_connectivities"``,
+        ``bs.tl.cell_graph(key_added=)``).
+    """
+
+    table_key: str = K.TABLE
+    bulk_key: str = K.BULK
+    cells_key: str = K.CELLS
+    features_key: str = K.FEATURES
+    phenotype_key: str = K.PHENOTYPE
+    spot_key: str = K.SPOT_ID
+    graph_key: str = K.SPATIAL
+
+    @property
+    def connectivities(self) -> str:
+        """``obsp`` key of the cell graph's connectivities."""
+        return f"{self.graph_key}_connectivities"
+
+    @property
+    def features_params(self) -> str:
+        """``uns`` key of the cells table that records how the features were computed."""
+        return _sdata.features_params_key(self.features_key)
+
+    def target(self, level: str) -> str:
+        """The table holding ``level`` (``"spot"``, ``"bulk"`` or ``"cell"``)."""
+        return _sdata.level_table_key(
+            level, table_key=self.table_key, bulk_key=self.bulk_key, cells_key=self.cells_key
+        )
+
+    def to_dict(self) -> dict[str, str]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: str | None) -> DataKeys:
+        """A copy with the given keys changed (``None`` values are ignored)."""
+        given = {k: v for k, v in changes.items() if v is not None}
+        return dataclasses.replace(self, **given) if given else self
+
+    @classmethod
+    def coerce(cls, value: DataKeys | Mapping[str, Any] | None) -> DataKeys:
+        """``value`` as keys: ``None`` → defaults; a mapping (e.g. ``record["keys"]`` of a saved model)
+        → its known fields (unknown entries are ignored, missing ones take the defaults)."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, Mapping):
+            names = {f.name for f in dataclasses.fields(cls)}
+            return cls(**{k: str(v) for k, v in value.items() if k in names})
+        raise TypeError(f"Expected DataKeys, a dict or None; got {type(value).__name__}.")

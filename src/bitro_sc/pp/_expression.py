@@ -29,6 +29,19 @@ def get_counts(adata: AnnData) -> np.ndarray | sparse.spmatrix:
     return adata.layers.get(K.COUNTS_LAYER, adata.X)
 
 
+def cp10k(counts: np.ndarray, library: np.ndarray) -> np.ndarray:
+    """Counts per 10k (:data:`TARGET_SUM`) of dense ``counts`` (profiles × genes, or one profile)
+    given each profile's library size (over all genes), in the dtype of the inputs; no ``log1p``.
+
+    Examples
+    --------
+    >>> cp10k(np.array([[1.0, 3.0]]), np.array([4.0]))
+    array([[2500., 7500.]])
+    """
+    library = np.asarray(library)
+    return counts / (library[:, None] if counts.ndim == 2 else library) * TARGET_SUM
+
+
 def normalize_expression(
     counts: AnnData | np.ndarray | sparse.spmatrix,
     *,

@@ -1,335 +1,25 @@
-"""HEST-style baselines on the same cell features as BiTro: ridge regression and the mean profile."""
+"""`bs.tl.fit_baseline`: HEST-style baselines (ridge, mean profile) on the same cell features as BiTro.
+
+The model and the fitting live in :mod:`bitro_sc.models` (:class:`~bitro_sc.models.BaselineModel`).
+"""
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
-
-import numpy as np
-import pandas as pd
+from typing import TYPE_CHECKING, Literal
 
 from .. import _keys as K
+from .. import _sdata
+from ..models._baseline import METHODS, BaselineModel
+from ..models._baseline import fit_baseline as models_fit_baseline
+from ..models._params import DataKeys
+from ..pp._expression import highly_variable_genes
 
 if TYPE_CHECKING:  # pragma: no cover
-    from anndata import AnnData
     from spatialdata import SpatialData
 
-_METHODS = ("ridge", "mean")
-_LEVELS = ("spot", "bulk")
-#: default ridge penalty grid (features are standardised, so the scale is sample-count-like)
-DEFAULT_ALPHAS: tuple[float, ...] = tuple(float(a) for a in np.logspace(-1, 5, 13))
-
-
-# --------------------------------------------------------------------------------------------
-# features and targets
-# --------------------------------------------------------------------------------------------
-def _cells_table(sdata: SpatialData, cells_key: str, features_key: str) -> AnnData:
-    if cells_key not in sdata.tables:
-        raise KeyError(
-            f"No cells table {cells_key!r} (tables: {list(sdata.tables.keys()) or 'none'}): "
-            "run `bs.tl.segment` and `bs.tl.cell_features` first."
-        )
-    cells = sdata.tables[cells_key]
-    if features_key not in cells.obsm:
-        raise KeyError(
-            f"The cells table {cells_key!r} has no obsm[{features_key!r}]: run `bs.tl.cell_features` first."
-        )
-    return cells
-
-
-def _cell_spot_ids(cells: AnnData, cells_key: str) -> np.ndarray:
-    """Spot instance id of every cell as float (NaN where the cell lies in no spot)."""
-    if K.SPOT_ID not in cells.obs:
-        raise KeyError(
-            f"The cells table {cells_key!r} has no obs[{K.SPOT_ID!r}]: run `bs.tl.assign_cells` first."
-        )
-    ids = pd.to_numeric(cells.obs[K.SPOT_ID], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
-    ids[ids < 0] = np.nan
-    return ids
-
-
-def _spot_instance_ids(table: AnnData) -> np.ndarray:
-    if K.SPOT_ID in table.obs:
-        return pd.to_numeric(table.obs[K.SPOT_ID]).to_numpy(dtype=np.float64)
-    return np.arange(table.n_obs, dtype=np.float64)
-
-
-def spot_features(
-    sdata: SpatialData,
-    *,
-    table_key: str = K.TABLE,
-    cells_key: str = K.CELLS,
-    features_key: str = K.FEATURES,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Mean cell feature vector and number of cells of every spot (rows of the spot table).
-
-    Returns ``(features, n_cells)``: ``(n_spots, d)`` float64 (``NaN`` rows for spots without
-    cells) and ``(n_spots,)`` cell counts.
-    """
-    from scipy import sparse
-
-    table = sdata.tables[table_key]
-    cells = _cells_table(sdata, cells_key, features_key)
-    x = np.asarray(cells.obsm[features_key], dtype=np.float64)
-    cell_spot = _cell_spot_ids(cells, cells_key)
-    spot_ids = _spot_instance_ids(table)
-    pos = pd.Index(spot_ids).get_indexer(cell_spot)  # -1 for NaN / unknown spots
-    ok = pos >= 0
-    member = sparse.csr_matrix(
-        (np.ones(int(ok.sum())), (pos[ok], np.flatnonzero(ok))), shape=(table.n_obs, cells.n_obs)
-    )
-    n_cells = np.asarray(member.sum(axis=1)).ravel()
-    with np.errstate(invalid="ignore", divide="ignore"):
-        feats = (member @ x) / n_cells[:, None]
-    return feats, n_cells
-
-
-def slide_features(
-    sdata: SpatialData, *, cells_key: str = K.CELLS, features_key: str = K.FEATURES
-) -> tuple[np.ndarray, float]:
-    """Mean cell feature vector over all cells of a slide and its number of cells."""
-    cells = _cells_table(sdata, cells_key, features_key)
-    if cells.n_obs == 0:
-        raise ValueError(f"The cells table {cells_key!r} is empty: the slide has no segmented cells.")
-    x = np.asarray(cells.obsm[features_key], dtype=np.float64)
-    return x.mean(axis=0), float(cells.n_obs)
-
-
-def _sample_id(sdata: SpatialData, i: int) -> str:
-    from .._sdata import slide_info
-
-    sid = slide_info(sdata)[K.SAMPLE_ID]
-    return str(sid) if sid is not None else f"slide_{i}"
-
-
-def bulk_row(sdata: SpatialData, *, bulk_key: str = K.BULK, i: int = 0) -> AnnData:
-    """The row of the slide's bulk table that measures this slide (by ``sample_id``)."""
-    if bulk_key not in sdata.tables:
-        raise KeyError(
-            f"Slide {_sample_id(sdata, i)!r} has no bulk table {bulk_key!r}: add one "
-            "(e.g. from `bs.io.read_bulk`) or train at `level='spot'`."
-        )
-    bulk = sdata.tables[bulk_key]
-    if bulk.n_obs == 1:
-        return bulk
-    sid = _sample_id(sdata, i)
-    samples = bulk.obs[K.SAMPLE_ID].astype(str) if K.SAMPLE_ID in bulk.obs else pd.Series(bulk.obs_names)
-    hit = np.flatnonzero(samples.to_numpy() == sid)
-    if hit.size != 1:
-        raise ValueError(
-            f"The bulk table {bulk_key!r} has {bulk.n_obs} rows and {hit.size} match the slide's sample_id "
-            f"{sid!r}; set `sdata.attrs['bitro_sc']['sample_id']` to the matching bulk sample."
-        )
-    return bulk[hit]
-
-
-def _log_targets(table: AnnData, genes: Sequence[str], *, what: str) -> np.ndarray:
-    """log1p counts-per-10k of ``genes``, library size over all genes of ``table``."""
-    from ..pp._expression import get_counts, normalize_expression
-
-    missing = [g for g in genes if g not in table.var_names]
-    if missing:
-        raise ValueError(
-            f"{len(missing)} gene(s) are not in {what}: {missing[:10]}{' ...' if len(missing) > 10 else ''}. "
-            "Pass `genes=` present in every training table."
-        )
-    counts = get_counts(table)
-    lib = np.asarray(counts.sum(axis=1)).ravel()
-    idx = table.var_names.get_indexer(list(genes))
-    return normalize_expression(counts[:, idx], library_size=lib).astype(np.float64)
-
-
-# --------------------------------------------------------------------------------------------
-# ridge with grouped inner CV
-# --------------------------------------------------------------------------------------------
-def _ridge_svd(x: np.ndarray, y: np.ndarray, alphas: Sequence[float]) -> list[np.ndarray]:
-    """Coefficients of centred ridge regressions for several penalties from one SVD."""
-    u, s, vt = np.linalg.svd(x, full_matrices=False)
-    uty = u.T @ y
-    return [vt.T @ ((s / (s**2 + a))[:, None] * uty) for a in alphas]
-
-
-def _fit_ridge(x: np.ndarray, y: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
-    xm, ym = x.mean(axis=0), y.mean(axis=0)
-    coef = _ridge_svd(x - xm, y - ym, [alpha])[0]
-    return coef, ym - xm @ coef
-
-
-def _select_alpha(
-    x: np.ndarray, y: np.ndarray, groups: np.ndarray, alphas: Sequence[float], seed: int
-) -> tuple[float, dict[str, Any]]:
-    """Penalty with the best mean per-gene Pearson of pooled out-of-fold predictions.
-
-    Folds group by slide (``GroupKFold``); with a single training slide, 5-fold CV over
-    observations (shuffled with ``seed``) is used instead and the record says so.
-    """
-    from sklearn.model_selection import GroupKFold, KFold
-
-    from ..metrics import pearson
-
-    n_groups = len(np.unique(groups))
-    if n_groups >= 2:
-        splits = list(GroupKFold(n_splits=min(n_groups, 5)).split(x, groups=groups))
-        scheme = f"GroupKFold({min(n_groups, 5)}) by slide"
-    else:
-        k = min(5, x.shape[0])
-        if k < 2:
-            raise ValueError(
-                "Ridge alpha selection needs at least 2 training observations; pass a fixed `alpha=`."
-            )
-        splits = list(KFold(n_splits=k, shuffle=True, random_state=seed).split(x))
-        scheme = f"KFold({k}) over observations (one training slide)"
-    oof = np.zeros((len(alphas), *y.shape))
-    for train, test in splits:
-        xm, ym = x[train].mean(axis=0), y[train].mean(axis=0)
-        for j, coef in enumerate(_ridge_svd(x[train] - xm, y[train] - ym, alphas)):
-            oof[j, test] = (x[test] - xm) @ coef + ym
-    scores = []
-    for j in range(len(alphas)):
-        r = pearson(y, oof[j])
-        scores.append(float(np.nanmean(r)) if np.isfinite(r).any() else -np.inf)
-    best = int(np.argmax(scores))
-    return float(alphas[best]), {"cv": scheme, "alphas": list(map(float, alphas)), "cv_pearson": scores}
-
-
-# --------------------------------------------------------------------------------------------
-# the model
-# --------------------------------------------------------------------------------------------
-@dataclass
-class BaselineModel:
-    """A fitted baseline (``"ridge"`` or ``"mean"``) that ``bs.tl.predict_bitro`` accepts.
-
-    Predictions are on the counts-per-10k scale (``expm1`` of the regression on ``log1p``
-    counts-per-10k), like BiTro's. Attributes are plain arrays; :attr:`record` is the run record
-    (method, level, genes, hvgs, alpha, features) copied into ``uns["bitro"]`` by ``predict_bitro``.
-    """
-
-    method: str
-    level: str
-    genes: list[str]
-    record: dict[str, Any]
-    coef: np.ndarray | None = None  # (n_features, n_genes) on standardised features
-    intercept: np.ndarray | None = None  # (n_genes,), log1p CP10k
-    feature_mean: np.ndarray | None = None
-    feature_scale: np.ndarray | None = None
-    mean_profile: np.ndarray | None = None  # (n_genes,), counts per 10k
-    typical_n_cells: float = 1.0  # median cells per training spot (slide for bulk)
-    cells_key: str = K.CELLS
-    features_key: str = K.FEATURES
-    table_key: str = K.TABLE
-    bulk_key: str = K.BULK
-    levels: tuple[str, ...] = field(default=("spot", "bulk", "cell"))
-
-    # --- design matrix -------------------------------------------------------------------
-    def _design(self, feats: np.ndarray, n_cells: np.ndarray) -> np.ndarray:
-        assert self.feature_mean is not None
-        assert self.feature_scale is not None
-        feats = np.atleast_2d(feats)
-        d = self.feature_mean.size - 1
-        if feats.shape[1] != d:
-            raise ValueError(
-                f"The cells have {feats.shape[1]} features but the baseline was fitted on {d}; "
-                "compute features with the same `bs.tl.cell_features` settings."
-            )
-        count = np.log1p(np.asarray(n_cells, dtype=np.float64)).reshape(-1, 1)
-        raw = np.hstack([feats, count])
-        empty = ~np.isfinite(raw).all(axis=1)
-        raw[empty] = self.feature_mean  # no cells: the training average (intercept-only prediction)
-        return (raw - self.feature_mean) / self.feature_scale
-
-    def _predict_log(self, feats: np.ndarray, n_cells: np.ndarray) -> np.ndarray:
-        n = np.atleast_2d(feats).shape[0]
-        if self.method == "mean":
-            assert self.mean_profile is not None
-            return np.tile(np.log1p(self.mean_profile), (n, 1))
-        assert self.coef is not None
-        assert self.intercept is not None
-        return self._design(feats, n_cells) @ self.coef + self.intercept
-
-    def _predict_profile(self, feats: np.ndarray, n_cells: np.ndarray) -> np.ndarray:
-        return np.clip(np.expm1(self._predict_log(feats, n_cells)), 0.0, None)
-
-    # --- protocol ------------------------------------------------------------------------
-    def predict_frame(
-        self, sdata: SpatialData, *, level: Literal["spot", "bulk", "cell"] = "spot"
-    ) -> pd.DataFrame:
-        """Predicted counts per 10k: rows = obs_names of the spot / bulk / cells table, columns = genes.
-
-        ``"spot"``: ``NaN`` rows for spots that hold no cell.
-
-        ``"cell"``: a cell's share of its spot's (slide's for a bulk model) prediction is the
-        model's profile for that cell's own features, normalised so that the cells of a spot sum
-        to the spot prediction; cells in no spot get the profile of their own features divided by
-        the typical number of cells per training spot (so do all cells of a slide without spots).
-        The ``"mean"`` baseline shares equally.
-        """
-        if level not in self.levels:
-            raise ValueError(f"`level` must be one of {self.levels}, got {level!r}.")
-        if level == "bulk":
-            return self._predict_bulk(sdata)
-        if level == "spot":
-            if self.table_key not in sdata.tables:
-                raise KeyError(f"No spot table {self.table_key!r}; predict at `level='bulk'` or 'cell'.")
-            table = sdata.tables[self.table_key]
-            feats, n_cells = spot_features(
-                sdata, table_key=self.table_key, cells_key=self.cells_key, features_key=self.features_key
-            )
-            values = self._predict_profile(feats, n_cells)
-            values[n_cells == 0] = np.nan  # like BiTro: no cell, no prediction (same spots scored)
-            return pd.DataFrame(values, index=table.obs_names.copy(), columns=list(self.genes))
-        return self._predict_cells(sdata)
-
-    def _predict_bulk(self, sdata: SpatialData) -> pd.DataFrame:
-        feats, n = slide_features(sdata, cells_key=self.cells_key, features_key=self.features_key)
-        values = self._predict_profile(feats[None, :], np.array([n]))
-        sid = _sample_id(sdata, 0)
-        if self.bulk_key not in sdata.tables:
-            return pd.DataFrame(values, index=[sid], columns=list(self.genes))
-        bulk = sdata.tables[self.bulk_key]
-        out = pd.DataFrame(np.nan, index=bulk.obs_names.copy(), columns=list(self.genes))
-        target = bulk_row(sdata, bulk_key=self.bulk_key).obs_names[0]
-        out.loc[target] = values[0]
-        return out
-
-    def _predict_cells(self, sdata: SpatialData) -> pd.DataFrame:
-        cells = _cells_table(sdata, self.cells_key, self.features_key)
-        x = np.asarray(cells.obsm[self.features_key], dtype=np.float64)
-        genes = list(self.genes)
-        if self.level == "bulk":
-            slide = self._predict_bulk(sdata).dropna().to_numpy()[0]
-            own = self._predict_profile(x, np.full(cells.n_obs, float(cells.n_obs)))
-            share = own / np.maximum(own.sum(axis=0, keepdims=True), 1e-12)
-            return pd.DataFrame(share * slide, index=cells.obs_names.copy(), columns=genes)
-        if self.table_key not in sdata.tables or K.SPOT_ID not in cells.obs:  # e.g. a whole-slide image
-            own = self._predict_profile(x, np.full(cells.n_obs, self.typical_n_cells))
-            return pd.DataFrame(own / self.typical_n_cells, index=cells.obs_names.copy(), columns=genes)
-        table = sdata.tables[self.table_key]
-        _, n_cells = spot_features(
-            sdata, table_key=self.table_key, cells_key=self.cells_key, features_key=self.features_key
-        )
-        spot_pred = self.predict_frame(sdata, level="spot").to_numpy()
-        pos = pd.Index(_spot_instance_ids(table)).get_indexer(_cell_spot_ids(cells, self.cells_key))
-        in_spot = pos >= 0
-        count = np.where(in_spot, n_cells[np.maximum(pos, 0)], self.typical_n_cells)
-        own = self._predict_profile(x, count)
-        out = own / self.typical_n_cells
-        if in_spot.any():
-            idx = pos[in_spot]
-            totals = np.zeros((table.n_obs, len(genes)))
-            np.add.at(totals, idx, own[in_spot])
-            out[in_spot] = own[in_spot] / np.maximum(totals[idx], 1e-12) * spot_pred[idx]
-        return pd.DataFrame(out, index=cells.obs_names.copy(), columns=genes)
-
-
-# --------------------------------------------------------------------------------------------
-# public function
-# --------------------------------------------------------------------------------------------
-def _default_genes(tables: list[AnnData], n_top: int) -> list[str]:
-    from ..pp._expression import highly_variable_genes
-
-    return highly_variable_genes(tables, n_top=n_top)
+__all__ = ["BaselineModel", "fit_baseline"]
 
 
 def fit_baseline(
@@ -344,6 +34,7 @@ def fit_baseline(
     bulk_key: str = K.BULK,
     cells_key: str = K.CELLS,
     features_key: str = K.FEATURES,
+    spot_key: str = K.SPOT_ID,
     seed: int = 0,
 ) -> BaselineModel:
     """Fit a HEST-style baseline on the same cell features BiTro uses.
@@ -352,8 +43,8 @@ def fit_baseline(
     ``level="bulk"``), ``obsm["X_bitro"]`` of the cells table, plus ``log1p`` of its number of
     cells, to ``log1p`` counts-per-10k of the measured profile (library size over all genes).
     Features are standardised over the training data. The penalty is chosen among ``alpha``
-    (default :data:`DEFAULT_ALPHAS`) by inner cross-validation grouped by slide, maximising the
-    mean per-gene Pearson of out-of-fold predictions. ``"mean"``: the mean counts-per-10k
+    (default: 13 values from 0.1 to 1e5, log-spaced) by inner cross-validation grouped by slide,
+    maximising the mean per-gene Pearson of out-of-fold predictions. ``"mean"``: the mean counts-per-10k
     profile of the training spots (slides).
 
     Parameters
@@ -374,11 +65,16 @@ def fit_baseline(
         ``"spot"`` (one observation per spot) or ``"bulk"`` (one per slide; needs several slides).
     alpha
         Fixed ridge penalty, or a grid to choose from by grouped inner CV.
+    table_key, bulk_key, cells_key, features_key, spot_key
+        Where the slides hold the spot table, the bulk table, the cells table, the cell features
+        (``obsm``) and each cell's spot (``obs``). The model records them (``record["keys"]``) and
+        predicts with them by default.
 
     Returns
     -------
-    :class:`BaselineModel`, for ``bs.tl.predict_bitro(sdata, model, level=...)``; its ``record``
-    holds ``method``, ``level``, ``genes``, ``hvgs`` (top-50 training HVGs), ``alpha`` and the CV scores.
+    :class:`~bitro_sc.models.BaselineModel`, for ``bs.tl.predict_bitro(sdata, model, level=...)``; its
+    ``record`` holds ``method``, ``level``, ``genes``, ``hvgs`` (top-50 training HVGs), ``keys``,
+    ``alpha`` and the CV scores.
 
     Examples
     --------
@@ -386,16 +82,17 @@ def fit_baseline(
     >>> model = bs.tl.fit_baseline(train_slides, method="ridge")  # doctest: +SKIP
     >>> bs.tl.predict_bitro(test_slide, model)  # doctest: +SKIP
     """
-    from spatialdata import SpatialData
-
-    if method not in _METHODS:
-        raise ValueError(f"`method` must be one of {_METHODS}, got {method!r}.")
-    if level not in _LEVELS:
-        raise ValueError(f"`level` must be one of {_LEVELS}, got {level!r}.")
-    slides = [sdata_or_list] if isinstance(sdata_or_list, SpatialData) else list(sdata_or_list)
-    if not slides:
-        raise ValueError("`fit_baseline` needs at least one training slide.")
-
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
+    _sdata.check_level(level, K.FIT_LEVELS)
+    slides = _sdata.as_slides(sdata_or_list, what="training slide")
+    keys = DataKeys(
+        table_key=table_key,
+        bulk_key=bulk_key,
+        cells_key=cells_key,
+        features_key=features_key,
+        spot_key=spot_key,
+    )
     if level == "spot":
         missing = [i for i, s in enumerate(slides) if table_key not in s.tables]
         if missing:
@@ -410,9 +107,9 @@ def fit_baseline(
                 "A bulk baseline learns across slides and needs at least 3 training slides, "
                 f"got {len(slides)}."
             )
-        tables = [bulk_row(s, bulk_key=bulk_key, i=i) for i, s in enumerate(slides)]
+        tables = [_sdata.bulk_table(s, bulk_key=bulk_key, i=i) for i, s in enumerate(slides)]
     try:
-        hvgs = _default_genes(tables, 50)
+        hvgs = highly_variable_genes(tables, n_top=50)
     except ValueError as err:
         if genes is None:
             raise
@@ -421,82 +118,7 @@ def fit_baseline(
         )
         hvgs = []
     if genes is None:
-        genes = hvgs if n_top_genes == 50 else _default_genes(tables, n_top_genes)
-    genes = list(dict.fromkeys(genes))
-    if not genes:
-        raise ValueError("`genes` is empty; pass at least one gene name.")
-
-    feats_list, count_list, y_list, group_list = [], [], [], []
-    for i, (s, t) in enumerate(zip(slides, tables, strict=True)):
-        y = _log_targets(t, genes, what=f"the training table of slide {_sample_id(s, i)!r}")
-        if level == "spot":
-            f, n = spot_features(s, table_key=table_key, cells_key=cells_key, features_key=features_key)
-            keep = n > 0
-            f, n, y = f[keep], n[keep], y[keep]
-        else:
-            fv, nv = slide_features(s, cells_key=cells_key, features_key=features_key)
-            f, n = fv[None, :], np.array([nv])
-        feats_list.append(f)
-        count_list.append(n)
-        y_list.append(y)
-        group_list.append(np.full(len(n), i))
-    n_all = np.concatenate(count_list)
-    if n_all.size == 0:
-        raise ValueError(
-            "No spot of the training slides contains a cell: check `bs.tl.assign_cells` "
-            "(spot radius, coordinate systems)."
-        )
-    dims = {f.shape[1] for f in feats_list}
-    if len(dims) > 1:
-        raise ValueError(f"The training slides have different feature dimensions {sorted(dims)}.")
-    raw = np.hstack([np.vstack(feats_list), np.log1p(n_all)[:, None]])
-    y_all = np.vstack(y_list)
-    groups = np.concatenate(group_list)
-    mean = raw.mean(axis=0)
-    scale = raw.std(axis=0)
-    scale[scale == 0] = 1.0
-
-    record: dict[str, Any] = {
-        "model": "baseline",
-        "method": method,
-        "level": level,
-        "genes": list(genes),
-        "hvgs": list(hvgs),
-        "n_train_slides": len(slides),
-        "n_train_observations": int(y_all.shape[0]),
-        "train_samples": [_sample_id(s, i) for i, s in enumerate(slides)],
-        "features": {"key": features_key, "aggregate": "mean over cells", "extra": ["log1p(n_cells)"]},
-        "target": "log1p counts per 10k (library size over all genes)",
-    }
-    model = BaselineModel(
-        method=method,
-        level=level,
-        genes=list(genes),
-        record=record,
-        feature_mean=mean,
-        feature_scale=scale,
-        typical_n_cells=float(max(np.median(n_all), 1.0)),
-        cells_key=cells_key,
-        features_key=features_key,
-        table_key=table_key,
-        bulk_key=bulk_key,
+        genes = hvgs if n_top_genes == 50 else highly_variable_genes(tables, n_top=n_top_genes)
+    return models_fit_baseline(
+        slides, tables, method=method, level=level, genes=genes, hvgs=hvgs, alpha=alpha, keys=keys, seed=seed
     )
-    if method == "mean":
-        model.mean_profile = np.expm1(y_all).mean(axis=0)
-        record["alpha"] = None
-        return model
-
-    x = (raw - mean) / scale
-    if alpha is None or not np.isscalar(alpha):
-        grid = DEFAULT_ALPHAS if alpha is None else tuple(float(a) for a in alpha)  # type: ignore[union-attr]
-        if not grid or min(grid) <= 0:
-            raise ValueError(f"`alpha` values must be positive, got {grid}.")
-        best, cv = _select_alpha(x, y_all, groups, grid, seed)
-        record["alpha_selection"] = cv
-    else:
-        best = float(alpha)  # type: ignore[arg-type]
-        if best <= 0:
-            raise ValueError(f"`alpha` must be positive, got {alpha!r}.")
-    model.coef, model.intercept = _fit_ridge(x, y_all, best)
-    record["alpha"] = best
-    return model

@@ -171,8 +171,8 @@ def cross_validate(
     """
     from tqdm.auto import tqdm
 
+    from .._sdata import bulk_table as bulk_row
     from ..pp._expression import highly_variable_genes
-    from ._baseline import bulk_row
     from ._evaluate import evaluate
 
     if groups not in _GROUPS:

@@ -45,7 +45,7 @@ def _collect_tables(
     import anndata as ad
     from spatialdata import SpatialData
 
-    from ._baseline import bulk_row
+    from .._sdata import bulk_table as bulk_row
 
     if isinstance(data, ad.AnnData):
         return data, [data]

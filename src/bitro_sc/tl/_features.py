@@ -19,9 +19,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..encoders import CellEncoder
 
 
-def features_params_key(key_added: str) -> str:
-    """The ``uns`` key that records the parameters of ``obsm[key_added]``."""
-    return K.FEATURES_PARAMS if key_added == K.FEATURES else f"{key_added}_params"
+#: the ``uns`` key that records the parameters of ``obsm[key_added]``
+features_params_key = _sdata.features_params_key
 
 
 def aligned_labels(sdata: SpatialData, labels_key: str, image: xr.DataArray) -> xr.DataArray:

@@ -19,6 +19,7 @@ def cell_graph(
     k: int = 8,
     radius_um: float | None = None,
     cells_key: str = K.CELLS,
+    key_added: str = K.SPATIAL,
     overwrite: bool = False,
 ) -> None:
     """Connect each cell to its ``k`` nearest cells, or to every cell within ``radius_um`` µm.
@@ -40,13 +41,18 @@ def cell_graph(
         Radius in µm; when given, a radius graph instead of kNN.
     cells_key
         Cells table.
+    key_added
+        Prefix of the keys written, as squidpy's ``key_added``: ``obsp[f"{key_added}_connectivities"]``,
+        ``obsp[f"{key_added}_distances"]`` and ``uns[f"{key_added}_neighbors"]``. Fit and predict
+        with such a graph by passing ``graph_key=key_added``.
     overwrite
         Replace an existing graph.
 
     Returns
     -------
-    ``None``. Writes to ``sdata.tables[cells_key]``: ``obsp["spatial_connectivities"]`` (CSR, 1 per
-    edge, no self-loops), ``obsp["spatial_distances"]`` (CSR, µm), and ``uns["spatial_neighbors"]``
+    ``None``. Writes to ``sdata.tables[cells_key]`` (names for the default ``key_added="spatial"``):
+    ``obsp["spatial_connectivities"]`` (CSR, 1 per edge, no self-loops), ``obsp["spatial_distances"]``
+    (CSR, µm), and ``uns["spatial_neighbors"]``
     (squidpy's record: keys of both matrices and ``params`` with ``n_neighbors`` or ``radius``, plus
     ``units="um"``). The kNN graph is directed as in squidpy (row ``i`` holds ``i``'s neighbours).
     A table with fewer than two cells gets empty matrices.
@@ -63,10 +69,11 @@ def cell_graph(
         raise ValueError(f"`radius_um` must be a positive distance in µm, got {radius_um!r}.")
     if radius_um is None and int(k) < 1:
         raise ValueError(f"`k` must be a positive number of neighbours, got {k!r}.")
-    if K.CONNECTIVITIES in table.obsp and not overwrite:
+    conn_key, dist_key = f"{key_added}_connectivities", f"{key_added}_distances"
+    if conn_key in table.obsp and not overwrite:
         raise ValueError(
-            f"tables[{cells_key!r}].obsp already has {K.CONNECTIVITIES!r}. "
-            "Pass `overwrite=True` to replace it."
+            f"tables[{cells_key!r}].obsp already has {conn_key!r}. "
+            "Pass `overwrite=True` to replace it, or choose another `key_added=`."
         )
     xy = _sdata.cell_centroids_um(table, cells_key=cells_key)
     n = len(xy)
@@ -83,11 +90,11 @@ def cell_graph(
         conn, dist = knn_graph(xy, params["n_neighbors"])
     else:
         conn, dist = radius_graph(xy, float(radius_um))
-    table.obsp[K.CONNECTIVITIES] = conn
-    table.obsp[K.DISTANCES] = dist
-    table.uns[K.GRAPH_PARAMS] = {
-        "connectivities_key": K.CONNECTIVITIES,
-        "distances_key": K.DISTANCES,
+    table.obsp[conn_key] = conn
+    table.obsp[dist_key] = dist
+    table.uns[f"{key_added}_neighbors"] = {
+        "connectivities_key": conn_key,
+        "distances_key": dist_key,
         "params": params,
     }
 

@@ -97,7 +97,7 @@ def phenotypes(
                 "or choose another `key_added=`."
             )
         tables.append(table)
-        params = table.uns.get(K.FEATURES_PARAMS if features_key == K.FEATURES else f"{features_key}_params")
+        params = table.uns.get(_sdata.features_params_key(features_key))
         these = [str(v) for v in params["feature_names"]] if params is not None else None
         if names is not None and these is not None and these != names:
             raise ValueError(
@@ -163,7 +163,7 @@ def phenotypes(
 
 
 def _warn_if_scaled_per_slide(tables: list[Any], features_key: str) -> None:
-    key = K.FEATURES_PARAMS if features_key == K.FEATURES else f"{features_key}_params"
+    key = _sdata.features_params_key(features_key)
     means = []
     for t in tables:
         params = t.uns.get(key)

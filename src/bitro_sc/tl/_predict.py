@@ -7,14 +7,13 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from .. import _keys as K
+from .. import _sdata
+from ..models._params import DataKeys
+from ..models._protocol import ExpressionModel
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
     from spatialdata import SpatialData
-
-    from ..models import ExpressionModel
-
-_LEVELS = ("spot", "bulk", "cell")
 
 
 def predict_bitro(
@@ -24,9 +23,13 @@ def predict_bitro(
     level: Literal["spot", "bulk", "cell"] = "spot",
     key_added: str = K.PREDICTION,
     overwrite: bool = False,
-    table_key: str = K.TABLE,
-    bulk_key: str = K.BULK,
-    cells_key: str = K.CELLS,
+    table_key: str | None = None,
+    bulk_key: str | None = None,
+    cells_key: str | None = None,
+    features_key: str | None = None,
+    phenotype_key: str | None = None,
+    spot_key: str | None = None,
+    graph_key: str | None = None,
 ) -> None:
     """Predict expression with ``model`` and write it into ``sdata`` (in place).
 
@@ -64,16 +67,17 @@ def predict_bitro(
         Layer (and ``uns`` key) written.
     overwrite
         Replace an existing ``layers[key_added]`` (or gene columns of the cells table).
+    table_key, bulk_key, cells_key, features_key, phenotype_key, spot_key, graph_key
+        Where the slide holds its tables, cell features, phenotypes, cell → spot ids and cell graph
+        (see :class:`~bitro_sc.models.DataKeys`). ``None`` (default): the keys the model was
+        fitted on (``model.record["keys"]``; the data contract's defaults when it names none).
 
     Examples
     --------
     >>> bs.tl.predict_bitro(test_slide, model, level="cell")  # doctest: +SKIP
     >>> test_slide.tables["cells"].to_df(layer="bitro")  # doctest: +SKIP
     """
-    from ..models._protocol import ExpressionModel
-
-    if level not in _LEVELS:
-        raise ValueError(f"`level` must be one of {list(_LEVELS)}, got {level!r}.")
+    _sdata.check_level(level, K.PREDICT_LEVELS)
     if not isinstance(model, ExpressionModel):
         raise TypeError(
             f"`model` must implement bitro_sc.models.ExpressionModel (genes, levels, record, predict_frame); "
@@ -81,9 +85,16 @@ def predict_bitro(
         )
     if level not in model.levels:
         raise ValueError(f"{type(model).__name__} predicts levels {list(model.levels)}, not {level!r}.")
-    kwargs: dict[str, Any] = {"level": level}
-    if hasattr(model, "predict_arrays"):  # BiTroModel: pass the keys through
-        kwargs.update(table_key=table_key, bulk_key=bulk_key, cells_key=cells_key)
+    keys = DataKeys.coerce(model.record.get("keys")).replace(
+        table_key=table_key,
+        bulk_key=bulk_key,
+        cells_key=cells_key,
+        features_key=features_key,
+        phenotype_key=phenotype_key,
+        spot_key=spot_key,
+        graph_key=graph_key,
+    )
+    table_key, bulk_key, cells_key = keys.table_key, keys.bulk_key, keys.cells_key
     if level == "cell":
         _check_cells_free(sdata, cells_key, key_added, overwrite)
     else:
@@ -93,7 +104,7 @@ def predict_bitro(
                 f"The {key!r} table already has layers[{key_added!r}]; pass `overwrite=True` or another "
                 "`key_added=`."
             )
-    frame = model.predict_frame(sdata, **kwargs)
+    frame = model.predict_frame(sdata, level=level, keys=keys)
     if level == "cell":
         _write_cells(sdata, frame, model, cells_key=cells_key, key_added=key_added)
         return
@@ -117,9 +128,7 @@ def predict_bitro(
 
 
 def _check_cells_free(sdata: SpatialData, cells_key: str, key_added: str, overwrite: bool) -> None:
-    if cells_key not in sdata.tables:
-        raise KeyError(f"No cells table {cells_key!r}: run `bs.tl.segment` and `bs.tl.cell_features` first.")
-    cells = sdata.tables[cells_key]
+    cells = _sdata.cells_table(sdata, cells_key)
     if (cells.n_vars or key_added in cells.layers) and not overwrite:
         raise ValueError(
             f"The cells table {cells_key!r} already has {cells.n_vars} gene column(s) / "
@@ -131,14 +140,12 @@ def _check_cells_free(sdata: SpatialData, cells_key: str, key_added: str, overwr
 def _write_record(
     table: AnnData, model: ExpressionModel, key_added: str, missing: list[str] | None = None
 ) -> None:
-    from ._fit import uns_safe
-
     record = dict(model.record)
     record.setdefault("genes", list(model.genes))
     record.setdefault("hvgs", [])
     if missing:
         record["genes_not_in_table"] = list(missing)
-    table.uns[key_added] = uns_safe(record)
+    table.uns[key_added] = _sdata.to_uns(record)
 
 
 def _write_cells(
@@ -185,9 +192,7 @@ def _add_bulk_table(sdata: SpatialData, frame: Any, key: str) -> None:
     from scipy import sparse
     from spatialdata.models import TableModel
 
-    from .._sdata import slide_info
-
-    info = slide_info(sdata)
+    info = _sdata.slide_info(sdata)
     obs = pd.DataFrame(
         {
             K.SAMPLE_ID: [info[K.SAMPLE_ID] or str(frame.index[0])],
