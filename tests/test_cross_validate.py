@@ -67,9 +67,7 @@ def test_fold_scores_equal_a_manual_fit_on_the_training_slides(slides):
         slides, methods=("ridge",), genes=GENES, fit_kwargs={"ridge": {"alpha": 5.0}}, progress=False
     )
     model = bs.tl.fit_baseline(slides[1:], method="ridge", genes=GENES, alpha=5.0)
-    from bitro_sc.tl._cross_validate import _prediction_table
-
-    light = _prediction_table(slides[0].tables[K.TABLE], model.predict_frame(slides[0]), "x")
+    light = bs.tl.prediction_table(model, slides[0], key_added="x")
     manual = bs.tl.evaluate(light, layer="x", genes=GENES, store=False)
     fold0 = df[df["test_group"] == "S20"].set_index("gene")["pearson"]
     np.testing.assert_allclose(fold0.loc[GENES].to_numpy(), manual["pearson"].to_numpy(), rtol=1e-6)
