@@ -3,7 +3,7 @@
 The numbers in the ablation tables of ``benchmarks/results/accuracy.md`` come from this logic
 (first as scratch scripts, then committed here). Scoring is the benchmark's: spot-level mean
 Pearson over the 50 training HVGs on each held-out slide, and the median over genes of the
-cell-level Pearson against the simulated truth (``bitro_sc.cli.cell_truth_scores``).
+cell-level Pearson against the simulated truth (``bs.metrics.cell_truth_scores``).
 
 Usage::
 
@@ -34,11 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def prepare(seed: int, out: Path, *, n_slides: int = 4, size_um: float = 800.0, n_genes: int = 150) -> None:
     """Simulate and prepare (segment, features, phenotypes, spots, graph) the spot benchmark's slides."""
     import bitro_sc as bs
-    from bitro_sc import cli
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_accuracy import prepare as prepare_slides
 
     pairs = bs.datasets.synthetic(n_slides, seed=seed, size_um=size_um, n_genes=n_genes, return_truth=True)
     slides, truths = [p[0] for p in pairs], [p[1] for p in pairs]
-    cli.prepare(slides, progress=False)
+    prepare_slides(slides)
     out.mkdir(parents=True, exist_ok=True)
     for i, s in enumerate(slides):
         s.write(out / f"s{i}.zarr", overwrite=True)
@@ -47,12 +49,13 @@ def prepare(seed: int, out: Path, *, n_slides: int = 4, size_um: float = 800.0, 
 
 
 def _fit(train: list, genes: list[str], config: dict[str, Any]) -> Any:
-    from bitro_sc import cli
+    import bitro_sc as bs
 
     cfg = dict(config)
     method = cfg.pop("method", "bitro")
-    kwargs = {"bitro": {"epochs": 30, "seed": 0, **cfg}} if method == "bitro" else {}
-    return cli.fit_methods(train, methods=(method,), genes=genes, fit_kwargs=kwargs, progress=False)[method]
+    if method == "bitro":
+        return bs.tl.fit_bitro(train, genes=genes, **{"epochs": 30, "seed": 0, "progress": False, **cfg})
+    return bs.tl.fit_baseline(train, method=method, genes=genes)
 
 
 def _true_types(sdata: Any, truth: Any) -> None:
@@ -79,7 +82,6 @@ def spot(
     import spatialdata as sd
 
     import bitro_sc as bs
-    from bitro_sc import cli
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_accuracy import _spot_fold_scores
@@ -100,7 +102,8 @@ def spot(
         genes = list(bs.pp.highly_variable_genes([s.tables["table"] for s in train], n_top=50))
         model = _fit(train, genes, config)
         spot_r = float(_spot_fold_scores(model, slides[k], "x")["pearson"].mean())
-        cells = cli.cell_truth_scores(model.predict_frame(slides[k], level="cell"), slides[k], truths[k])
+        frame = model.predict_frame(slides[k], level="cell")
+        cells = bs.metrics.cell_truth_scores(frame, slides[k], truths[k])
         rows.append({"fold": k, "spot": spot_r, "cell": float(cells["pearson"].median())})
         print(json.dumps({**rows[-1], "s": round(time.perf_counter() - t0, 1)}), flush=True)
     return {key: float(np.mean([r[key] for r in rows])) for key in ("spot", "cell")}
@@ -109,15 +112,15 @@ def spot(
 def her2st(config: dict[str, Any]) -> dict[str, float]:
     """Leave-one-section-out over HER2ST C2-C5 (``bs.tl.cross_validate``): mean HEST score per method."""
     import bitro_sc as bs
-    from bitro_sc import cli
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_accuracy import her2st_slides
+    from bench_accuracy import prepare as prepare_slides
 
     slides = her2st_slides()
     if slides is None:
         raise FileNotFoundError("HER2ST not found ($BITRO_SC_DATA or ../shared/data).")
-    cli.prepare(slides, progress=False)
+    prepare_slides(slides)
     cfg = dict(config)
     method = cfg.pop("method", "bitro")
     fit = {"bitro": {"epochs": 30, "seed": 0, "progress": False, **cfg}} if method == "bitro" else {}

@@ -55,6 +55,24 @@ def _md_table(df: pd.DataFrame) -> str:
         return "```\n" + df.to_string(float_format=lambda v: f"{v:.3f}") + "\n```"
 
 
+PREP_STEPS = ("segment", "cell_features", "phenotypes", "assign_cells", "cell_graph")
+
+
+def prepare(slides: list, *, steps: Sequence[str] = PREP_STEPS) -> None:
+    """The per-slide steps, as ``bitro-sc run`` runs them: ``cell_features`` and ``phenotypes`` on
+    all slides together (one feature scaling, one k-means), the others slide by slide."""
+    import bitro_sc as bs
+
+    for step in [s for s in PREP_STEPS if s in steps]:
+        fn = getattr(bs.tl, step)
+        kw = {"progress": False} if step in ("segment", "cell_features") else {}
+        if step in ("cell_features", "phenotypes"):
+            fn(slides, **kw)
+        else:
+            for s in slides:
+                fn(s, **kw)
+
+
 def _synthetic(n: int, *, seed: int, size_um: float, n_genes: int, **kw: Any) -> tuple[list, list]:
     import bitro_sc as bs
 
@@ -66,112 +84,99 @@ def _synthetic(n: int, *, seed: int, size_um: float, n_genes: int, **kw: Any) ->
 def _spot_fold_scores(model: Any, test: Any, name: str) -> pd.DataFrame:
     """Spot-level per-gene scores of ``model`` on ``test`` (light copy of the table, nothing written)."""
     import bitro_sc as bs
-    from bitro_sc.tl._cross_validate import _prediction_table
 
-    table = test.tables["table"]
-    light = _prediction_table(table, model.predict_frame(test, level="spot"), name)
-    light.uns["bitro"] = {"genes": list(model.genes), "hvgs": list(model.record.get("hvgs", []))}
+    light = bs.tl.prediction_table(model, test, key_added=name)
     return bs.tl.evaluate(light, layer=name, top_hvg=None, store=False)
 
 
 # ----------------------------------------------------------------------------------------------
 def bench_spot(args: argparse.Namespace, t0: float) -> str:
-    from bitro_sc import cli
+    import bitro_sc as bs
 
     n, size, genes_n = (3, 400.0, 60) if args.quick else (args.n_slides, args.size_um, 150)
     epochs = 3 if args.quick else args.epochs
     slides, truths = _synthetic(n, seed=args.seed, size_um=size, n_genes=genes_n)
-    cli.prepare(slides, progress=False, t0=t0)
-    ids = cli.sample_ids(slides)
-    rows, cell_rows = [], []
+    prepare(slides)
+    ids = [str(bs.slide_info(s)["sample_id"]) for s in slides]
+    rows = []
     folds = list(range(n))[-(args.folds or n) :] if not args.quick else [n - 1]
     for k in folds:
-        train = [s for i, s in enumerate(slides) if i != k]
-        import bitro_sc as bs
-
-        genes = bs.pp.highly_variable_genes([s.tables["table"] for s in train], n_top=50)
-        models = cli.fit_methods(
-            train, genes=genes, fit_kwargs={"bitro": {"epochs": epochs, "seed": args.seed}}, progress=False
+        res = bs.tl.holdout(
+            slides,
+            test=[ids[k]],
+            top_hvg=50,
+            fit_kwargs={"bitro": {"epochs": epochs, "seed": args.seed}},
+            truths=truths,
+            progress=False,
         )
-        for name, model in models.items():
-            df = _spot_fold_scores(model, slides[k], name)
+        summary = res.summary()
+        for name in res.models:
+            sub = res.scores[res.scores["method"] == name]
             rows.append(
                 {
                     "fold": ids[k],
                     "method": name,
-                    "spot_mean_pearson": df["pearson"].mean(),
-                    "hest_score": df.attrs["hest_score"],
-                    "n_nan": df.attrs["n_nan"],
+                    "spot_mean_pearson": sub["pearson"].mean(),
+                    "hest_score": summary.loc[name, "hest_score"],
+                    "n_nan": int(sub["pearson"].isna().sum()),
+                    "cell_median_pearson": summary.loc[name, "cell_median_pearson"],
                 }
             )
-            cells = cli.cell_truth_scores(model.predict_frame(slides[k], level="cell"), slides[k], truths[k])
-            cell_rows.append(
-                {"fold": ids[k], "method": name, "cell_median_pearson": cells["pearson"].median()}
-            )
         _log(f"spot fold {ids[k]} done", t0)
-    res = pd.DataFrame(rows).merge(pd.DataFrame(cell_rows), on=["fold", "method"])
+    res = pd.DataFrame(rows)
     mean = res.groupby("method", sort=False)[
         ["spot_mean_pearson", "hest_score", "cell_median_pearson"]
     ].mean()
     return (
         f"### Synthetic spot level ({n} slides of {size:.0f} µm, {genes_n} genes, BiTro {epochs} epochs)\n\n"
         f"Leave-one-slide-out ({len(folds)} of {n} slides held out in turn, the model trained on "
-        f"the other {n - 1}); 50 training HVGs per fold; cell level = median over genes of the "
-        f"per-gene Pearson against the simulated truth (cells matched to true nuclei).\n\n"
+        f"the other {n - 1}; `bs.tl.holdout`); 50 training HVGs per fold; cell level = median over "
+        f"genes of the per-gene Pearson against the simulated truth (`bs.metrics.cell_truth_scores`).\n\n"
         f"{_md_table(res.set_index(['fold', 'method']))}\n\nMean over folds:\n\n{_md_table(mean)}\n"
     )
 
 
 def bench_bulk(args: argparse.Namespace, t0: float) -> str:
+    import anndata as ad
+
     import bitro_sc as bs
-    from bitro_sc import cli
 
     n, n_test, size, genes_n = (8, 3, 300.0, 40) if args.quick else (40, 10, 500.0, 100)
     epochs = 3 if args.quick else args.epochs
     slides, truths = _synthetic(n, seed=args.seed + 100, size_um=size, n_genes=genes_n, with_bulk=True)
-    cli.prepare(slides, steps=("segment", "cell_features", "phenotypes", "cell_graph"), progress=False, t0=t0)
-    train, test = slides[:-n_test], slides[-n_test:]
-    import anndata as ad
-
+    prepare(slides, steps=("segment", "cell_features", "phenotypes", "cell_graph"))
+    train = slides[:-n_test]
     genes = bs.pp.highly_variable_genes([ad.concat([s.tables["bulk"] for s in train])], n_top=50)
-    models = cli.fit_methods(
-        train,
+    res = bs.tl.holdout(
+        slides,
+        test=[str(bs.slide_info(s)["sample_id"]) for s in slides[-n_test:]],
         level="bulk",
         genes=genes,
         fit_kwargs={"bitro": {"epochs": epochs, "seed": args.seed}},
+        truths=truths,
         progress=False,
     )
-    _log("bulk models fitted", t0)
-    rows = []
-    for name, model in models.items():
-        light = []
-        for s in test:
-            frame = model.predict_frame(s, level="bulk").dropna(how="all")
-            from bitro_sc.tl._cross_validate import _prediction_table
-
-            light.append(_prediction_table(s.tables["bulk"], frame, name))
-        pooled = ad.concat(light, merge="first")
-        df = bs.tl.evaluate(pooled, layer=name, genes=genes, top_hvg=None, level="bulk", store=False)
-        cell_r = [
-            cli.cell_truth_scores(model.predict_frame(s, level="cell"), s, t)["pearson"].median()
-            for s, t in zip(test, truths[-n_test:], strict=True)
-        ]
-        rows.append(
-            {
-                "method": name,
-                "mean_pearson_across_slides": df["pearson"].mean(),
-                "n_significant": df.attrs["n_significant"],
-                "n_genes": len(df),
-                "cell_median_pearson": float(np.nanmean(cell_r)),
-            }
-        )
-    res = pd.DataFrame(rows).set_index("method")
+    _log("bulk models fitted and scored", t0)
+    summary = res.summary()
+    assert res.cell_scores is not None
+    cell_r = res.cell_scores.groupby(["method", "sample"], sort=False)["pearson"].median()
+    rows = [
+        {
+            "method": name,
+            "mean_pearson_across_slides": res.scores.loc[res.scores["method"] == name, "pearson"].mean(),
+            "n_significant": int(summary.loc[name, "n_significant"]),
+            "n_genes": int(summary.loc[name, "n_genes"]),
+            "cell_median_pearson": float(np.nanmean(cell_r.loc[name].to_numpy())),
+        }
+        for name in res.models
+    ]
+    res_table = pd.DataFrame(rows).set_index("method")
     return (
         f"### Synthetic bulk ({n - n_test} training / {n_test} test slides of {size:.0f} µm, "
         f"BiTro {epochs} epochs)\n\n"
-        "Per-gene Pearson across the held-out slides (log1p CP10k); significant = one-sided Pearson "
-        "test, Benjamini-Hochberg q < 0.05; cell level = median per-gene Pearson vs truth, "
-        f"mean over test slides.\n\n{_md_table(res)}\n"
+        "Per-gene Pearson across the held-out slides (log1p CP10k; `bs.tl.holdout(level=\"bulk\")`); "
+        "significant = one-sided Pearson test, Benjamini-Hochberg q < 0.05; cell level = median per-gene "
+        f"Pearson vs truth, mean over test slides.\n\n{_md_table(res_table)}\n"
     )
 
 
@@ -179,8 +184,6 @@ def bench_transfer(args: argparse.Namespace, t0: float) -> str:
     import anndata as ad
 
     import bitro_sc as bs
-    from bitro_sc import cli
-    from bitro_sc.tl._cross_validate import _prediction_table
 
     if args.quick:
         sizes, size, genes_n, epochs, seeds = [8], 300.0, 40, 3, [args.seed]
@@ -196,7 +199,7 @@ def bench_transfer(args: argparse.Namespace, t0: float) -> str:
     spot_slides, _ = _synthetic(
         3, seed=args.seed + 300, size_um=size * 1.5, n_genes=genes_n, gene_seed=biology
     )
-    cli.prepare(bulk_slides + spot_slides, progress=False, t0=t0)
+    prepare(bulk_slides + spot_slides)
     scarce, tests = spot_slides[:1], spot_slides[1:]
     few, held = bulk_slides[:4], bulk_slides[4:]
     genes = bs.pp.highly_variable_genes([s.tables["table"] for s in scarce], n_top=50)
@@ -205,10 +208,7 @@ def bench_transfer(args: argparse.Namespace, t0: float) -> str:
         return float(np.mean([_spot_fold_scores(model, s, "x")["pearson"].mean() for s in tests]))
 
     def bulk_score(model: Any) -> float:
-        light = [
-            _prediction_table(s.tables["bulk"], model.predict_frame(s, level="bulk").dropna(how="all"), "x")
-            for s in held
-        ]
+        light = [bs.tl.prediction_table(model, s, level="bulk", key_added="x") for s in held]
         df = bs.tl.evaluate(
             ad.concat(light, merge="first"), layer="x", genes=genes, top_hvg=None, level="bulk"
         )
@@ -284,12 +284,11 @@ def her2st_slides() -> list | None:
 
 def bench_her2st(args: argparse.Namespace, t0: float) -> str:
     import bitro_sc as bs
-    from bitro_sc import cli
 
     slides = her2st_slides()
     if slides is None:
         return "### HER2ST\n\nskipped: data not found ($BITRO_SC_DATA or ../shared/data).\n"
-    cli.prepare(slides, progress=False, t0=t0)
+    prepare(slides)
     epochs = 3 if args.quick else args.epochs
     df = bs.tl.cross_validate(
         slides,

@@ -67,9 +67,7 @@ def test_fold_scores_equal_a_manual_fit_on_the_training_slides(slides):
         slides, methods=("ridge",), genes=GENES, fit_kwargs={"ridge": {"alpha": 5.0}}, progress=False
     )
     model = bs.tl.fit_baseline(slides[1:], method="ridge", genes=GENES, alpha=5.0)
-    from bitro_sc.tl._cross_validate import _prediction_table
-
-    light = _prediction_table(slides[0].tables[K.TABLE], model.predict_frame(slides[0]), "x")
+    light = bs.tl.prediction_table(model, slides[0], key_added="x")
     manual = bs.tl.evaluate(light, layer="x", genes=GENES, store=False)
     fold0 = df[df["test_group"] == "S20"].set_index("gene")["pearson"]
     np.testing.assert_allclose(fold0.loc[GENES].to_numpy(), manual["pearson"].to_numpy(), rtol=1e-6)
@@ -127,3 +125,46 @@ def test_bad_arguments_are_rejected(slides):
         bs.tl.cross_validate(slides[:1], methods=("mean",), progress=False)
     with pytest.raises(ValueError, match="not run"):
         bs.tl.cross_validate(slides, methods=("mean",), fit_kwargs={"ridge": {}}, progress=False)
+
+
+def test_holdout_gives_the_numbers_of_the_manual_fit_predict_evaluate_path(slides):
+    res = bs.tl.holdout(slides, test=["S20", "S21"], methods=("ridge", "mean"), genes=GENES, progress=False)
+    assert isinstance(res, bs.tl.Holdout)
+    assert res.train == ["S22", "S23"]
+    assert res.test == ["S20", "S21"]
+    assert set(res.models) == {"ridge", "mean"}
+    # the path `bitro-sc demo` took before: fit on the training slides, write, evaluate
+    model = bs.tl.fit_baseline(slides[2:], method="ridge", genes=GENES)
+    for k, sample in ((0, "S20"), (1, "S21")):
+        test = toy_slide(20 + k, n_spots=40)[0]  # a fresh copy of slide k
+        bs.tl.predict_bitro(test, model, key_added="ridge")
+        before = bs.tl.evaluate(test, layer="ridge", top_hvg=None, store=False)
+        after = res.scores[(res.scores["method"] == "ridge") & (res.scores["sample"] == sample)]
+        np.testing.assert_array_equal(after.set_index("gene").loc[before.index, "pearson"], before["pearson"])
+    # the slides are not modified
+    assert all("ridge" not in s.tables[K.TABLE].layers for s in slides)
+    summary = res.summary()
+    assert list(summary.index) == ["ridge", "mean"]
+    assert summary.loc["ridge", "n_genes"] == 2 * len(GENES)
+    assert np.isnan(summary.loc["mean", "spot_mean_pearson"])  # constant predictions: undefined
+
+
+def test_holdout_is_one_fold_of_cross_validate(slides):
+    cv = bs.tl.cross_validate(slides, methods=("ridge",), genes=GENES, top_hvg=10, progress=False)
+    res = bs.tl.holdout(slides, test=["S23"], methods=("ridge",), genes=GENES, top_hvg=10, progress=False)
+    fold = cv[cv["test_group"] == "S23"].reset_index(drop=True)
+    cols = ["gene", "pearson", "spearman", "is_hvg"]
+    pd.testing.assert_frame_equal(res.scores[cols].reset_index(drop=True), fold[cols])
+    with pytest.raises(ValueError, match="not among the slides"):
+        bs.tl.holdout(slides, test=["S99"], methods=("ridge",))
+    with pytest.raises(ValueError, match="leave at least one"):
+        bs.tl.holdout(slides, test=["S20", "S21", "S22", "S23"], methods=("ridge",))
+
+
+def test_prediction_table_is_a_light_copy_with_the_record(slides):
+    model = bs.tl.fit_baseline(slides[1:], method="ridge", genes=GENES)
+    light = bs.tl.prediction_table(model, slides[0], key_added="r")
+    assert light.shape == slides[0].tables[K.TABLE].shape
+    assert light.uns["r"]["genes"] == list(model.genes)
+    assert np.isfinite(light.layers["r"]).any()
+    assert "r" not in slides[0].tables[K.TABLE].layers

@@ -107,3 +107,39 @@ def test_summarize_skips_and_counts_nan_genes():
     assert s["n_nan"] == 1
     assert s["mean_pearson"] == pytest.approx(0.3)
     assert s["mean_spearman"] == pytest.approx(0.2)
+
+
+def test_cell_truth_scores_matches_cells_to_true_nuclei():
+    from types import SimpleNamespace
+
+    import anndata as ad
+
+    rng = np.random.default_rng(0)
+    labels = np.zeros((20, 20), dtype=np.int32)
+    centres = [(2, 2), (2, 12), (12, 2), (12, 12), (7, 7)]
+    for lab, (y, x) in enumerate(centres, start=1):
+        labels[y : y + 3, x : x + 3] = lab
+    rate = rng.uniform(1, 10, size=(5, 3))
+    truth = SimpleNamespace(
+        labels=labels,
+        expression=ad.AnnData(
+            np.zeros((5, 3)),
+            obs=pd.DataFrame({"cell_id": np.arange(1, 6)}, index=[f"t{i}" for i in range(5)]),
+            var=pd.DataFrame(index=["A", "B", "C"]),
+            layers={"rate": rate},
+        ),
+    )
+    # four segmented cells on true nuclei 1-4 and one on background
+    obs = pd.DataFrame(
+        {"x_px": [3.0, 13.0, 3.0, 13.0, 18.0], "y_px": [3.0, 3.0, 13.0, 13.0, 18.0]},
+        index=[f"c{i}" for i in range(5)],
+    )
+    sdata = SimpleNamespace(tables={"cells": ad.AnnData(obs=obs)})
+    frame = pd.DataFrame(
+        np.vstack([rate[:4] * 7.0, np.ones((1, 3))]), index=obs.index, columns=["A", "B", "X"]
+    )
+    out = metrics.cell_truth_scores(frame, sdata, truth)
+    assert list(out.index) == ["A", "B"]  # genes the truth has
+    np.testing.assert_allclose(out["pearson"], 1.0)  # predictions proportional to the truth
+    assert out.attrs["n_cells_matched"] == 4
+    assert out.attrs["n_cells"] == 5

@@ -6,6 +6,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import dataclasses
+
 import anndata as ad
 import dask.array as da
 import geopandas as gpd
@@ -467,3 +469,40 @@ def test_cells_palette_from_uns_and_from_the_user():
     assert matplotlib.colors.to_hex(ax.get_legend().legend_handles[0].get_markerfacecolor()) == "#000000"
     with pytest.raises(ValueError, match="2 colours for 3 categories"):
         bs.pl.cells(sdata, palette=["red", "blue"])
+
+
+def test_holdout_figure_has_a_cell_panel_when_cell_scores_are_given(tmp_path):
+    rng = np.random.default_rng(0)
+    genes = [f"G{i}" for i in range(8)]
+    scores = pd.DataFrame(
+        {
+            "fold": 0,
+            "test_group": "holdout",
+            "sample": "S2",
+            "method": np.repeat(["bitro", "ridge"], len(genes)),
+            "gene": genes * 2,
+            "pearson": rng.uniform(0, 1, 2 * len(genes)),
+            "spearman": rng.uniform(0, 1, 2 * len(genes)),
+            "n": 30,
+            "is_hvg": True,
+        }
+    )
+    cells = scores[["sample", "method", "gene", "pearson", "spearman"]].copy()
+    res = bs.tl.Holdout(
+        scores=scores,
+        models={"bitro": None, "ridge": None},
+        genes=genes,
+        hvgs=genes,
+        train=["S0", "S1"],
+        test=["S2"],
+        cell_scores=cells,
+    )
+    fig = bs.pl.holdout(res, title="t", save=tmp_path / "sub" / "h.png")
+    assert len(fig.axes) == 2
+    assert (tmp_path / "sub" / "h.png").stat().st_size > 1000
+    plt.close(fig)
+    fig = bs.pl.holdout(dataclasses.replace(res, cell_scores=None))
+    assert len(fig.axes) == 1
+    plt.close(fig)
+    with pytest.raises(TypeError, match=r"output of `bs\.tl\.holdout`"):
+        bs.pl.holdout(scores)

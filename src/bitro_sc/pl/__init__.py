@@ -10,6 +10,7 @@ _EXPORTS = {
     "cells": "_cells",
     "gene_correlation": "_gene_correlation",
     "history": "_history",
+    "holdout": "_holdout",
 }
 
 __getattr__, __dir__, __all__ = attach(__name__, _EXPORTS)

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .. import _keys as K
+from . import _geometry as G
 from . import _utils as U
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -45,12 +46,12 @@ def _palette(categories: Sequence[str], colors: Any) -> dict[str, Any]:
 def _outline_image(
     sdata: SpatialData,
     labels_key: str,
-    view: U.Box,
+    view: G.Box,
     cell_ids: np.ndarray,
     rgba: np.ndarray,
     *,
     max_px: int,
-) -> tuple[np.ndarray, U.Box] | None:
+) -> tuple[np.ndarray, G.Box] | None:
     """RGBA image of the cell boundaries in ``view``, each boundary in its cell's colour."""
     from skimage.segmentation import find_boundaries
 
@@ -176,9 +177,9 @@ def cells(
             + ("Run `bs.tl.phenotypes` first." if color == K.PHENOTYPE else "Pass one of the columns.")
         )
     image_key = U.auto_image_key(sdata, image_key)
-    mpp_value = U.resolve_mpp(sdata, image_key, mpp)
-    box = U.crop_box_px(crop_um, mpp_value)
-    geo = U.cell_geometry(sdata, cells_key, mpp_value)
+    mpp_value = G.resolve_mpp(sdata, image_key, mpp)
+    box = G.crop_box_px(crop_um, mpp_value)
+    geo = G.cell_geometry(sdata, cells_key, mpp_value)
     keep = geo.in_box(box)
     view = box
     if view is None:
@@ -229,7 +230,7 @@ def cells(
         U.draw_image(ax, sdata, image_key, view, max_px=max_px)
 
     if style == "outline":
-        _, instance_key = U._table_attrs(table)
+        _, instance_key = G._table_attrs(table)
         ids_col = instance_key or K.CELL_ID
         ids = table.obs[ids_col].to_numpy() if ids_col in table.obs else np.asarray(table.obs_names)
         ids = np.asarray(pd.to_numeric(pd.Series(ids), errors="coerce").fillna(-1), dtype=np.int64)
@@ -239,7 +240,7 @@ def cells(
             overlay, (x0, y0, x1, y1) = out
             ax.imshow(overlay, extent=(x0, x1, y1, y0), origin="upper", interpolation="nearest", zorder=2)
     else:
-        shown = U.Geometry(geo.x[keep], geo.y[keep], geo.r[keep])
+        shown = G.Geometry(geo.x[keep], geo.y[keep], geo.r[keep])
         face = rgba[keep].copy()
         if style == "circle":
             face[:, 3] = alpha

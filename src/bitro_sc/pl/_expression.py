@@ -10,6 +10,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from .. import _keys as K
+from .._sdata import check_level, level_table_key
+from ..pp._expression import get_counts, normalize_expression
+from . import _geometry as G
 from . import _utils as U
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -17,7 +20,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
     from spatialdata import SpatialData
 
-_LEVELS = ("spot", "cell")
+#: levels that can be drawn (bulk has no positions)
+_PLOT_LEVELS = ("spot", "cell")
 _STYLES = ("auto", "circle", "point")
 #: above this many cells in view, ``style="auto"`` draws points instead of true-size circles
 MAX_CIRCLES = 100_000
@@ -44,8 +48,6 @@ def _column(x: Any, j: int) -> np.ndarray:
 
 def _measured(table: AnnData, gene: str) -> np.ndarray:
     """log1p counts-per-10k of one gene, library size over all genes of the table."""
-    from ..pp._expression import TARGET_SUM, get_counts
-
     counts = get_counts(table)
     lib = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
     col = _column(counts, int(table.var_names.get_loc(gene)))
@@ -53,8 +55,7 @@ def _measured(table: AnnData, gene: str) -> np.ndarray:
         raise ValueError(
             "Measured counts must be non-negative; `X` / layers['counts'] should hold raw counts."
         )
-    scale = np.divide(TARGET_SUM, lib, out=np.zeros_like(lib), where=lib > 0)
-    return np.log1p(col * scale)
+    return normalize_expression(col[:, None], library_size=lib)[:, 0].astype(np.float64)
 
 
 def _predicted(table: AnnData, gene: str, layer: str, *, table_key: str, log1p: bool) -> np.ndarray:
@@ -181,8 +182,7 @@ def expression(
     """
     import matplotlib as mpl
 
-    if level not in _LEVELS:
-        raise ValueError(f"`level` must be one of {list(_LEVELS)}, got {level!r}.")
+    level = check_level(level, _PLOT_LEVELS)  # type: ignore[assignment]
     if style not in _STYLES:
         raise ValueError(f"`style` must be one of {list(_STYLES)}, got {style!r}.")
     if level == "cell" and layer is None:
@@ -194,7 +194,7 @@ def expression(
     genes = [gene] if isinstance(gene, str) else [str(g) for g in gene]
     if not genes:
         raise ValueError("`gene` is empty; pass a gene name or a list of them.")
-    table_key = table_key or (K.TABLE if level == "spot" else K.CELLS)
+    table_key = table_key or level_table_key(level)
     step = (
         "run `bs.tl.segment` and `bs.tl.predict_bitro(..., level='cell')` first"
         if level == "cell"
@@ -206,8 +206,8 @@ def expression(
     U.check_genes(genes, table.var_names, where=f"table {table_key!r}")
 
     image_key = U.auto_image_key(sdata, image_key) if show_image or scalebar or crop_um else image_key
-    mpp_value = U.resolve_mpp(sdata, image_key, mpp)
-    box = U.crop_box_px(crop_um, mpp_value)
+    mpp_value = G.resolve_mpp(sdata, image_key, mpp)
+    box = G.crop_box_px(crop_um, mpp_value)
 
     spot_table = sdata.tables.get(spot_table_key)
     single_ax = ax is not None and not isinstance(ax, Sequence | np.ndarray)
@@ -268,18 +268,18 @@ def expression(
             )
 
     comparing = len(panels) > len(genes)
-    geometry: dict[str, U.Geometry] = {}
+    geometry: dict[str, G.Geometry] = {}
     for p in panels:
         if p.table_key not in geometry:
             geometry[p.table_key] = (
-                U.cell_geometry(sdata, p.table_key, mpp_value)
+                G.cell_geometry(sdata, p.table_key, mpp_value)
                 if p.level == "cell"
-                else U.spot_geometry(sdata, p.table_key)
+                else G.spot_geometry(sdata, p.table_key)
             )
     # one common view for all panels: the crop, or the extent of what is drawn plus a margin
     view = box
     if view is None:
-        view = U.union_box(*(geometry[p.table_key].box() for p in panels))
+        view = G.union_box(*(geometry[p.table_key].box() for p in panels))
         if view is not None:
             pad = 0.03 * max(view[2] - view[0], view[3] - view[1])
             view = (view[0] - pad, view[1] - pad, view[2] + pad, view[3] + pad)
@@ -294,7 +294,7 @@ def expression(
     for axis, p in zip(axes, panels, strict=True):
         geo = geometry[p.table_key]
         keep = geo.in_box(view)
-        shown = U.Geometry(geo.x[keep], geo.y[keep], geo.r[keep])
+        shown = G.Geometry(geo.x[keep], geo.y[keep], geo.r[keep])
         values = p.values[keep]
         if background is not None:
             U.draw_image(axis, sdata, image_key, view, region=background)

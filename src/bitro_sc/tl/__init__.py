@@ -14,6 +14,9 @@ _EXPORTS = {
     "fit_bitro": "_fit",
     "predict_bitro": "_predict",
     "cross_validate": "_cross_validate",
+    "holdout": "_holdout",
+    "Holdout": "_holdout",
+    "prediction_table": "_holdout",
     "fit_baseline": "_baseline",
     "evaluate": "_evaluate",
 }

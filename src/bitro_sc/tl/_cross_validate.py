@@ -2,108 +2,42 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 import pandas as pd
 
 from .. import _keys as K
+from .. import _sdata
+from ._evaluate import evaluate
+from ._holdout import (
+    FitFunction,
+    fit_fold,
+    order_columns,
+    prediction_table,
+    resolve_methods,
+    score_spots,
+    training_hvgs,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
     from spatialdata import SpatialData
 
 _GROUPS = (K.SAMPLE_ID, K.PATIENT_ID)
-_BUILTIN = ("bitro", "ridge", "mean")
-_LEVELS = ("spot", "bulk")
-
-#: a custom method: ``fit(train_slides, *, genes, level) -> model`` implementing the model protocol
-FitFunction = Callable[..., Any]
 
 
 def _group_of(sdata: SpatialData, i: int, groups: str, table_key: str) -> str:
-    from .._sdata import slide_info
-
-    value = slide_info(sdata).get(groups)
-    if value is None and table_key in sdata.tables and groups in sdata.tables[table_key].obs:
-        values = sdata.tables[table_key].obs[groups].astype(str).unique()
-        if len(values) == 1:
-            value = values[0]
+    """The slide's sample id (fallback ``slide_{i}``) or patient id (an error when unknown)."""
+    if groups == K.SAMPLE_ID:
+        return _sdata.sample_id(sdata, i, table_key=table_key)
+    value = _sdata.patient_id(sdata, table_key=table_key)
     if value is None:
         raise ValueError(
-            f"Slide {i} has no {groups!r}: set `sdata.attrs['bitro_sc'][{groups!r}]` "
-            "(`bitro_sc._sdata.set_slide_info`) or read it with `bs.io.read_*`."
+            f"Slide {i} has no {groups!r}: set it with `bs.set_slide_info(sdata, {groups}=...)` "
+            "or read the slide with `bs.io.read_*`."
         )
-    return str(value)
-
-
-def _fitter(name: str, spec: FitFunction | None, level: str, kwargs: Mapping[str, Any]) -> FitFunction:
-    if spec is not None:
-        return lambda train, genes: spec(train, genes=genes, level=level, **kwargs)
-    if name == "bitro":
-        from ._fit import fit_bitro
-
-        return lambda train, genes: fit_bitro(
-            train,
-            level=level,  # type: ignore[arg-type]
-            genes=genes,
-            **kwargs,
-        )
-    if name in ("ridge", "mean"):
-        from ._baseline import fit_baseline
-
-        return lambda train, genes: fit_baseline(
-            train,
-            method=name,  # type: ignore[arg-type]
-            level=level,  # type: ignore[arg-type]
-            genes=genes,
-            **kwargs,
-        )
-    raise ValueError(
-        f"Unknown method {name!r}: use {_BUILTIN} or pass a mapping name -> fit function "
-        "(`fit(train_slides, *, genes, level) -> model`)."
-    )
-
-
-def _shallow_copy(sdata: SpatialData) -> SpatialData:
-    """The same elements (shared, not copied) with copies of the tables and attrs.
-
-    Fitting writes its run record into the training tables; on a shallow copy the user's
-    slides stay untouched while images and shapes are not duplicated.
-    """
-    import copy
-    import warnings
-
-    from spatialdata import SpatialData
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The table is annotating", category=UserWarning)
-        return SpatialData(
-            images=dict(sdata.images),
-            labels=dict(sdata.labels),
-            points=dict(sdata.points),
-            shapes=dict(sdata.shapes),
-            tables={k: t.copy() for k, t in sdata.tables.items()},
-            attrs=copy.deepcopy(dict(sdata.attrs)),
-        )
-
-
-def _prediction_table(table: AnnData, frame: pd.DataFrame, key: str) -> AnnData:
-    """A light copy of ``table`` (counts only) with the predictions as ``layers[key]``."""
-    import anndata as ad
-
-    from ..pp._expression import get_counts
-
-    out = ad.AnnData(get_counts(table).copy(), obs=table.obs.copy(), var=pd.DataFrame(index=table.var_names))
-    values = np.full(out.shape, np.nan, dtype=np.float32)
-    rows = out.obs_names.get_indexer(frame.index)
-    cols = out.var_names.get_indexer(frame.columns)
-    if (rows < 0).any() or (cols < 0).any():
-        raise ValueError("The model's prediction rows / genes do not match the held-out table.")
-    values[np.ix_(rows, cols)] = frame.to_numpy(dtype=np.float32)
-    out.layers[key] = values
-    return out
+    return value
 
 
 def cross_validate(
@@ -169,37 +103,20 @@ def cross_validate(
     >>> df = bs.tl.cross_validate(slides, methods=("ridge", "mean"))  # doctest: +SKIP
     >>> df.attrs["summary"]  # doctest: +SKIP
     """
+    import anndata as ad
     from tqdm.auto import tqdm
-
-    from .._sdata import bulk_table as bulk_row
-    from ..pp._expression import highly_variable_genes
-    from ._evaluate import evaluate
 
     if groups not in _GROUPS:
         raise ValueError(f"`groups` must be one of {_GROUPS}, got {groups!r}.")
-    if level not in _LEVELS:
-        raise ValueError(f"`level` must be one of {_LEVELS}, got {level!r}.")
+    level = _sdata.check_level(level, K.FIT_LEVELS)  # type: ignore[assignment]
     slides = list(sdatas)
-    key = table_key or (K.TABLE if level == "spot" else K.BULK)
-    specs: dict[str, FitFunction | None] = (
-        dict(methods) if isinstance(methods, Mapping) else dict.fromkeys(methods)
-    )
-    if not specs:
-        raise ValueError("`methods` is empty; name at least one method.")
-    fit_kwargs = dict(fit_kwargs or {})
-    unknown = set(fit_kwargs) - set(specs)
-    if unknown:
-        raise ValueError(f"`fit_kwargs` names methods that are not run: {sorted(unknown)}.")
-    for name, spec in specs.items():
-        if spec is None and name not in _BUILTIN:
-            raise ValueError(f"Unknown method {name!r}: use {_BUILTIN} or pass a fit function for it.")
+    key = table_key or _sdata.level_table_key(level)
+    specs, fit_kwargs = resolve_methods(methods, fit_kwargs)
     for i, s in enumerate(slides):
         if key not in s.tables:
             raise KeyError(f"Slide {i} has no table {key!r} to score; pass `table_key=`.")
     slide_groups = [_group_of(s, i, groups, key) for i, s in enumerate(slides)]
-    from .._sdata import slide_info
-
-    samples = [str(slide_info(s).get(K.SAMPLE_ID) or f"slide_{i}") for i, s in enumerate(slides)]
+    samples = _sdata.sample_ids(slides)
     unique_groups = list(dict.fromkeys(slide_groups))
     if len(unique_groups) < 2:
         raise ValueError(
@@ -214,43 +131,27 @@ def cross_validate(
         train_idx = [i for i, g in enumerate(slide_groups) if g != held]
         test_idx = [i for i, g in enumerate(slide_groups) if g == held]
         train = [slides[i] for i in train_idx]
-        train_copies: list[SpatialData] | None = None
-        if level == "spot":
-            train_tables = [s.tables[key] for s in train]
-        else:  # one row per slide, as fit_bitro / fit_baseline choose their genes
-            train_tables = [bulk_row(s, bulk_key=key, i=i) for i, s in enumerate(train)]
-        hvgs = highly_variable_genes(train_tables, n_top=top_hvg)
+        hvgs = training_hvgs(train, level=level, table_key=key, top_hvg=top_hvg)
         fold_genes = list(genes) if genes is not None else hvgs
         fold_info.append(
             {"fold": fold, "test_group": held, "train_samples": [samples[i] for i in train_idx], "hvgs": hvgs}
         )
         bulk_genes = set(fold_genes) if fold == 0 else bulk_genes & set(fold_genes)
-        for name, spec in specs.items():
-            kwargs = dict(fit_kwargs.get(name, {}))
-            if name == "bitro" and spec is None:
-                kwargs.setdefault("progress", progress)
-            fit = _fitter(name, spec, level, kwargs)
-            if name in ("ridge", "mean") and spec is None:  # read-only: no copy needed
-                model = fit(train, fold_genes)
-            else:  # fit_bitro (and unknown code) write run records into the training tables
-                train_copies = train_copies or [_shallow_copy(s) for s in train]
-                model = fit(train_copies, fold_genes)
+        models = fit_fold(
+            train, specs, level=level, genes=fold_genes, fit_kwargs=fit_kwargs, progress=progress
+        )
+        if level == "spot":
+            parts = score_spots(
+                models, slides, test_idx, samples, genes=fold_genes, hvgs=hvgs, top_hvg=top_hvg, table_key=key
+            )
+            frames.extend(df.assign(fold=fold, test_group=held) for df in parts)
+            continue
+        for name, model in models.items():  # bulk: pooled over all folds below
             for i in test_idx:
-                test = slides[i]
-                table = test.tables[key] if level == "spot" else bulk_row(test, bulk_key=key, i=i)
-                frame = model.predict_frame(test, level=level).dropna(how="all")
-                light = _prediction_table(table, frame, name)
-                light.uns[K.RUN] = {"genes": list(model.genes), "hvgs": hvgs}
-                if level == "bulk":
-                    bulk_tables[name].append(light)
-                    continue
-                df = evaluate(light, layer=name, genes=fold_genes, top_hvg=top_hvg, level="spot", store=False)
-                frames.append(
-                    df.reset_index().assign(fold=fold, test_group=held, sample=samples[i], method=name)
-                )
+                light = prediction_table(model, slides[i], level="bulk", key_added=name, table_key=key, i=i)
+                light.uns[name] = {"genes": list(model.genes), "hvgs": hvgs}
+                bulk_tables[name].append(light)
     if level == "bulk":
-        import anndata as ad
-
         common = [g for g in fold_info[0]["hvgs"] if g in bulk_genes] if genes is None else list(genes)
         if not common:
             raise ValueError(
@@ -259,15 +160,13 @@ def cross_validate(
             )
         for name, tables in bulk_tables.items():
             pooled = ad.concat(tables, join="inner", merge="first")
-            pooled.uns[K.RUN] = {"hvgs": common if genes is None else []}
+            pooled.uns[name] = {"hvgs": common if genes is None else []}
             df = evaluate(pooled, layer=name, genes=common, top_hvg=None, level="bulk", store=False)
             if genes is not None:
                 all_hvgs = set().union(*(set(f["hvgs"]) for f in fold_info))
                 df["is_hvg"] = [g in all_hvgs for g in df.index]
             frames.append(df.reset_index().assign(fold="pooled", test_group="all", sample="all", method=name))
-    out = pd.concat(frames, ignore_index=True)
-    cols = ["fold", "test_group", "sample", "method", "gene", "pearson", "spearman", "n", "is_hvg"]
-    out = out[cols + [c for c in out.columns if c not in cols]]
+    out = order_columns(pd.concat(frames, ignore_index=True))
     out.attrs["summary"] = summarize_cv(out)
     out.attrs["folds"] = fold_info
     out.attrs["level"] = level
