@@ -174,7 +174,7 @@ def bench_bulk(args: argparse.Namespace, t0: float) -> str:
     return (
         f"### Synthetic bulk ({n - n_test} training / {n_test} test slides of {size:.0f} µm, "
         f"BiTro {epochs} epochs)\n\n"
-        "Per-gene Pearson across the held-out slides (log1p CP10k; `bs.tl.holdout(level=\"bulk\")`); "
+        'Per-gene Pearson across the held-out slides (log1p CP10k; `bs.tl.holdout(level="bulk")`); '
         "significant = one-sided Pearson test, Benjamini-Hochberg q < 0.05; cell level = median per-gene "
         f"Pearson vs truth, mean over test slides.\n\n{_md_table(res_table)}\n"
     )
