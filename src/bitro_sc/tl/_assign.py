@@ -84,8 +84,14 @@ def assign_cells(
 
     Examples
     --------
-    >>> bs.tl.assign_cells(sdata)  # doctest: +SKIP
-    >>> sdata.tables["cells"].obs["spot_id"].value_counts()
+    >>> import bitro_sc as bs
+    >>> sdata = bs.datasets.synthetic(kind="visium", size_um=250, seed=0)
+    >>> bs.tl.segment(sdata, progress=False)
+    >>> bs.tl.assign_cells(sdata)
+    >>> cells = sdata.tables["cells"]
+    >>> in_spot = int((cells.obs["spot_id"] >= 0).sum())  # the others lie between spots
+    >>> 0 < in_spot < cells.n_obs
+    True
     """
     import pandas as pd
     from scipy.spatial import cKDTree

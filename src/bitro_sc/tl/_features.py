@@ -130,11 +130,14 @@ def cell_features(
 
     Examples
     --------
-    >>> train = bs.datasets.synthetic(2, kind="visium", seed=0)  # doctest: +SKIP
-    >>> for s in train:
-    ...     bs.tl.segment(s)
-    >>> bs.tl.cell_features(train)  # one scaler over both slides
-    >>> bs.tl.cell_features(new_slide, scaler=train[0])  # re-use the training scaling
+    >>> import bitro_sc as bs
+    >>> *train, new_slide = bs.datasets.synthetic(3, kind="visium", size_um=250, seed=0)
+    >>> for s in [*train, new_slide]:
+    ...     bs.tl.segment(s, progress=False)
+    >>> bs.tl.cell_features(train, progress=False)  # one scaler over both slides
+    >>> bs.tl.cell_features(new_slide, scaler=train[0], progress=False)  # re-use the training scaling
+    >>> new_slide.tables["cells"].obsm["X_bitro"].dtype
+    dtype('float32')
     """
     from ..encoders import FeatureScaler, get_encoder
 

@@ -59,8 +59,12 @@ def cell_graph(
 
     Examples
     --------
-    >>> bs.tl.cell_graph(sdata, radius_um=30)  # doctest: +SKIP
-    >>> sdata.tables["cells"].obsp["spatial_connectivities"].sum(1).mean()  # mean degree
+    >>> import bitro_sc as bs
+    >>> sdata = bs.datasets.synthetic(kind="visium", size_um=250, seed=0)
+    >>> bs.tl.segment(sdata, progress=False)
+    >>> bs.tl.cell_graph(sdata, k=6)
+    >>> float(sdata.tables["cells"].obsp["spatial_connectivities"].sum(1).mean())  # mean degree
+    6.0
     """
     import scipy.sparse as sp
 

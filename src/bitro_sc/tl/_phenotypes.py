@@ -73,8 +73,15 @@ def phenotypes(
 
     Examples
     --------
-    >>> km = bs.tl.phenotypes(train_slides, n_clusters=7)  # doctest: +SKIP
-    >>> bs.tl.phenotypes(test_slide, model=km)  # same phenotypes on a new slide
+    >>> import bitro_sc as bs
+    >>> *train_slides, test_slide = bs.datasets.synthetic(3, kind="visium", size_um=250, seed=0)
+    >>> for s in [*train_slides, test_slide]:
+    ...     bs.tl.segment(s, progress=False)
+    >>> bs.tl.cell_features([*train_slides, test_slide], progress=False)
+    >>> km = bs.tl.phenotypes(train_slides, n_clusters=3)
+    >>> _ = bs.tl.phenotypes(test_slide, model=km)  # same phenotypes on a new slide
+    >>> len(test_slide.tables["cells"].obs["bitro_phenotype"].cat.categories)
+    3
     """
     import pandas as pd
 
