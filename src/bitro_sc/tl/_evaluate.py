@@ -9,12 +9,13 @@ import numpy as np
 import pandas as pd
 
 from .. import _keys as K
+from .. import _sdata
+from ..metrics import hest_score, pearson, significant_genes, spearman, summarize
+from ..pp._expression import get_counts, normalize_expression
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
     from spatialdata import SpatialData
-
-_LEVELS = ("spot", "bulk")
 
 
 def _dense(x: Any) -> np.ndarray:
@@ -45,8 +46,6 @@ def _collect_tables(
     import anndata as ad
     from spatialdata import SpatialData
 
-    from .._sdata import bulk_table as bulk_row
-
     if isinstance(data, ad.AnnData):
         return data, [data]
     if isinstance(data, SpatialData):
@@ -70,7 +69,7 @@ def _collect_tables(
     if len(slides) < 3:
         raise ValueError(f"Bulk evaluation correlates across slides and needs at least 3, got {len(slides)}.")
     key = table_key or K.BULK
-    rows = [bulk_row(s, bulk_key=key, i=i) for i, s in enumerate(slides)]
+    rows = [_sdata.bulk_table(s, bulk_key=key, i=i) for i, s in enumerate(slides)]
     combined = ad.concat(rows, join="inner", merge="same")
     combined.obs_names_make_unique()
     return combined, [s.tables[key] for s in slides]
@@ -177,11 +176,7 @@ def evaluate(
     >>> df = bs.tl.evaluate(test_slide)  # doctest: +SKIP
     >>> df.attrs["hest_score"]  # doctest: +SKIP
     """
-    from ..metrics import hest_score, pearson, significant_genes, spearman, summarize
-    from ..pp._expression import get_counts, normalize_expression
-
-    if level not in _LEVELS:
-        raise ValueError(f"`level` must be one of {_LEVELS}, got {level!r}.")
+    level = _sdata.check_level(level, K.FIT_LEVELS)  # type: ignore[assignment]
     table, stores = _collect_tables(sdata, level, table_key)
     if layer not in table.layers:
         raise KeyError(
