@@ -117,17 +117,19 @@ def fit_bitro(
     Examples
     --------
     >>> import bitro_sc as bs
-    >>> slides = bs.datasets.synthetic(3, kind="visium", size_um=600, seed=0)  # doctest: +SKIP
-    >>> for s in slides:  # doctest: +SKIP
-    ...     bs.tl.segment(s)
-    >>> bs.tl.cell_features(slides)  # doctest: +SKIP
-    >>> bs.tl.phenotypes(slides)  # doctest: +SKIP
-    >>> for s in slides:  # doctest: +SKIP
+    >>> slides = bs.datasets.synthetic(3, kind="visium", size_um=250, seed=0)
+    >>> for s in slides:
+    ...     bs.tl.segment(s, progress=False)
+    >>> bs.tl.cell_features(slides, progress=False)
+    >>> _ = bs.tl.phenotypes(slides, n_clusters=3)
+    >>> for s in slides:
     ...     bs.tl.assign_cells(s)
     ...     bs.tl.cell_graph(s)
-    >>> model = bs.tl.fit_bitro(slides[:2], epochs=15)  # doctest: +SKIP
-    >>> bs.tl.predict_bitro(slides[2], model)  # doctest: +SKIP
-    >>> bs.tl.evaluate(slides[2])  # doctest: +SKIP
+    >>> model = bs.tl.fit_bitro(slides[:2], epochs=2, n_top_genes=20, progress=False)
+    >>> bs.tl.predict_bitro(slides[2], model)
+    >>> df = bs.tl.evaluate(slides[2])
+    >>> len(df), sorted(df.columns[:2])
+    (20, ['pearson', 'spearman'])
     >>> adapted = bs.tl.fit_bitro(slides[2], transfer="bulk", bulk=bulk_slides)  # doctest: +SKIP
     """
     slides = _sdata.as_slides(sdata_or_list, what="training slide")
