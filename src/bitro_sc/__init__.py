@@ -4,7 +4,9 @@ Submodules load on first attribute access, so ``import bitro_sc`` stays fast and
 import torch, torch_geometric or spatialdata until they are needed.
 
 >>> import bitro_sc as bs
->>> sdata = bs.datasets.synthetic(kind="visium", seed=0)  # doctest: +SKIP
+>>> sdata = bs.datasets.synthetic(kind="visium", size_um=250, seed=0)
+>>> sorted(sdata.tables)
+[...'table'...]
 """
 
 from __future__ import annotations

@@ -18,7 +18,11 @@ def attach(
 
     Examples
     --------
-    >>> __getattr__, __dir__, __all__ = attach(__name__, {"segment": "_segment"})  # doctest: +SKIP
+    >>> getattr_, dir_, all_ = attach("bitro_sc.tl", {"segment": "_segment"})
+    >>> all_
+    ['segment']
+    >>> getattr_("segment").__name__
+    'segment'
     """
 
     def __getattr__(name: str) -> Any:

@@ -261,9 +261,21 @@ def cell_truth_scores(
 
     Examples
     --------
-    >>> slide, truth = bs.datasets.synthetic(seed=0, return_truth=True)  # doctest: +SKIP
-    >>> frame = model.predict_frame(slide, level="cell")  # doctest: +SKIP
-    >>> metrics.cell_truth_scores(frame, slide, truth)["pearson"].median()  # doctest: +SKIP
+    >>> import bitro_sc as bs
+    >>> from bitro_sc import metrics
+    >>> pairs = bs.datasets.synthetic(3, kind="visium", size_um=250, seed=0, return_truth=True)
+    >>> slides = [s for s, _ in pairs]
+    >>> for s in slides:
+    ...     bs.tl.segment(s, progress=False)
+    >>> bs.tl.cell_features(slides, progress=False)
+    >>> for s in slides:
+    ...     bs.tl.assign_cells(s)
+    >>> model = bs.tl.fit_baseline(slides[:2], method="ridge", n_top_genes=20)
+    >>> slide, truth = pairs[2]
+    >>> frame = model.predict_frame(slide, level="cell")
+    >>> scores = metrics.cell_truth_scores(frame, slide, truth)
+    >>> len(scores), 0 < scores.attrs["n_cells_matched"] <= scores.attrs["n_cells"]
+    (20, True)
     """
     cells = sdata.tables[cells_key]
     labels = np.asarray(truth.labels)

@@ -80,11 +80,32 @@ def read_st(
     Examples
     --------
     >>> import bitro_sc as bs
-    >>> sdata = bs.io.read_st(  # doctest: +SKIP
+    >>> sdata = bs.io.read_st(  # a HER2ST section on disk  # doctest: +SKIP
     ...     "her2st/C2_HE.jpg", "her2st/C2_counts.tsv.gz", "her2st/C2_selection.tsv", patient_id="C"
     ... )
-    >>> bs._sdata.mpp_source(sdata, "he")  # doctest: +SKIP
-    'estimated from array pitch (200 µm), fit over 187 spots (RMS residual 17.5 µm)'
+
+    The same from in-memory inputs (a 4 × 3 array, 20 px pitch, so 10 µm/px for a 200 µm pitch):
+
+    >>> import numpy as np
+    >>> import pandas as pd
+    >>> grid = [(x, y) for x in range(1, 5) for y in range(1, 4)]
+    >>> spots = pd.DataFrame(
+    ...     [
+    ...         {"x": x, "y": y, "pixel_x": 20.0 * x + 5, "pixel_y": 20.0 * y + 7, "selected": 1}
+    ...         for x, y in grid
+    ...     ]
+    ... )
+    >>> counts = pd.DataFrame(
+    ...     np.random.default_rng(0).poisson(2.0, size=(12, 5)),
+    ...     index=[f"{x}x{y}" for x, y in grid],
+    ...     columns=["A", "B", "C", "D", "E"],
+    ... )
+    >>> image = np.full((120, 110, 3), 200, np.uint8)
+    >>> sdata = bs.io.read_st(image, counts, spots, sample_id="S1")
+    >>> sdata.tables["table"].n_obs, bs._sdata.get_mpp(sdata, "he")
+    (12, 10.0)
+    >>> bs._sdata.mpp_source(sdata, "he")
+    'estimated from array pitch (200 µm), fit over 12 spots (RMS residual 0.0 µm)'
     """
     counts_df, counts_name = _read_counts(counts)
     spots_df = _read_spots(spots)

@@ -155,9 +155,11 @@ def cells(
     Examples
     --------
     >>> import bitro_sc as bs
-    >>> sdata = bs.datasets.synthetic(kind="visium", seed=0)  # doctest: +SKIP
-    >>> bs.tl.segment(sdata)  # doctest: +SKIP
-    >>> bs.pl.cells(sdata, color="area_um2", crop_um=(0, 0, 300, 300))  # doctest: +SKIP
+    >>> sdata = bs.datasets.synthetic(kind="visium", size_um=250, seed=0)
+    >>> bs.tl.segment(sdata, progress=False)
+    >>> ax = bs.pl.cells(sdata, color="area_um2", crop_um=(0, 0, 200, 200))
+    >>> type(ax).__name__
+    'Axes'
     """
     import matplotlib as mpl
     import matplotlib.pyplot as plt

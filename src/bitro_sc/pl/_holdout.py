@@ -47,8 +47,17 @@ def holdout(
 
     Examples
     --------
-    >>> res = bs.tl.holdout(slides, test=["S2"], truths=truths)  # doctest: +SKIP
-    >>> bs.pl.holdout(res, save="holdout.png")  # doctest: +SKIP
+    >>> import bitro_sc as bs
+    >>> slides = bs.datasets.synthetic(3, kind="visium", size_um=250, seed=0)
+    >>> for s in slides:
+    ...     bs.tl.segment(s, progress=False)
+    >>> bs.tl.cell_features(slides, progress=False)
+    >>> for s in slides:
+    ...     bs.tl.assign_cells(s)
+    >>> res = bs.tl.holdout(slides, test=["S2"], methods=("ridge", "mean"), top_hvg=20, progress=False)
+    >>> fig = bs.pl.holdout(res)
+    >>> type(fig).__name__
+    'Figure'
     """
     import matplotlib.pyplot as plt
 

@@ -78,9 +78,17 @@ def fit_baseline(
 
     Examples
     --------
-    >>> import bitro_sc as bs  # doctest: +SKIP
-    >>> model = bs.tl.fit_baseline(train_slides, method="ridge")  # doctest: +SKIP
-    >>> bs.tl.predict_bitro(test_slide, model)  # doctest: +SKIP
+    >>> import bitro_sc as bs
+    >>> *train_slides, test_slide = bs.datasets.synthetic(3, kind="visium", size_um=250, seed=0)
+    >>> for s in [*train_slides, test_slide]:
+    ...     bs.tl.segment(s, progress=False)
+    >>> bs.tl.cell_features([*train_slides, test_slide], progress=False)
+    >>> for s in [*train_slides, test_slide]:
+    ...     bs.tl.assign_cells(s)
+    >>> model = bs.tl.fit_baseline(train_slides, method="ridge", n_top_genes=20)
+    >>> bs.tl.predict_bitro(test_slide, model)
+    >>> test_slide.tables["table"].layers["bitro"].shape
+    (4, 200)
     """
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")

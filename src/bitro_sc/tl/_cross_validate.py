@@ -96,12 +96,15 @@ def cross_validate(
     Examples
     --------
     >>> import bitro_sc as bs
-    >>> slides = bs.datasets.synthetic(3, kind="visium", size_um=600)  # doctest: +SKIP
-    >>> for s in slides:  # doctest: +SKIP
-    ...     bs.tl.segment(s); bs.tl.cell_features(s); bs.tl.assign_cells(s); bs.tl.cell_graph(s)
-    >>> bs.tl.phenotypes(slides)  # doctest: +SKIP
-    >>> df = bs.tl.cross_validate(slides, methods=("ridge", "mean"))  # doctest: +SKIP
-    >>> df.attrs["summary"]  # doctest: +SKIP
+    >>> slides = bs.datasets.synthetic(3, kind="visium", size_um=250, seed=0)
+    >>> for s in slides:
+    ...     bs.tl.segment(s, progress=False)
+    >>> bs.tl.cell_features(slides, progress=False)
+    >>> for s in slides:
+    ...     bs.tl.assign_cells(s)
+    >>> df = bs.tl.cross_validate(slides, methods=("ridge", "mean"), top_hvg=20, progress=False)
+    >>> sorted(df.attrs["summary"])
+    ['mean', 'ridge']
     """
     import anndata as ad
     from tqdm.auto import tqdm

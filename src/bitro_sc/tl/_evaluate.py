@@ -172,9 +172,18 @@ def evaluate(
 
     Examples
     --------
-    >>> bs.tl.predict_bitro(test_slide, model)  # doctest: +SKIP
-    >>> df = bs.tl.evaluate(test_slide)  # doctest: +SKIP
-    >>> df.attrs["hest_score"]  # doctest: +SKIP
+    >>> import bitro_sc as bs
+    >>> *train_slides, test_slide = bs.datasets.synthetic(3, kind="visium", size_um=250, seed=0)
+    >>> for s in [*train_slides, test_slide]:
+    ...     bs.tl.segment(s, progress=False)
+    >>> bs.tl.cell_features([*train_slides, test_slide], progress=False)
+    >>> for s in [*train_slides, test_slide]:
+    ...     bs.tl.assign_cells(s)
+    >>> model = bs.tl.fit_baseline(train_slides, method="ridge", n_top_genes=20)
+    >>> bs.tl.predict_bitro(test_slide, model)
+    >>> df = bs.tl.evaluate(test_slide)
+    >>> len(df), -1.0 <= df.attrs["hest_score"] <= 1.0
+    (20, True)
     """
     level = _sdata.check_level(level, K.FIT_LEVELS)  # type: ignore[assignment]
     table, stores = _collect_tables(sdata, level, table_key)

@@ -172,8 +172,18 @@ def prediction_table(
 
     Examples
     --------
-    >>> light = bs.tl.prediction_table(model, test_slide, key_added="ridge")  # doctest: +SKIP
-    >>> bs.tl.evaluate(light, layer="ridge", store=False)  # doctest: +SKIP
+    >>> import bitro_sc as bs
+    >>> *train_slides, test_slide = bs.datasets.synthetic(3, kind="visium", size_um=250, seed=0)
+    >>> for s in [*train_slides, test_slide]:
+    ...     bs.tl.segment(s, progress=False)
+    >>> bs.tl.cell_features([*train_slides, test_slide], progress=False)
+    >>> for s in [*train_slides, test_slide]:
+    ...     bs.tl.assign_cells(s)
+    >>> model = bs.tl.fit_baseline(train_slides, method="ridge", n_top_genes=20)
+    >>> light = bs.tl.prediction_table(model, test_slide, key_added="ridge")
+    >>> df = bs.tl.evaluate(light, layer="ridge", store=False)
+    >>> len(df), "ridge" in test_slide.tables["table"].layers
+    (20, False)
     """
     import anndata as ad
 
@@ -326,8 +336,16 @@ def holdout(
 
     Examples
     --------
-    >>> res = bs.tl.holdout(slides, test=["S2"], methods=("ridge", "mean"))  # doctest: +SKIP
-    >>> res.summary()  # doctest: +SKIP
+    >>> import bitro_sc as bs
+    >>> slides = bs.datasets.synthetic(3, kind="visium", size_um=250, seed=0)
+    >>> for s in slides:
+    ...     bs.tl.segment(s, progress=False)
+    >>> bs.tl.cell_features(slides, progress=False)
+    >>> for s in slides:
+    ...     bs.tl.assign_cells(s)
+    >>> res = bs.tl.holdout(slides, test=["S2"], methods=("ridge", "mean"), top_hvg=20, progress=False)
+    >>> sorted(res.summary().index)
+    ['mean', 'ridge']
     """
     import anndata as ad
 

@@ -74,8 +74,18 @@ def predict_bitro(
 
     Examples
     --------
-    >>> bs.tl.predict_bitro(test_slide, model, level="cell")  # doctest: +SKIP
-    >>> test_slide.tables["cells"].to_df(layer="bitro")  # doctest: +SKIP
+    >>> import bitro_sc as bs
+    >>> *train_slides, test_slide = bs.datasets.synthetic(3, kind="visium", size_um=250, seed=0)
+    >>> for s in [*train_slides, test_slide]:
+    ...     bs.tl.segment(s, progress=False)
+    >>> bs.tl.cell_features([*train_slides, test_slide], progress=False)
+    >>> for s in [*train_slides, test_slide]:
+    ...     bs.tl.assign_cells(s)
+    >>> model = bs.tl.fit_baseline(train_slides, method="ridge", n_top_genes=20)
+    >>> bs.tl.predict_bitro(test_slide, model, level="cell")
+    >>> cells = test_slide.tables["cells"].to_df(layer="bitro")
+    >>> len(cells) == test_slide.tables["cells"].n_obs, bool((cells.to_numpy() >= 0).all())
+    (True, True)
     """
     _sdata.check_level(level, K.PREDICT_LEVELS)
     if not isinstance(model, ExpressionModel):

@@ -190,9 +190,11 @@ def segment(
     Examples
     --------
     >>> import bitro_sc as bs
-    >>> sdata = bs.datasets.synthetic(kind="visium", seed=0)  # doctest: +SKIP
-    >>> bs.tl.segment(sdata)  # doctest: +SKIP
-    >>> sdata.tables["cells"].obs[["x_um", "y_um", "area_um2"]].head()  # doctest: +SKIP
+    >>> sdata = bs.datasets.synthetic(kind="visium", size_um=250, seed=0)
+    >>> bs.tl.segment(sdata, progress=False)
+    >>> cells = sdata.tables["cells"].obs[["x_um", "y_um", "area_um2"]]
+    >>> len(cells) > 50, bool((cells["area_um2"] > 0).all())
+    (True, True)
     """
     image_key = _sdata.resolve_image_key(sdata, image_key)
     arr = _sdata.get_image(sdata, image_key).transpose("c", "y", "x")
