@@ -70,8 +70,9 @@ def case_spot(seed: int = 0) -> dict[str, float]:
     import torch
 
     from bitro_sc.models import ModelParams, TrainParams
+    from bitro_sc.models._bags import SpotSet
     from bitro_sc.models._net import BiTroNet
-    from bitro_sc.models._train import SpotSet, train
+    from bitro_sc.models._train import train
 
     slide = _slide_cells(1536 * 30, seed, spots=True)
     n_spots = int(slide.spot_index.max()) + 1
@@ -106,8 +107,9 @@ def case_slide(n_cells: int, seed: int = 0) -> dict[str, float]:
     import torch
 
     from bitro_sc.models import ModelParams
+    from bitro_sc.models._bags import BulkSlide
     from bitro_sc.models._net import BiTroNet
-    from bitro_sc.models._train import BulkSlide, slide_step
+    from bitro_sc.models._slide import slide_step
 
     t0 = time.perf_counter()
     slide = _slide_cells(n_cells, seed, spots=False)

@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ._net import BiTroNet
     from ._params import TrainParams
 
-__all__ = ["BulkSlide", "SpotSet", "bag_predictions", "bag_targets", "slide_step", "spot_values", "train"]
+__all__ = ["bag_predictions", "bag_targets", "spot_values", "train"]
 
 
 def spot_values(
