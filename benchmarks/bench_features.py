@@ -59,31 +59,31 @@ def _read_section(section: str):
     )
 
 
+def image_of(sdata):
+    """The full-resolution ``(c, y, x)`` H&E of a slide (the first level of a pyramid)."""
+    import spatialdata as sd
+
+    return sd.get_pyramid_levels(sdata.images["he"], n=0)
+
+
 def _crop_slide(section: str, crop_px: int):
     """A ``crop_px``² crop of the section centred on its tissue spots, as a SpatialData at the same mpp."""
     from spatialdata import SpatialData
     from spatialdata.models import Image2DModel
 
     import bitro_sc as bs
-    from bitro_sc import _keys as K
-    from bitro_sc import _sdata
 
     full = _read_section(section)
-    mpp = _sdata.get_mpp(full, K.IMAGE)
-    image = _sdata.get_image(full, K.IMAGE)
-    spots = full.tables[K.TABLE]
-    xy = np.asarray(spots.obsm[K.SPATIAL])[spots.obs[K.IN_TISSUE].to_numpy().astype(bool)]
+    mpp = bs.get_mpp(full, "he")
+    image = image_of(full)
+    spots = full.tables["table"]
+    xy = np.asarray(spots.obsm["spatial"])[spots.obs["in_tissue"].to_numpy().astype(bool)]
     cx, cy = np.median(xy, axis=0).round().astype(int)
     y0 = int(np.clip(cy - crop_px // 2, 0, image.sizes["y"] - crop_px))
     x0 = int(np.clip(cx - crop_px // 2, 0, image.sizes["x"] - crop_px))
     arr = np.asarray(image.data[:, y0 : y0 + crop_px, x0 : x0 + crop_px])
-    crop = SpatialData(
-        images={
-            K.IMAGE: Image2DModel.parse(
-                arr, dims=("c", "y", "x"), transformations=_sdata.micron_transformations(mpp)
-            )
-        }
-    )
+    crop = SpatialData(images={"he": Image2DModel.parse(arr, dims=("c", "y", "x"))})
+    bs.set_mpp(crop, "he", mpp, source="crop of the HER2ST section")
     bs.tl.segment(crop, tissue=False, progress=False)
     return crop, mpp, (y0, x0)
 
@@ -122,21 +122,19 @@ def _warm_up() -> None:
 
 def bench_speed(section: str, crop_px: int, n_squidpy: int, seed: int) -> dict:
     import bitro_sc as bs
-    from bitro_sc import _keys as K
-    from bitro_sc import _sdata
 
     crop, mpp, origin = _crop_slide(section, crop_px)
     _warm_up()
-    n_cells = crop.tables[K.CELLS].n_obs
+    n_cells = crop.tables["cells"].n_obs
     t = time.perf_counter()
     bs.tl.cell_features(crop, fov_um=FOV_UM, progress=False)
     ours_s = time.perf_counter() - t
 
-    obs = crop.tables[K.CELLS].obs
+    obs = crop.tables["cells"].obs
     rng = np.random.default_rng(seed)
     subset = np.sort(rng.choice(n_cells, size=min(n_squidpy, n_cells), replace=False))
-    rgb = np.moveaxis(np.asarray(_sdata.get_image(crop, K.IMAGE)), 0, -1)
-    xy = obs[[K.X_PX, K.Y_PX]].to_numpy()[subset]
+    rgb = np.moveaxis(np.asarray(image_of(crop)), 0, -1)
+    xy = obs[["x_px", "y_px"]].to_numpy()[subset]
     _, sq_s = _squidpy_features(rgb, xy, FOV_UM / mpp)
     _, sq_summary_s = _squidpy_features(rgb, xy, FOV_UM / mpp, ("summary",))
     return {
@@ -161,27 +159,25 @@ def bench_quality(seed: int) -> dict:
     from sklearn.preprocessing import StandardScaler
 
     import bitro_sc as bs
-    from bitro_sc import _keys as K
-    from bitro_sc import _sdata
 
     sdata, truth = bs.datasets.synthetic(size_um=800.0, seed=seed, return_truth=True)
     bs.tl.segment(sdata, progress=False)
     bs.tl.cell_features(sdata, fov_um=FOV_UM, progress=False)
-    obs = sdata.tables[K.CELLS].obs
+    obs = sdata.tables["cells"].obs
     lab = np.asarray(truth.labels)
-    yy = np.clip(obs[K.Y_PX].round().astype(int).to_numpy(), 0, lab.shape[0] - 1)
-    xx = np.clip(obs[K.X_PX].round().astype(int).to_numpy(), 0, lab.shape[1] - 1)
+    yy = np.clip(obs["y_px"].round().astype(int).to_numpy(), 0, lab.shape[0] - 1)
+    xx = np.clip(obs["x_px"].round().astype(int).to_numpy(), 0, lab.shape[1] - 1)
     true_id = lab[yy, xx]
     matched = true_id > 0
-    types = truth.cells.set_index(K.CELL_ID).loc[true_id[matched], "cell_type"].astype(str).to_numpy()
+    types = truth.cells.set_index("cell_id").loc[true_id[matched], "cell_type"].astype(str).to_numpy()
     keep_types = pd.Series(types).value_counts()
     keep_types = keep_types[keep_types >= 10].index
     sel = np.isin(types, keep_types)
     y = types[sel]
-    ours = sdata.tables[K.CELLS].obsm[K.FEATURES][matched][sel]
-    rgb = np.moveaxis(np.asarray(_sdata.get_image(sdata, K.IMAGE)), 0, -1)
-    mpp = _sdata.get_mpp(sdata, K.IMAGE)
-    xy = obs[[K.X_PX, K.Y_PX]].to_numpy()[matched][sel]
+    ours = sdata.tables["cells"].obsm["X_bitro"][matched][sel]
+    rgb = np.moveaxis(np.asarray(image_of(sdata)), 0, -1)
+    mpp = bs.get_mpp(sdata, "he")
+    xy = obs[["x_px", "y_px"]].to_numpy()[matched][sel]
     theirs, _ = _squidpy_features(rgb, xy, FOV_UM / mpp)
     theirs = np.nan_to_num(theirs)
     cv = StratifiedKFold(5, shuffle=True, random_state=seed)
@@ -234,14 +230,19 @@ def bench_whole(section: str) -> dict:
 def bench_graph(n: int, seed: int) -> dict:
     """Cell graph of ``n`` random cells (2,500 per mm²): bitro_sc's KD-tree builder vs squidpy's."""
     import anndata as ad
+    import pandas as pd
+    import spatialdata as sd
     import squidpy as sq
 
-    from bitro_sc.tl._graph import knn_graph, radius_graph
+    import bitro_sc as bs
 
     side = float(np.sqrt(n / 2500.0) * 1000.0)
     xy = np.random.default_rng(seed).uniform(0, side, (n, 2))
     ref = ad.AnnData(shape=(n, 0))
     ref.obsm["spatial"] = xy
+    # a cells table as bs.tl.segment writes it (centroids in µm), for the public bs.tl.cell_graph
+    cells = ad.AnnData(obs=pd.DataFrame({"x_um": xy[:, 0], "y_um": xy[:, 1]}, index=np.arange(n).astype(str)))
+    ours = sd.SpatialData(tables={"cells": cells})
 
     def clock(fn) -> float:
         t = time.process_time()
@@ -250,9 +251,9 @@ def bench_graph(n: int, seed: int) -> dict:
 
     return {
         "n": n,
-        "ours_knn": clock(lambda: knn_graph(xy, 8)),
+        "ours_knn": clock(lambda: bs.tl.cell_graph(ours, k=8, overwrite=True)),
         "squidpy_knn": clock(lambda: sq.gr.spatial_neighbors_knn(ref, n_neighs=8)),
-        "ours_radius": clock(lambda: radius_graph(xy, 30.0)),
+        "ours_radius": clock(lambda: bs.tl.cell_graph(ours, radius_um=30.0, overwrite=True)),
         "squidpy_radius": clock(lambda: sq.gr.spatial_neighbors_radius(ref, radius=30.0)),
     }
 

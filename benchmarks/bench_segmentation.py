@@ -46,18 +46,12 @@ def slide_from_rgb(rgb: np.ndarray, mpp: float):
     import spatialdata as sd
     from spatialdata.models import Image2DModel
 
-    from bitro_sc import _sdata
+    import bitro_sc as bs
 
-    return sd.SpatialData(
-        images={
-            "he": Image2DModel.parse(
-                np.moveaxis(rgb, -1, 0),
-                dims=("c", "y", "x"),
-                chunks=(3, 4096, 4096),
-                transformations=_sdata.micron_transformations(mpp),
-            )
-        }
-    )
+    image = Image2DModel.parse(np.moveaxis(rgb, -1, 0), dims=("c", "y", "x"), chunks=(3, 4096, 4096))
+    sdata = sd.SpatialData(images={"he": image})
+    bs.set_mpp(sdata, "he", mpp, source="benchmark")
+    return sdata
 
 
 def match_f1(truth: np.ndarray, pred: np.ndarray, *, iou: float = 0.5) -> tuple[float, float, float]:
@@ -109,13 +103,11 @@ def save_figure(section: str, path: Path, *, y0: int = 5150, x0: int = 4600, siz
     import matplotlib.pyplot as plt
     from skimage.segmentation import find_boundaries
 
-    from bitro_sc import _keys as K
-
     rgb = load_rgb(section)
     pad = 100  # segment with context, show the centre
     crop = np.ascontiguousarray(rgb[y0 - pad : y0 + size + pad, x0 - pad : x0 + size + pad])
     sdata, _ = ours_segment(crop, HER2ST_MPP, tissue=False)
-    lab = np.asarray(sdata.labels[K.CELL_LABELS])[pad:-pad, pad:-pad]
+    lab = np.asarray(sdata.labels["cell_labels"])[pad:-pad, pad:-pad]
     view = crop[pad:-pad, pad:-pad]
     over = view.copy()
     over[find_boundaries(lab, mode="inner")] = (0, 230, 0)
@@ -156,7 +148,6 @@ def main() -> None:
     args = ap.parse_args()
 
     import bitro_sc as bs
-    from bitro_sc import _keys as K
 
     lines: list[str] = []
 
@@ -190,7 +181,7 @@ def main() -> None:
         t0 = time.perf_counter()
         bs.tl.segment(sdata, progress=False)
         dt = time.perf_counter() - t0
-        n = sdata.tables[K.CELLS].n_obs
+        n = sdata.tables["cells"].n_obs
         area = tissue_area_mm2(sdata)
         h, w = sdata.images["he"].shape[1:]
         say(
@@ -217,12 +208,12 @@ def main() -> None:
         for sec in args.density:
             rgb = load_rgb(sec)
             sdata, dt = ours_segment(rgb, HER2ST_MPP)
-            obs = sdata.tables[K.CELLS].obs
+            obs = sdata.tables["cells"].obs
             n = len(obs)
             area = tissue_area_mm2(sdata)
             spots = pd.read_csv(data_dir() / f"{sec}_selection.tsv", sep="\t")
             spots = spots[spots["selected"] == 1][["pixel_x", "pixel_y"]].to_numpy()
-            tree = cKDTree(obs[[K.X_PX, K.Y_PX]].to_numpy())
+            tree = cKDTree(obs[["x_px", "y_px"]].to_numpy())
             per_spot = np.array([len(v) for v in tree.query_ball_point(spots, r=50.0 / HER2ST_MPP)])
             say(
                 f"| {sec} | {rgb.shape[0] * rgb.shape[1] / 1e6:.1f} | {area:.2f} | {n} "
@@ -258,7 +249,7 @@ def main() -> None:
         for name, kw in configs.items():
             sdata, dt = ours_segment(crop, HER2ST_MPP, **kw)
             times[name].append(dt)
-            counts[name] = sdata.tables[K.CELLS].n_obs
+            counts[name] = sdata.tables["cells"].n_obs
             del sdata
             say(f"repeat {r}: {name} {dt:.2f} s ({counts[name]} nuclei)")
         if not args.no_squidpy:
@@ -299,7 +290,7 @@ def main() -> None:
             cells = []
             for kw in configs.values():
                 bs.tl.segment(sdata, progress=False, write_labels=True, overwrite=True, **kw)
-                f = match_f1(truth.labels, np.asarray(sdata.labels[K.CELL_LABELS]))
+                f = match_f1(truth.labels, np.asarray(sdata.labels["cell_labels"]))
                 cells.append(f"{f[0]:.3f} ({f[1]:.3f} / {f[2]:.3f})")
             if not args.no_squidpy:
                 img = np.moveaxis(np.asarray(sdata.images["he"]), 0, -1)

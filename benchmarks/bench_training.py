@@ -6,7 +6,7 @@ Python process: interpreter, torch, data and model) is measured alone.
 - ``spot``: the reference BiTro setting: batches of 128 spots × ~30 cells, 128-d cell features,
   785 genes, default :class:`~bitro_sc.models.ModelParams` (2 GAT + 2 Transformer layers; hidden 64
   since 2026-11-30 08:40, 128 before),
-  AdamW. One epoch of ``bitro_sc.models._train.train`` over 1,280 spots (10 steps) after a warm-up
+  AdamW. One epoch of ``bitro_sc.models.train`` over 1,280 spots (10 steps) after a warm-up
   epoch; reported as spots per second. Reference BiTro code: 61 spots/s, 2.35 GB peak.
 - ``slide``: one training step on a whole slide as one bag (exact chunked gradient, 256-cell
   attention chunks, kNN graph k=8), 128-d features, 785 genes. Reference BiTro code: out of memory
@@ -41,8 +41,10 @@ def _peak_rss_gib() -> float:
 
 
 def _slide_cells(n_cells: int, seed: int, *, spots: bool):
-    from bitro_sc.datasets._toy import graph_knn
-    from bitro_sc.models._bags import SlideCells
+    from scipy import sparse
+    from scipy.spatial import cKDTree
+
+    from bitro_sc.models import SlideCells
 
     rng = np.random.default_rng(seed)
     if spots:  # ~30 cells inside each spot (55 µm diameter) of a 100 µm grid
@@ -62,17 +64,17 @@ def _slide_cells(n_cells: int, seed: int, *, spots: bool):
         spot = np.full(n_cells, -1)
     n = xy.shape[0]
     feats = rng.standard_normal((n, N_FEATURES), dtype=np.float32)
-    conn, _ = graph_knn(xy, k=8)
+    _, nbr = cKDTree(xy).query(xy, k=9)  # kNN graph, k=8 (column 0 is the cell itself)
+    rows, cols = np.repeat(np.arange(n), 8), nbr[:, 1:].ravel()
+    conn = sparse.csr_matrix((np.ones(n * 8, np.float32), (rows, cols)), shape=(n, n))
+    conn = conn.maximum(conn.T).tocsr()
     return SlideCells(feats, rng.integers(1, 9, n), xy, conn, spot.astype(np.int64))
 
 
 def case_spot(seed: int = 0) -> dict[str, float]:
     import torch
 
-    from bitro_sc.models import ModelParams, TrainParams
-    from bitro_sc.models._bags import SpotSet
-    from bitro_sc.models._net import BiTroNet
-    from bitro_sc.models._train import train
+    from bitro_sc.models import BiTroNet, ModelParams, SpotSet, TrainParams, train
 
     slide = _slide_cells(1536 * 30, seed, spots=True)
     n_spots = int(slide.spot_index.max()) + 1
@@ -106,10 +108,7 @@ def case_spot(seed: int = 0) -> dict[str, float]:
 def case_slide(n_cells: int, seed: int = 0) -> dict[str, float]:
     import torch
 
-    from bitro_sc.models import ModelParams
-    from bitro_sc.models._bags import BulkSlide
-    from bitro_sc.models._net import BiTroNet
-    from bitro_sc.models._slide import slide_step
+    from bitro_sc.models import BiTroNet, BulkSlide, ModelParams, slide_step
 
     t0 = time.perf_counter()
     slide = _slide_cells(n_cells, seed, spots=False)

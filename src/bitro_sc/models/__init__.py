@@ -10,6 +10,11 @@ Public names load lazily (``import bitro_sc.models`` does not import torch):
 - :class:`DataKeys` — where a model reads a slide (tables, features, phenotype, spot id, graph);
 - :class:`ExpressionModel` — the protocol ``bs.tl.predict_bitro`` accepts (BiTro, baselines).
 
+The low-level layer, for custom training loops and benchmarks: :class:`BiTroNet` (the network),
+:class:`SlideCells` (one slide's cells: features, phenotypes, µm positions, graph, spot index),
+:class:`SpotSet` / :class:`BulkSlide` (spot bags / a whole slide with its targets),
+:func:`train` (the spot training loop) and :func:`slide_step` (one exact whole-slide step).
+
 Modules: ``_params`` (knobs, keys), ``_data`` (slides → cell arrays and bags), ``_bags`` (bags →
 PyG batches), ``_net`` (the network, pooling), ``_slide`` (whole slides: chunked exact gradient),
 ``_train`` (spot loop, training loop), ``_split`` (validation split, genes), ``_start`` (fresh
@@ -31,6 +36,11 @@ _EXPORTS = {
     "TrainParams": "_params",
     "ExpressionModel": "_protocol",
     "BiTroNet": "_net",
+    "SlideCells": "_bags",
+    "SpotSet": "_bags",
+    "BulkSlide": "_bags",
+    "train": "_train",
+    "slide_step": "_slide",
 }
 
 __getattr__, __dir__, __all__ = attach(__name__, _EXPORTS)
