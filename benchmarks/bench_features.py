@@ -62,8 +62,10 @@ def _read_section(section: str):
 def image_of(sdata):
     """The full-resolution ``(c, y, x)`` H&E of a slide (the first level of a pyramid)."""
     import spatialdata as sd
+    import xarray as xr
 
-    return sd.get_pyramid_levels(sdata.images["he"], n=0)
+    image = sdata.images["he"]
+    return sd.get_pyramid_levels(image, n=0) if isinstance(image, xr.DataTree) else image
 
 
 def _crop_slide(section: str, crop_px: int):
