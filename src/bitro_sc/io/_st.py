@@ -10,13 +10,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from .._validate import check_mpp, check_um
 from ._common import (
     check_file,
     integer_counts,
     rgb_uint8,
     spot_sdata,
     strip_suffixes,
-    unique_gene_names,
+    gene_names,
 )
 from ._wsi import read_image_file
 
@@ -111,8 +112,10 @@ def read_st(
     spots_df = _read_spots(spots)
     if sample_id is None:
         sample_id = re.sub(r"[_\-.]?(counts?|stdata)$", "", strip_suffixes(counts_name), flags=re.I) or "st"
-    if not spot_diameter_um > 0:
-        raise ValueError(f"`spot_diameter_um` must be positive, got {spot_diameter_um!r}.")
+    spot_diameter_um = check_um(spot_diameter_um, "spot_diameter_um")
+    array_pitch_um = check_um(array_pitch_um, "array_pitch_um")
+    if mpp is not None:
+        mpp = check_mpp(mpp)
 
     # join by array position
     pos = _parse_positions(counts_df.index)
@@ -141,7 +144,7 @@ def read_st(
         )
     sel = sel[np.asarray(shared)]
     names = sel_names[np.asarray(shared)]
-    genes = unique_gene_names(counts_df.columns)
+    genes = gene_names(counts_df.columns)
     values = counts_df.loc[names]
     non_numeric = [c for c, t in values.dtypes.items() if not pd.api.types.is_numeric_dtype(t)]
     if non_numeric:
@@ -154,13 +157,13 @@ def read_st(
     # pixel size
     if mpp is None:
         mpp, n_fit, rms_um = estimate_mpp_from_grid(spots_df, pitch_um=array_pitch_um)
+        mpp = check_mpp(mpp, name="pixel size estimated from the spot grid")
         source = (
             f"estimated from array pitch ({array_pitch_um:g} µm), fit over {n_fit} spots "
             f"(RMS residual {rms_um:.1f} µm)"
         )
     else:
-        if not mpp > 0:
-            raise ValueError(f"`mpp` must be a positive number of µm per pixel, got {mpp!r}.")
+        mpp = check_mpp(mpp)
         source = "user"
     img = _read_rgb(image)
     xy = sel[["pixel_x", "pixel_y"]].to_numpy(dtype=np.float64)
@@ -214,6 +217,10 @@ def _read_counts(counts: str | Path | pd.DataFrame) -> tuple[pd.DataFrame, str]:
     p = check_file(counts, what="ST counts")
     sep = "," if ".csv" in p.name.lower() else "\t"
     df = pd.read_csv(p, sep=sep, index_col=0)
+    # pandas renames duplicated headers ("A", "A.1"); restore them so that duplicates are summed
+    header = pd.read_csv(p, sep=sep, header=None, nrows=1, dtype=str, keep_default_na=False).iloc[0]
+    if len(header) == df.shape[1] + 1:
+        df.columns = [str(c) for c in header.iloc[1:]]
     if df.shape[1] == 0:
         raise ValueError(f"The counts file {str(p)!r} has no gene columns; is it {sep!r}-separated?")
     return df, p.name
