@@ -81,9 +81,23 @@ def get_image(sdata: SpatialData, image_key: str, *, scale: str | None = None) -
         arr = element
     if "c" not in arr.dims or arr.sizes["c"] != 3:
         n = arr.sizes.get("c", 1)
+        sizes = {d: int(arr.sizes[d]) for d in arr.dims}
+        swapped = [d for d in ("y", "x") if sizes.get(d) in (3, 4)]
+        hint = (
+            f" Its axes look swapped ({sizes}): the image was parsed channel-last as (c, y, x). Parse it "
+            "with `Image2DModel.parse(img, dims=('y', 'x', 'c'))`."
+            if swapped
+            else " Convert it with `bs.io.to_rgb_uint8` (drops an alpha channel, refuses greyscale) and "
+            "parse it again."
+        )
         raise ValueError(
-            f"Image {image_key!r} has {n} channel(s); an RGB H&E image with 3 channels is needed. "
-            "Convert it (e.g. drop an alpha channel) before calling this function."
+            f"Image {image_key!r} has {n} channel(s); an RGB H&E image with 3 channels is needed.{hint}"
+        )
+    if arr.dtype != "uint8":
+        raise ValueError(
+            f"Image {image_key!r} has pixel type {arr.dtype}; bitro_sc works on RGB uint8. Convert it: "
+            "`Image2DModel.parse(bs.io.to_rgb_uint8(img), dims=('y', 'x', 'c'))` (scales 8-/12-/16-bit and "
+            "[0, 1] / [0, 255] float images correctly), or read the slide with `bs.io.read_*`, which does it."
         )
     return arr
 
@@ -94,10 +108,10 @@ def get_mpp(sdata: SpatialData, element_key: str, mpp: float | None = None) -> f
     ``mpp`` given explicitly wins (and must be positive). Otherwise it is read from the element's
     transformation to the micron coordinate system. Never guessed.
     """
+    from ._validate import check_mpp
+
     if mpp is not None:
-        if not mpp > 0:
-            raise ValueError(f"`mpp` must be a positive number of µm per pixel, got {mpp!r}.")
-        return float(mpp)
+        return check_mpp(mpp)
     from spatialdata.transformations import get_transformation
 
     element = sdata[element_key]
@@ -115,15 +129,16 @@ def get_mpp(sdata: SpatialData, element_key: str, mpp: float | None = None) -> f
     if to_px is not None:  # an element stored at a coarser level: µm per *full-resolution* pixel
         px_matrix = to_px.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
         sx /= float((px_matrix[0, 0] ** 2 + px_matrix[1, 0] ** 2) ** 0.5)
-    return sx
+    return check_mpp(sx, name=f"pixel size of {element_key!r} (its transformation to {K.MICRON_CS!r})")
 
 
 def set_mpp(sdata: SpatialData, element_key: str, mpp: float, *, source: str) -> None:
     """Record the pixel size of ``element_key`` (an image in full-resolution pixels) and its source."""
     from spatialdata.transformations import set_transformation
 
-    if not mpp > 0:
-        raise ValueError(f"`mpp` must be a positive number of µm per pixel, got {mpp!r}.")
+    from ._validate import check_mpp
+
+    mpp = check_mpp(mpp)
     for cs, t in micron_transformations(float(mpp)).items():
         set_transformation(sdata[element_key], t, to_coordinate_system=cs)
     _attrs(sdata).setdefault("mpp_source", {})[element_key] = source
@@ -150,13 +165,78 @@ def set_slide_info(
         a[K.PATIENT_ID] = str(patient_id)
 
 
-def check_free(sdata: SpatialData, key: str, *, overwrite: bool = False, what: str = "element") -> None:
-    """Fail unless ``key`` is unused in ``sdata`` or ``overwrite=True``."""
-    if key in sdata and not overwrite:
+def check_free(
+    sdata: SpatialData,
+    key: str,
+    *,
+    overwrite: bool = False,
+    what: str = "element",
+    writer: str | None = None,
+    exists: bool | None = None,
+) -> None:
+    """Fail unless ``key`` may be written by ``writer``: it is unused, ``writer`` wrote it before
+    (a re-run replaces its own output), or ``overwrite=True``.
+
+    ``key`` is an element name, or a part of a table made by :func:`part_key` (``"cells/obs/spot_id"``);
+    ``exists`` says whether that part is there (default: ``key in sdata``). Who wrote what is read
+    from :func:`written_by`. Keys reserved by spatialdata (:data:`RESERVED_UNS`) are refused always.
+    """
+    name = key.rsplit("/", 1)[-1]
+    if "/uns/" in key and name in RESERVED_UNS:
         raise ValueError(
-            f"SpatialData already has an {what} {key!r}. Pass `overwrite=True` to replace it, "
-            "or choose another `key_added=`."
+            f"uns[{name!r}] is spatialdata's own metadata of the table and cannot be replaced; choose "
+            "another `key_added=`."
         )
+    present = (key in sdata) if exists is None else exists
+    if not present or overwrite:
+        return
+    owner = written_by(sdata, key)
+    if writer is not None and owner == writer:
+        return
+    by = f"written by `{owner}`" if owner else "not written by bitro_sc (your own data)"
+    raise ValueError(
+        f"SpatialData already has {'an' if what[:1] in 'aeiou' else 'a'} {what} {_describe(key)} ({by}). "
+        f"Pass `overwrite=True` to replace it, or choose another `key_added=`."
+    )
+
+
+#: ``uns`` keys of a table that belong to spatialdata / anndata, never replaced by bitro_sc
+RESERVED_UNS = frozenset({"spatialdata_attrs"})
+
+
+def part_key(table_key: str, slot: str, name: str) -> str:
+    """Provenance key of a part of a table: ``part_key("cells", "obs", "spot_id") == "cells/obs/spot_id"``."""
+    return f"{table_key}/{slot}/{name}"
+
+
+def _describe(key: str) -> str:
+    parts = key.split("/")
+    if len(parts) == 3:
+        return f"tables[{parts[0]!r}].{parts[1]}[{parts[2]!r}]"
+    return repr(key)
+
+
+def written_by(sdata: SpatialData, key: str) -> str | None:
+    """The bitro_sc function that wrote ``key`` (an element name or a :func:`part_key`), or ``None``.
+
+    The record is ``sdata.attrs["bitro_sc"]["written_by"]`` (saved with the zarr store).
+    """
+    record = sdata.attrs.get(K.ATTRS, {}).get(WRITERS, {})
+    value = record.get(key)
+    return None if value is None else str(value)
+
+
+#: ``sdata.attrs["bitro_sc"][WRITERS]``: ``{element or part key: "bs.<module>.<function>"}``
+WRITERS = "written_by"
+
+
+def record_writer(sdata: SpatialData, writer: str, *keys: str) -> None:
+    """Record that ``writer`` wrote ``keys``; parts recorded under a replaced key are forgotten."""
+    record = _attrs(sdata).setdefault(WRITERS, {})
+    for key in keys:
+        for old in [k for k in record if k.startswith(key + "/")]:
+            del record[old]
+        record[key] = writer
 
 
 def require(sdata: SpatialData, key: str, *, kind: str, step: str) -> Any:

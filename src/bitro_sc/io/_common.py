@@ -18,6 +18,7 @@ import pandas as pd
 from .. import _keys as K
 from .. import _sdata
 from .._validate import sum_duplicate_genes
+from .._validate import to_rgb_uint8 as to_rgb_uint8  # public as bs.io.to_rgb_uint8
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
