@@ -192,6 +192,8 @@ def check_expression(table: AnnData, *, what: str, level: str = "spot") -> None:
 
     check_unique_genes(table, what=what)
     check_unique_ids(table, what=what)
+    if level == "spot" and "spot_id" in table.obs:
+        check_unique_ids(table, what=what, column="spot_id")
     raw = get_counts(table)
     where = "layers['counts']" if "counts" in table.layers else "X"
     values = raw.data if sparse.issparse(raw) else np.asarray(raw)
@@ -389,3 +391,36 @@ def _value_range(arr: Any) -> tuple[float, float]:
 
         lo, hi = dask.compute(lo, hi)
     return float(lo), float(hi)
+
+
+# ----------------------------------------------------------------------------------------------
+# training calls
+# ----------------------------------------------------------------------------------------------
+def check_training_tables(
+    slides: Sequence[Any], table_key: str, *, level: str, key_added: str | None = None, overwrite: bool = False
+) -> None:
+    """Check every training table ``table_key`` present on ``slides`` (counts, duplicated genes and
+    ids) and, with ``key_added``, that its run record ``uns[key_added]`` may be written."""
+    from . import _sdata
+
+    for i, s in enumerate(slides):
+        if table_key not in s.tables:
+            continue  # the missing table is reported by the caller, naming the step
+        check_expression(s.tables[table_key], what=f"{table_key!r} table of slide {i}", level=level)
+        if key_added is not None:
+            _sdata.check_table_free(
+                s, table_key, [("uns", key_added)], overwrite=overwrite, writer=_sdata.RECORD_WRITERS
+            )
+
+
+def check_test_ids(slides: Sequence[Any], test: Sequence[Any]) -> None:
+    """Refuse held-out sample ids that match no slide (before any preparation is run)."""
+    from . import _sdata
+
+    ids = _sdata.sample_ids(slides)
+    unknown = [str(t) for t in test if str(t) not in ids]
+    if unknown:
+        raise ValueError(
+            f"Test sample(s) {unknown} are not among the slides' sample ids {ids}. Fix `test = [...]` in "
+            "[params.holdout] (or the slides' `sample_id`) to name held-out slides."
+        )
