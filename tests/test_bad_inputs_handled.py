@@ -12,7 +12,6 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-import spatialdata as sd
 import tifffile
 
 import bitro_sc as bs
@@ -165,8 +164,10 @@ def test_provenance_and_zarr_round_trip_through_write_zarr(tmp_path: Path):
     back = bs.io.read_zarr(bs.io.write_zarr(sdata, tmp_path / "s.zarr"))
     assert back.attrs == sdata.attrs
     assert _sdata.written_by(back, "cells/obs/spot_id") == "bs.tl.assign_cells"
+    from spatialdata.testing import assert_elements_are_identical
+
     for _, name, element in sdata.gen_elements():
-        sd.testing.assert_elements_are_identical(element, back[name], check_transformations=False)
+        assert_elements_are_identical(element, back[name], check_transformations=False)
 
 
 def test_a_store_without_manifest_warns_about_missing_chunks(tmp_path: Path):

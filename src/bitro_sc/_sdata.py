@@ -194,7 +194,7 @@ def check_free(
     owner = written_by(sdata, key)
     if writer is not None and owner in ((writer,) if isinstance(writer, str) else tuple(writer)):
         return
-    by = f"written by `{owner}`" if owner else "not written by bitro_sc (your own data)"
+    by = f"written by `{owner}`" if owner else "not written by bitro_sc: your own data"
     raise ValueError(
         f"SpatialData already has {'an' if what[:1] in 'aeiou' else 'a'} {what} {_describe(key)} ({by}). "
         f"Pass `overwrite=True` to replace it, or choose another `key_added=`."
@@ -491,6 +491,7 @@ def check_table_free(
         if table is not None:
             container = table.obs.columns if slot == "obs" else getattr(table, slot)
             there = name in container
-        check_free(sdata, key, exists=there, overwrite=overwrite, writer=writer, what=slot.rstrip("s") + " entry")
+        what = {"obs": "column", "obsm": "embedding", "obsp": "graph", "layers": "layer"}.get(slot, "record")
+        check_free(sdata, key, exists=there, overwrite=overwrite, writer=writer, what=what)
         keys.append(key)
     return keys

@@ -195,7 +195,7 @@ def check_expression(table: AnnData, *, what: str, level: str = "spot") -> None:
     if level == "spot" and "spot_id" in table.obs:
         check_unique_ids(table, what=what, column="spot_id")
     raw = get_counts(table)
-    where = "layers['counts']" if "counts" in table.layers else "X"
+    where = "(layers['counts'])" if "counts" in table.layers else "(X)"
     values = raw.data if sparse.issparse(raw) else np.asarray(raw)
     if values.dtype.kind not in "biuf":
         raise ValueError(f"The {what} {where} has dtype {values.dtype}; numeric raw counts are needed.")

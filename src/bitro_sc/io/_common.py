@@ -179,7 +179,7 @@ def integer_counts(x: Any, *, what: str, names: Sequence[str] | None = None) -> 
         if frac.any():
             where = first_row(frac)
             raise ValueError(
-                f"The {what} contain non-integer values{where}, e.g. {data[frac][0]!r}; raw integer UMI "
+                f"The {what} contain non-integer values{where}, e.g. {float(data[frac][0]):g}; raw integer UMI "
                 "counts are needed (not normalised or log-transformed values)."
             )
     elif data.dtype.kind not in "iub":

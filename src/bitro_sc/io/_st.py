@@ -122,7 +122,10 @@ def read_st(
     counts_df.index = pd.Index([f"{x}x{y}" for x, y in pos], name=None)
     if not counts_df.index.is_unique:
         dup = counts_df.index[counts_df.index.duplicated()].unique()[:5].tolist()
-        raise ValueError(f"The counts table lists array positions more than once: {dup}.")
+        raise ValueError(
+            f"The counts table lists array positions more than once: {dup}. Each spot must be one row: drop or "
+            "sum the duplicated rows."
+        )
     sel = spots_df
     if "selected" in spots_df.columns:
         sel = spots_df[spots_df["selected"].astype(float) == 1]

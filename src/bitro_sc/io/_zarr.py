@@ -141,8 +141,8 @@ def _warn_missing_chunks(root: Path) -> None:
         ) from err
     if short:
         warnings.warn(
-            f"The zarr store {str(root)!r} has no manifest and lacks chunks of {len(short)} array(s) (e.g. "
-            f"{short[:3]}): zarr skips all-zero chunks, but a lost chunk also reads as zeros. Write stores "
+            f"The zarr store {str(root)!r} has no manifest and lacks chunks of {len(short)} array(s) "
+            f"{short[:20]}{' ...' if len(short) > 20 else ''}: zarr skips all-zero chunks, but a lost chunk also reads as zeros. Write stores "
             "with `bs.io.write_zarr` so that `bs.io.read_zarr` can tell the two apart.",
             UserWarning,
             stacklevel=3,
