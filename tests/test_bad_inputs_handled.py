@@ -86,13 +86,15 @@ def test_read_wsi_reads_a_png_with_its_pixel_size(tmp_path: Path):
     Image.fromarray(np.tile(RGB, (8, 8, 1))).save(tmp_path / "s.png")
     sdata = bs.io.read_wsi(tmp_path / "s.png", mpp=0.5)
     assert _sdata.get_mpp(sdata, "he") == 0.5
-    with pytest.raises(ValueError, match="records no usable pixel size.*mpp="):
+    with pytest.raises(ValueError, match=r"records no usable pixel size.*mpp="):
         bs.io.read_wsi(tmp_path / "s.png")
 
 
 def test_read_st_sums_duplicated_gene_columns(tmp_path: Path):
     grid = [(x, y) for x in range(1, 5) for y in range(1, 4)]
-    spots = pd.DataFrame([{"x": x, "y": y, "pixel_x": 20.0 * x + 5, "pixel_y": 20.0 * y + 7} for x, y in grid])
+    spots = pd.DataFrame(
+        [{"x": x, "y": y, "pixel_x": 20.0 * x + 5, "pixel_y": 20.0 * y + 7} for x, y in grid]
+    )
     counts = pd.DataFrame(
         np.arange(len(grid) * 3).reshape(-1, 3), index=[f"{x}x{y}" for x, y in grid], columns=["A", "B", "A"]
     )
@@ -112,7 +114,8 @@ def test_sum_duplicate_genes_sums_x_and_every_layer():
         layers={"counts": np.array([[1, 0, 1], [0, 1, 0]])},
     )
     b = bs.pp.sum_duplicate_genes(a, warn=False)
-    assert list(b.var_names) == ["A", "B"] and b.var["id"].tolist() == ["e1", "e2"]
+    assert list(b.var_names) == ["A", "B"]
+    assert b.var["id"].tolist() == ["e1", "e2"]
     np.testing.assert_array_equal(b.X, [[4, 2], [10, 5]])
     np.testing.assert_array_equal(b.layers["counts"], [[2, 0], [0, 1]])
     assert bs.pp.sum_duplicate_genes(b) is b  # unique genes: nothing to do
@@ -127,7 +130,9 @@ def test_every_step_can_be_rerun_like_a_notebook_cell():
         bs.tl.assign_cells(sdata)
         bs.tl.cell_graph(sdata, k=4)
     cells = sdata.tables[K.CELLS]
-    assert K.FEATURES in cells.obsm and K.CONNECTIVITIES in cells.obsp and K.SPOT_ID in cells.obs
+    assert K.FEATURES in cells.obsm
+    assert K.CONNECTIVITIES in cells.obsp
+    assert K.SPOT_ID in cells.obs
     assert _sdata.written_by(sdata, "cells/obsm/X_bitro") == "bs.tl.cell_features"
     assert _sdata.written_by(sdata, "cells/obs/spot_id") == "bs.tl.assign_cells"
     assert _sdata.written_by(sdata, "cells/obsp/spatial_connectivities") == "bs.tl.cell_graph"
@@ -155,7 +160,8 @@ def test_cell_level_overwrite_replaces_only_its_own_layer():
     cells = slide.tables[K.CELLS]
     assert set(cells.layers) == {"bitro", "again"}
     np.testing.assert_array_equal(cells.layers["bitro"], first)
-    assert K.FEATURES in cells.obsm and K.PHENOTYPE in cells.obs
+    assert K.FEATURES in cells.obsm
+    assert K.PHENOTYPE in cells.obs
 
 
 def test_provenance_and_zarr_round_trip_through_write_zarr(tmp_path: Path):

@@ -67,16 +67,18 @@ def centroids(labels: np.ndarray) -> set[tuple[float, float]]:
     tile_px=st.integers(MAX_DIAMETER_PX, 200),
     overlap_px=st.integers(MAX_DIAMETER_PX, 40),
 )
-def test_tiling_keeps_every_cell_exactly_once_for_any_tile_size(seed: int, tile_px: int, overlap_px: int) -> None:
+def test_tiling_keeps_every_cell_exactly_once_for_any_tile_size(
+    seed: int, tile_px: int, overlap_px: int
+) -> None:
     rgb, truth = coded_image(seed)
     props, labels = segment_image(
         rgb, decode, mpp=0.5, tile_px=tile_px, overlap_px=overlap_px, return_labels=True, progress=False
     )
     n_true = int(truth.max())
     assert len(props) == n_true
-    assert {(round(y, 6), round(x, 6)) for y, x in zip(props["y_px"], props["x_px"], strict=True)} == centroids(
-        truth
-    )
+    assert {
+        (round(y, 6), round(x, 6)) for y, x in zip(props["y_px"], props["x_px"], strict=True)
+    } == centroids(truth)
     assert labels is not None
     assert np.array_equal(labels > 0, truth > 0)  # every nucleus pixel kept, once
 
@@ -110,7 +112,9 @@ def _slide(cells_um: np.ndarray, spots_px: np.ndarray, radius_px: float, *, mpp:
         instance_key=K.CELL_ID,
     )
     tf = micron_transformations(mpp)
-    shapes = ShapesModel.parse(cells_um / mpp, geometry=0, radius=np.full(n, 3.0), index=ids, transformations=tf)
+    shapes = ShapesModel.parse(
+        cells_um / mpp, geometry=0, radius=np.full(n, 3.0), index=ids, transformations=tf
+    )
     spots = ShapesModel.parse(
         spots_px, geometry=0, radius=np.full(len(spots_px), radius_px), transformations=tf
     )
@@ -138,7 +142,9 @@ def test_spot_assignment_is_invariant_to_cell_order(seed: int, n_cells: int, ord
     xy=st.lists(st.tuples(st.floats(-1e5, 1e5), st.floats(-1e5, 1e5)), min_size=1, max_size=20),
     offset=st.tuples(st.floats(-1e4, 1e4), st.floats(-1e4, 1e4)),
 )
-def test_um_px_conversions_round_trip(mpp: float, xy: list[tuple[float, float]], offset: tuple[float, float]) -> None:
+def test_um_px_conversions_round_trip(
+    mpp: float, xy: list[tuple[float, float]], offset: tuple[float, float]
+) -> None:
     px = np.asarray(xy, dtype=np.float64)
     tf = micron_transformations(mpp, offset_px=offset)
     to_um = tf[K.MICRON_CS].to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
@@ -148,7 +154,9 @@ def test_um_px_conversions_round_trip(mpp: float, xy: list[tuple[float, float]],
     full_px = homog @ to_px.T  # pixels of the full image
     back = np.c_[um[:, :2], np.ones(len(px))] @ np.linalg.inv(to_um).T
     np.testing.assert_allclose(back[:, :2], px, rtol=1e-9, atol=1e-6 * max(1.0, np.abs(px).max()))
-    np.testing.assert_allclose(um[:, :2], full_px[:, :2] * mpp, rtol=1e-9, atol=1e-9 * np.abs(um).max() + 1e-9)
+    np.testing.assert_allclose(
+        um[:, :2], full_px[:, :2] * mpp, rtol=1e-9, atol=1e-9 * np.abs(um).max() + 1e-9
+    )
 
 
 @SETTINGS
@@ -157,6 +165,8 @@ def test_pixel_size_round_trips_through_the_image_element(mpp: float) -> None:
     from spatialdata import SpatialData
     from spatialdata.models import Image2DModel
 
-    sdata = SpatialData(images={"he": Image2DModel.parse(np.zeros((3, 4, 4), np.uint8), dims=("c", "y", "x"))})
+    sdata = SpatialData(
+        images={"he": Image2DModel.parse(np.zeros((3, 4, 4), np.uint8), dims=("c", "y", "x"))}
+    )
     set_mpp(sdata, "he", mpp, source="user")
     assert get_mpp(sdata, "he") == pytest.approx(mpp, rel=1e-12)

@@ -483,7 +483,7 @@ def check_table_free(
     """:func:`check_free` for parts ``(slot, name)`` of ``tables[table_key]`` (slot: ``"obs"``,
     ``"obsm"``, ``"obsp"``, ``"layers"``, ``"uns"``); returns their :func:`part_key` s.
     A missing table has no parts yet."""
-    table = sdata.tables[table_key] if table_key in sdata.tables else None
+    table = sdata.tables.get(table_key)
     keys = []
     for slot, name in parts:
         key = part_key(table_key, slot, name)

@@ -57,10 +57,8 @@ def check_choice(value: Any, allowed: Sequence[Any], name: str) -> Any:
     return value
 
 
-def check_um(value: Any, name: str, *, allow_zero: bool = False, allow_none: bool = False) -> float | None:
+def check_um(value: Any, name: str, *, allow_zero: bool = False) -> float:
     """A length (µm) as float: a finite real number > 0 (≥ 0 with ``allow_zero``)."""
-    if value is None and allow_none:
-        return None
     if not _is_real(value):
         raise TypeError(f"`{name}` must be a number of µm, got {type(value).__name__} {value!r}.")
     v = float(value)
@@ -83,7 +81,9 @@ def check_mpp(value: Any, *, name: str = "mpp") -> float:
         raise TypeError(f"`{name}` must be a number of µm per pixel, got {type(value).__name__} {value!r}.")
     v = float(value)
     if math.isnan(v):
-        raise ValueError(f"`{name}` is NaN; pass the pixel size in µm per pixel (e.g. 0.25 at 40x, 0.5 at 20x).")
+        raise ValueError(
+            f"`{name}` is NaN; pass the pixel size in µm per pixel (e.g. 0.25 at 40x, 0.5 at 20x)."
+        )
     if math.isinf(v):
         raise ValueError(f"`{name}` is infinite; pass the pixel size in µm per pixel (e.g. 0.5).")
     if v <= 0:
@@ -117,8 +117,8 @@ def check_genes(genes: Any, name: str = "genes") -> list[str] | None:
         return None
     if isinstance(genes, str | bytes):
         raise TypeError(
-            f"`{name}` must be a list of gene names, got the single string {genes!r} (it would be read letter "
-            f"by letter); pass `{name}=[{genes!r}]`."
+            f"`{name}` must be a list of gene names, got the single string {genes!r} "
+            f"(it would be read letter by letter); pass `{name}=[{genes!r}]`."
         )
     try:
         out = [str(g) for g in genes]
@@ -196,7 +196,7 @@ def check_expression(table: AnnData, *, what: str, level: str = "spot") -> None:
         check_unique_ids(table, what=what, column="spot_id")
     raw = get_counts(table)
     where = "(layers['counts'])" if "counts" in table.layers else "(X)"
-    values = raw.data if sparse.issparse(raw) else np.asarray(raw)
+    values: np.ndarray = np.asarray(raw.data if sparse.issparse(raw) else raw)
     if values.dtype.kind not in "biuf":
         raise ValueError(f"The {what} {where} has dtype {values.dtype}; numeric raw counts are needed.")
     if values.dtype.kind == "f":
@@ -344,9 +344,11 @@ def to_rgb_uint8(arr: Any, *, what: str = "image", sample: Any = None) -> Any:
             "Undo the normalisation that produced it."
         )
     if arr.dtype.kind in "ui":
-        bits = max(8, int(math.ceil(math.log2(hi + 1)))) if hi > 0 else 8
+        bits = max(8, math.ceil(math.log2(hi + 1))) if hi > 0 else 8
         if bits > 16:
-            raise ValueError(f"The {what} has integer values up to {hi:g} (over 16 bits); rescale it to 0–255.")
+            raise ValueError(
+                f"The {what} has integer values up to {hi:g} (over 16 bits); rescale it to 0–255."
+            )
         if bits == 8:
             _note(what, f"has type {arr.dtype} holding 8-bit values (max {hi:g}); cast to uint8.")
             return arr.astype(np.uint8)
@@ -370,7 +372,11 @@ def _composite(arr: Any, what: str) -> Any:
     if isinstance(arr, np.ndarray) and arr.dtype == np.uint8 and (arr[..., 3] == 255).all():
         return arr[..., :3]
     _note(what, "has an alpha channel; composited over white (transparent = glass).")
-    full = 255.0 if arr.dtype == np.uint8 else (float(np.iinfo(arr.dtype).max) if arr.dtype.kind in "ui" else 1.0)
+    full = (
+        255.0
+        if arr.dtype == np.uint8
+        else (float(np.iinfo(arr.dtype).max) if arr.dtype.kind in "ui" else 1.0)
+    )
     if arr.dtype.kind in "ui" and arr.dtype != np.uint8:
         full = max(1.0, float(_value_range(arr[..., 3])[1]))
     alpha = arr[..., 3:4].astype(np.float32) / np.float32(full)
@@ -397,7 +403,12 @@ def _value_range(arr: Any) -> tuple[float, float]:
 # training calls
 # ----------------------------------------------------------------------------------------------
 def check_training_tables(
-    slides: Sequence[Any], table_key: str, *, level: str, key_added: str | None = None, overwrite: bool = False
+    slides: Sequence[Any],
+    table_key: str,
+    *,
+    level: str,
+    key_added: str | None = None,
+    overwrite: bool = False,
 ) -> None:
     """Check every training table ``table_key`` present on ``slides`` (counts, duplicated genes and
     ids) and, with ``key_added``, that its run record ``uns[key_added]`` may be written."""

@@ -72,7 +72,10 @@ def read_bulk(
     ids = pd.Index([str(i) for i in df.index])
     if ids.duplicated().any():
         dup = ids[ids.duplicated()].unique().tolist()
-        raise ValueError(f"Duplicate sample ids in the bulk table: {dup[:10]}. Each sample must be one row: drop or merge the duplicated rows.")
+        raise ValueError(
+            f"Duplicate sample ids in the bulk table: {dup[:10]}. Each sample must be one row: drop or "
+            "merge the duplicated rows."
+        )
     df.index = ids
 
     meta_cols = list(obs_columns)

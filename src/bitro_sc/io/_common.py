@@ -179,8 +179,8 @@ def integer_counts(x: Any, *, what: str, names: Sequence[str] | None = None) -> 
         if frac.any():
             where = first_row(frac)
             raise ValueError(
-                f"The {what} contain non-integer values{where}, e.g. {float(data[frac][0]):g}; raw integer UMI "
-                "counts are needed (not normalised or log-transformed values)."
+                f"The {what} contain non-integer values{where}, e.g. {float(data[frac][0]):g}; "
+                "raw integer UMI counts are needed (not normalised or log-transformed values)."
             )
     elif data.dtype.kind not in "iub":
         raise ValueError(f"The {what} have dtype {data.dtype}; raw integer counts are needed.")
@@ -252,9 +252,9 @@ def check_spots_in_image(xy_px: np.ndarray, shape_yx: tuple[int, int], *, radius
     if missing.any():
         first = int(np.flatnonzero(missing)[0])
         raise ValueError(
-            f"{int(missing.sum())} of {len(x)} spot centres have a missing (NaN or infinite) pixel coordinate "
-            f"(first: spot {first}, x={x[first]!r}, y={y[first]!r}). Drop those spots or fix their "
-            "coordinates in the spot positions file."
+            f"{int(missing.sum())} of {len(x)} spot centres have a missing (NaN or infinite) pixel "
+            f"coordinate (first: spot {first}, x={float(x[first])!r}, y={float(y[first])!r}). Drop those "
+            "spots or fix their coordinates in the spot positions file."
         )
     outside = (x < 0) | (y < 0) | (x >= w) | (y >= h)
     if outside.any():

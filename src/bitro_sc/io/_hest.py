@@ -14,7 +14,7 @@ import pandas as pd
 from .. import _keys as K
 from .._cells import write_cells
 from .._validate import check_mpp
-from ._common import check_dir, check_file, integer_counts, rgb_uint8, spot_sdata, gene_names
+from ._common import check_dir, check_file, gene_names, integer_counts, rgb_uint8, spot_sdata
 from ._wsi import tiff_levels
 
 if TYPE_CHECKING:  # pragma: no cover

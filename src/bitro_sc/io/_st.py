@@ -13,11 +13,11 @@ import pandas as pd
 from .._validate import check_mpp, check_um
 from ._common import (
     check_file,
+    gene_names,
     integer_counts,
     rgb_uint8,
     spot_sdata,
     strip_suffixes,
-    gene_names,
 )
 from ._wsi import read_image_file
 
@@ -123,8 +123,8 @@ def read_st(
     if not counts_df.index.is_unique:
         dup = counts_df.index[counts_df.index.duplicated()].unique()[:5].tolist()
         raise ValueError(
-            f"The counts table lists array positions more than once: {dup}. Each spot must be one row: drop or "
-            "sum the duplicated rows."
+            f"The counts table lists array positions more than once: {dup}. Each spot must be one row: "
+            "drop or sum the duplicated rows."
         )
     sel = spots_df
     if "selected" in spots_df.columns:

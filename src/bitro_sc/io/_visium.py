@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .._validate import check_mpp
-from ._common import check_dir, check_file, integer_counts, spot_sdata, gene_names
+from ._common import check_dir, check_file, gene_names, integer_counts, spot_sdata
 from ._wsi import read_image_file
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -96,13 +96,14 @@ def read_wsi(
     if mpp is not None:
         mpp = check_mpp(mpp)
     name = p.name.lower()
+    chosen: str = backend
     if backend == "auto":
         if name.endswith(TIFF_SUFFIXES):
-            backend = "tifffile"
+            chosen = "tifffile"
         elif name.endswith(OPENSLIDE_SUFFIXES):
-            backend = "openslide"
+            chosen = "openslide"
         elif name.endswith(PIL_SUFFIXES):
-            backend = "pil"
+            chosen = "pil"
         else:
             raise ValueError(
                 f"{str(p)!r} is not a slide image bitro_sc can read (suffix {p.suffix or 'none'!r}). Whole "
@@ -110,9 +111,9 @@ def read_wsi(
                 f"(OpenSlide, the `wsi` extra); plain images: {', '.join(PIL_SUFFIXES)}. For another format, "
                 "convert it to a pyramidal TIFF, or pass `backend='openslide'` if OpenSlide reads it."
             )
-    if backend == "pil":
+    if chosen == "pil":
         levels, file_mpp, where = [read_image_file(p)], None, "a PNG/JPEG records no pixel size"
-    elif backend == "tifffile":
+    elif chosen == "tifffile":
         levels = tiff_levels(p, chunk_px=chunk_px)
         file_mpp, where = tiff_mpp(p)
     else:

@@ -85,7 +85,7 @@ def write_zarr(sdata: SpatialData, path: str | Path, *, overwrite: bool = False)
 
 
 def check_zarr(path: str | Path, *, checksums: bool = True) -> None:
-    """Raise when the store at ``path`` differs from its manifest; warn about missing chunks when it has none."""
+    """Raise when the store at ``path`` differs from its manifest; warn about missing chunks without one."""
     root = Path(path).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"The zarr store {str(root)!r} does not exist. Check the path.")
@@ -110,11 +110,13 @@ def check_zarr(path: str | Path, *, checksums: bool = True) -> None:
     if missing or changed:
         bad = missing or changed
         elements = sorted({"/".join(r.split("/")[:2]) for r in bad})
-        what = f"{len(missing)} file(s) missing" if missing else f"{len(changed)} file(s) changed or cut short"
+        what = (
+            f"{len(missing)} file(s) missing" if missing else f"{len(changed)} file(s) changed or cut short"
+        )
         raise ValueError(
-            f"The zarr store {str(root)!r} is damaged: {what} (e.g. {bad[:3]}), in {elements[:5]}. Reading it "
-            "would give wrong values (zarr reads a lost chunk as zeros). Copy the store again from its "
-            "source, or write it again with `bs.io.write_zarr`."
+            f"The zarr store {str(root)!r} is damaged: {what} (e.g. {bad[:3]}), in {elements[:5]}. "
+            "Reading it would give wrong values (zarr reads a lost chunk as zeros). Copy the store again "
+            "from its source, or write it again with `bs.io.write_zarr`."
         )
 
 
@@ -142,7 +144,8 @@ def _warn_missing_chunks(root: Path) -> None:
     if short:
         warnings.warn(
             f"The zarr store {str(root)!r} has no manifest and lacks chunks of {len(short)} array(s) "
-            f"{short[:20]}{' ...' if len(short) > 20 else ''}: zarr skips all-zero chunks, but a lost chunk also reads as zeros. Write stores "
+            f"{short[:20]}{' ...' if len(short) > 20 else ''}: zarr skips all-zero chunks, but a lost chunk "
+            "also reads as zeros. Write stores "
             "with `bs.io.write_zarr` so that `bs.io.read_zarr` can tell the two apart.",
             UserWarning,
             stacklevel=3,

@@ -101,12 +101,25 @@ def assign_cells(
     from scipy.spatial import cKDTree
 
     table = _sdata.require(sdata, cells_key, kind="tables", step="run `bs.tl.segment` first")
-    written = (_sdata.part_key(cells_key, "obs", key_added), _sdata.part_key(cells_key, "uns", K.ASSIGN_PARAMS))
-    _sdata.check_free(
-        sdata, written[0], exists=key_added in table.obs.columns, overwrite=overwrite, writer=WRITER, what="column"
+    written = (
+        _sdata.part_key(cells_key, "obs", key_added),
+        _sdata.part_key(cells_key, "uns", K.ASSIGN_PARAMS),
     )
     _sdata.check_free(
-        sdata, written[1], exists=K.ASSIGN_PARAMS in table.uns, overwrite=overwrite, writer=WRITER, what="record"
+        sdata,
+        written[0],
+        exists=key_added in table.obs.columns,
+        overwrite=overwrite,
+        writer=WRITER,
+        what="column",
+    )
+    _sdata.check_free(
+        sdata,
+        written[1],
+        exists=K.ASSIGN_PARAMS in table.uns,
+        overwrite=overwrite,
+        writer=WRITER,
+        what="record",
     )
     centres, radii, spot_ids = spot_discs_um(sdata, spots_key)
     cells_xy = _sdata.cell_centroids_um(table, cells_key=cells_key)

@@ -161,12 +161,17 @@ def fit_bitro(
         raise ValueError("`bulk=` (slides to train the base on) is only used with transfer='bulk'.")
     if base is not None and transfer is None:
         raise ValueError("`base=` is only used with `transfer='bulk'` or `transfer='spatial'`.")
-    for lvl in (fit_level, *(["bulk" if transfer == "bulk" else "spot"] if transfer and base is None else [])):
+    for lvl in (
+        fit_level,
+        *(["bulk" if transfer == "bulk" else "spot"] if transfer and base is None else []),
+    ):
         key = table_key if lvl == "spot" else bulk_key
         _validate.check_training_tables(slides, key, level=lvl, key_added=key_added, overwrite=overwrite)
         if bulk is not None and lvl == "bulk":
             bulk_slides = _sdata.as_slides(bulk, what="bulk slide")
-            _validate.check_training_tables(bulk_slides, key, level=lvl, key_added=key_added, overwrite=overwrite)
+            _validate.check_training_tables(
+                bulk_slides, key, level=lvl, key_added=key_added, overwrite=overwrite
+            )
     tp = TrainParams.coerce(train)
     if epochs is not None:
         tp = TrainParams.coerce({**tp.to_dict(), "epochs": int(epochs)})
@@ -276,7 +281,9 @@ def _target_genes(slides: list[SpatialData], transfer: str, keys: DataKeys, n_to
         return None
 
 
-def _fit_recorded(slides: list[SpatialData], *, level: str, keys: DataKeys, key_added: str, **kw: Any) -> BiTroModel:
+def _fit_recorded(
+    slides: list[SpatialData], *, level: str, keys: DataKeys, key_added: str, **kw: Any
+) -> BiTroModel:
     """:func:`~bitro_sc.models.fit`, then the run records it wrote are recorded as fit_bitro's."""
     fitted = fit(slides, level=level, keys=keys, key_added=key_added, **kw)
     table = keys.target(level)

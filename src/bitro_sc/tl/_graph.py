@@ -74,7 +74,7 @@ def cell_graph(
     import scipy.sparse as sp
 
     table = _sdata.require(sdata, cells_key, kind="tables", step="run `bs.tl.segment` first")
-    radius_um = check_um(radius_um, "radius_um", allow_none=True)
+    radius_um = None if radius_um is None else check_um(radius_um, "radius_um")
     if radius_um is None:
         k = check_positive_int(k, "k")
     conn_key, dist_key = f"{key_added}_connectivities", f"{key_added}_distances"

@@ -122,9 +122,9 @@ def phenotypes(
         x = np.concatenate(matrices, axis=0)
         if not len(x):
             raise ValueError(
-                f"The cells table(s) {cells_key!r} hold 0 cells, so there is nothing to cluster: segmentation "
-                "found no nuclei (check the tissue mask and the image, e.g. `bs.pl.cells`) or the wrong table "
-                "was given."
+                f"The cells table(s) {cells_key!r} hold 0 cells, so there is nothing to cluster: "
+                "segmentation found no nuclei (check the tissue mask and the image, e.g. `bs.pl.cells`) "
+                "or the wrong table was given."
             )
         if len(x) < n_clusters:
             raise ValueError(f"{len(x)} cells cannot make {n_clusters} clusters; lower `n_clusters`.")

@@ -109,13 +109,17 @@ def predict_bitro(
     )
     table_key, bulk_key, cells_key = keys.table_key, keys.bulk_key, keys.cells_key
     target = cells_key if level == "cell" else (table_key if level == "spot" else bulk_key)
-    parts = [("layers", key_added), ("uns", key_added)] + ([("obs", f"{key_added}_rna_content")] if level == "cell" else [])
+    parts = [("layers", key_added), ("uns", key_added)] + (
+        [("obs", f"{key_added}_rna_content")] if level == "cell" else []
+    )
     written = _sdata.check_table_free(sdata, target, parts, overwrite=overwrite, writer=_WRITERS)
     if level == "cell":
         _check_cells_free(sdata, cells_key, key_added, model)
         genes_key = _sdata.part_key(cells_key, "var", "genes")  # the cells table's gene columns
         there = _sdata.cells_table(sdata, cells_key).n_vars > 0
-        _sdata.check_free(sdata, genes_key, exists=there, overwrite=overwrite, writer=_WRITERS, what="gene list")
+        _sdata.check_free(
+            sdata, genes_key, exists=there, overwrite=overwrite, writer=_WRITERS, what="gene list"
+        )
         written.append(genes_key)
     frame = model.predict_frame(sdata, level=level, keys=keys)
     if level == "cell":

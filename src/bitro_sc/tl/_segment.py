@@ -107,11 +107,10 @@ def _check_tiles(
 
     largest = float(getattr(backend, "max_diameter_um", 25.0))
     tile = check_um(tile_um, "tile_um")
-    assert tile is not None
     if tile < largest:
         raise ValueError(
-            f"`tile_um`={tile:g} µm is smaller than the largest nucleus ({largest:g} µm): tiles would cost far "
-            f"more than the nuclei in them. Use `tile_um` ≥ {largest:g} µm (default 600)."
+            f"`tile_um`={tile:g} µm is smaller than the largest nucleus ({largest:g} µm): tiles would "
+            f"cost far more than the nuclei in them. Use `tile_um` ≥ {largest:g} µm (default 600)."
         )
     n_tiles = np.ceil(shape[0] * mpp / tile) * np.ceil(shape[1] * mpp / tile)
     if n_tiles > MAX_TILES:
@@ -124,11 +123,10 @@ def _check_tiles(
         overlap = float(context) if context is not None else largest + 5.0
     else:
         overlap = check_um(overlap_um, "overlap_um", allow_zero=True)
-        assert overlap is not None
     if overlap < largest:
         raise ValueError(
-            f"`overlap_um`={overlap:g} µm is smaller than the largest nucleus ({largest:g} µm): nuclei on tile "
-            f"borders would be cut in two. Use `overlap_um` ≥ {largest:g} µm, or leave it as None (the "
+            f"`overlap_um`={overlap:g} µm is smaller than the largest nucleus ({largest:g} µm): nuclei on "
+            f"tile borders would be cut in two. Use `overlap_um` ≥ {largest:g} µm, or leave it as None (the "
             "method's own context)."
         )
     return tile, overlap
