@@ -102,7 +102,7 @@ def phenotypes(
         _sdata.check_table_free(s, cells_key, parts, overwrite=overwrite, writer="bs.tl.phenotypes")
         tables.append(table)
         params = table.uns.get(_sdata.features_params_key(features_key))
-        these = [str(v) for v in params["feature_names"]] if params is not None else None
+        these = [str(v) for v in params["feature_names"]] if params and "feature_names" in params else None
         if names is not None and these is not None and these != names:
             raise ValueError(
                 "The slides were featurised with different encoders; run `bs.tl.cell_features` with the "
