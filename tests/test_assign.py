@@ -110,12 +110,15 @@ def test_no_cell_in_any_spot_warns():
     assert sdata.tables[K.CELLS].obs[K.SPOT_ID].isna().all()
 
 
-def test_existing_assignment_is_kept_unless_overwrite():
+def test_a_rerun_replaces_its_own_assignment_but_not_a_users_column():
     sdata = _slide(np.array([[10.0, 10.0]]), np.array([[5.0, 5.0]]), 10.0)
     bs.tl.assign_cells(sdata)
-    with pytest.raises(ValueError, match="overwrite=True"):
-        bs.tl.assign_cells(sdata)
-    bs.tl.assign_cells(sdata, overwrite=True)
+    bs.tl.assign_cells(sdata)  # re-running the notebook cell
+    sdata.tables[K.CELLS].obs["mine"] = ["keep"]
+    with pytest.raises(ValueError, match=r"obs\['mine'\] \(not written by bitro_sc.*overwrite=True"):
+        bs.tl.assign_cells(sdata, key_added="mine")
+    assert sdata.tables[K.CELLS].obs["mine"].tolist() == ["keep"]
+    bs.tl.assign_cells(sdata, key_added="mine", overwrite=True)
     assert sdata.tables[K.CELLS].obs[K.SPOT_ID].tolist() == [0 + 100]
 
 

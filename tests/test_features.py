@@ -151,10 +151,15 @@ def test_list_of_slides_shares_one_scaler_and_new_slides_reuse_it():
     )
 
 
-def test_existing_features_are_not_overwritten(toy):
+def test_features_replace_their_own_but_never_a_users_obsm(toy):
     sdata, _ = toy
-    with pytest.raises(ValueError, match="overwrite=True"):
-        bs.tl.cell_features(sdata, progress=False)
+    cells = sdata.tables[K.CELLS]
+    cells.obsm["mine"] = np.ones((cells.n_obs, 2), np.float32)
+    with pytest.raises(ValueError, match=r"obsm\['mine'\] \(not written by bitro_sc.*overwrite=True"):
+        bs.tl.cell_features(sdata, key_added="mine", progress=False)
+    assert (cells.obsm["mine"] == 1).all()
+    bs.tl.cell_features(sdata, key_added="ours", progress=False)
+    bs.tl.cell_features(sdata, key_added="ours", progress=False)  # a re-run replaces its own
 
 
 def test_missing_cells_table_names_the_step(nuclei_slide):

@@ -95,9 +95,11 @@ def test_predictions_land_in_the_spot_table_with_the_record(trained) -> None:
     assert np.isfinite(layer[1:, predicted]).all()
     assert (layer[1:, predicted] > 0).all()
     assert list(table.uns[K.RUN]["hvgs"]) == model.record["hvgs"]
-    with pytest.raises(ValueError, match="overwrite=True"):
-        bs.tl.predict_bitro(slide, model)
-    bs.tl.predict_bitro(slide, model, overwrite=True)
+    bs.tl.predict_bitro(slide, model)  # a re-run replaces its own layer
+    table.layers["mine"] = table.X.copy()
+    with pytest.raises(ValueError, match=r"layers\['mine'\] \(not written by bitro_sc.*overwrite=True"):
+        bs.tl.predict_bitro(slide, model, key_added="mine")
+    bs.tl.predict_bitro(slide, model, key_added="mine", overwrite=True)
 
 
 def test_cell_predictions_sum_to_spot_predictions() -> None:

@@ -81,8 +81,10 @@ def test_tiny_tables_and_bad_arguments():
     one = _slide(np.array([[0.0, 0.0]]))
     bs.tl.cell_graph(one)
     assert one.tables[K.CELLS].obsp[K.CONNECTIVITIES].nnz == 0
-    with pytest.raises(ValueError, match="overwrite=True"):
-        bs.tl.cell_graph(one)
+    bs.tl.cell_graph(one)  # a re-run replaces its own graph
+    one.tables[K.CELLS].obsp["mine_connectivities"] = one.tables[K.CELLS].obsp[K.CONNECTIVITIES]
+    with pytest.raises(ValueError, match=r"obsp\['mine_connectivities'\] \(not written by bitro_sc"):
+        bs.tl.cell_graph(one, key_added="mine")
     with pytest.raises(ValueError, match="radius_um"):
         bs.tl.cell_graph(one, radius_um=-1, overwrite=True)
     with pytest.raises(KeyError, match=r"bs\.tl\.segment"):
@@ -118,5 +120,5 @@ def test_key_added_writes_the_graph_under_squidpy_style_keys(points):
     assert (t.obsp["cg_distances"] != t.obsp[K.DISTANCES]).nnz == 0
     assert t.uns["cg_neighbors"]["connectivities_key"] == "cg_connectivities"
     assert t.uns["cg_neighbors"]["distances_key"] == "cg_distances"
-    with pytest.raises(ValueError, match="cg_connectivities"):
-        bs.tl.cell_graph(sdata, k=5, key_added="cg")
+    bs.tl.cell_graph(sdata, k=3, key_added="cg")  # a re-run replaces its own graph
+    assert t.obsp["cg_connectivities"].sum(1).max() == 3

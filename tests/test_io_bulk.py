@@ -77,12 +77,15 @@ def test_duplicate_samples_are_named(bulk_df):
         bs.io.read_bulk(bulk_df)
 
 
-def test_duplicate_genes_are_named(bulk_df, tmp_path):
+def test_duplicate_genes_are_summed_with_a_warning(bulk_df, tmp_path):
     bulk_df.to_csv(tmp_path / "b.csv", index=False)
     text = (tmp_path / "b.csv").read_text().replace("COL1A2", "EPCAM", 1)
     (tmp_path / "b.csv").write_text(text)
-    with pytest.raises(ValueError, match=r"Duplicate gene names in the bulk table: \['EPCAM'\]"):
-        bs.io.read_bulk(tmp_path / "b.csv")
+    with pytest.warns(UserWarning, match=r"\['EPCAM'\]\); their counts are summed"):
+        adata = bs.io.read_bulk(tmp_path / "b.csv")
+    assert list(adata.var_names) == ["ERBB2", "EPCAM"]
+    expected = (bulk_df["EPCAM"] + bulk_df["COL1A2"]).to_numpy()
+    assert adata[:, "EPCAM"].X.ravel().tolist() == expected.tolist()
 
 
 def test_non_numeric_values_are_named(bulk_df):

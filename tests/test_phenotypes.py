@@ -63,8 +63,11 @@ def test_fit_on_a_list_pools_all_cells(slides):
 def test_existing_column_is_not_overwritten(slides):
     s = slides[0][0]
     bs.tl.phenotypes(s, n_clusters=2, overwrite=True)
-    with pytest.raises(ValueError, match="overwrite=True"):
-        bs.tl.phenotypes(s, n_clusters=2)
+    bs.tl.phenotypes(s, n_clusters=3)  # a re-run replaces its own column
+    assert len(s.tables["cells"].obs["bitro_phenotype"].cat.categories) == 3
+    s.tables["cells"].obs["mine"] = "x"
+    with pytest.raises(ValueError, match=r"obs\['mine'\] \(not written by bitro_sc.*overwrite=True"):
+        bs.tl.phenotypes(s, n_clusters=2, key_added="mine")
 
 
 def test_missing_features_name_the_step(nuclei_slide):

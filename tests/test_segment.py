@@ -7,6 +7,7 @@ import sys
 import types
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
@@ -87,13 +88,16 @@ def test_write_cells_with_offset_places_a_crop():
     np.testing.assert_allclose(t.to_affine_matrix(("y", "x"), ("y", "x"))[:2, 2], [100, 50])
 
 
-def test_write_cells_never_overwrites_silently():
+def test_write_cells_replaces_its_own_output_but_never_another_writers():
     sdata, labels = bs.datasets.toy("image", return_truth=True, n=5)
     bs.segmentation.write_cells(sdata, labels, mpp=0.5)
-    with pytest.raises(ValueError, match="overwrite=True"):
-        bs.segmentation.write_cells(sdata, labels, mpp=0.5)
-    bs.segmentation.write_cells(sdata, labels[:, :200], mpp=0.5, overwrite=True)
+    bs.segmentation.write_cells(sdata, labels[:, :200], mpp=0.5)  # a re-run replaces its own cells
     assert sdata.tables[K.CELLS].n_obs == len(np.unique(labels[:, :200])) - 1
+    assert _sdata.written_by(sdata, K.CELLS) == "bs.segmentation.write_cells"
+    with pytest.raises(ValueError, match=r"written by `bs.segmentation.write_cells`.*overwrite=True"):
+        bs.segmentation.write_cells(sdata, labels, mpp=0.5, writer="bs.tl.segment")
+    bs.segmentation.write_cells(sdata, labels, mpp=0.5, overwrite=True, writer="bs.tl.segment")
+    assert sdata.tables[K.CELLS].n_obs == len(np.unique(labels)) - 1
 
 
 def test_cell_props_match_regionprops():
@@ -352,6 +356,8 @@ def test_input_errors_are_clear():
     )
     with pytest.raises(ValueError, match="pixel size"):
         bs.tl.segment(nompp)
-    bs.tl.segment(sdata, progress=False, tissue=False)
-    with pytest.raises(ValueError, match="overwrite=True"):
+    sdata.tables["cells"] = sd.models.TableModel.parse(ad.AnnData(np.zeros((2, 1))))  # the user's own
+    with pytest.raises(ValueError, match=r"not written by bitro_sc.*overwrite=True"):
         bs.tl.segment(sdata, progress=False, tissue=False)
+    bs.tl.segment(sdata, progress=False, tissue=False, overwrite=True)
+    bs.tl.segment(sdata, progress=False, tissue=False)  # a re-run replaces segment's own output

@@ -70,8 +70,10 @@ def test_small_debris_is_not_tissue():
 def test_tissue_mask_refuses_to_overwrite_and_can_return_only():
     sdata, _ = slide_with_disc()
     bs.pp.tissue_mask(sdata)
-    with pytest.raises(ValueError, match="overwrite=True"):
-        bs.pp.tissue_mask(sdata)
+    bs.pp.tissue_mask(sdata)  # a re-run replaces its own mask
+    sdata.shapes["mine"] = sdata.shapes["tissue"].copy()
+    with pytest.raises(ValueError, match=r"'mine' \(not written by bitro_sc.*overwrite=True"):
+        bs.pp.tissue_mask(sdata, key_added="mine")
     gdf = bs.pp.tissue_mask(sdata, key_added="other", inplace=False)
     assert len(gdf) == 1
     assert "other" not in sdata.shapes

@@ -208,6 +208,7 @@ def write_cells(
     labels: np.ndarray | None = None,
     overwrite: bool = False,
     uns: dict | None = None,
+    writer: str = "bs.segmentation.write_cells",
 ) -> None:
     """Write cells as a shapes element, a table and (optionally) a label image.
 
@@ -237,7 +238,10 @@ def write_cells(
     labels
         A label image to write alongside a per-cell record (its values must be the record's ids).
     overwrite
-        Replace existing elements of these names; otherwise an existing name is an error.
+        Replace existing elements of these names; otherwise an existing name is an error unless
+        ``writer`` wrote it (a re-run replaces its own output, see :func:`bitro_sc._sdata.check_free`).
+    writer
+        The function recorded as the writer of the elements.
     uns
         Stored as ``tables[key_added].uns["bitro_segmentation"]`` (parameters of the run).
 
@@ -256,8 +260,9 @@ def write_cells(
     import pandas as pd
     from spatialdata.models import Labels2DModel, ShapesModel, TableModel
 
-    if not mpp > 0:
-        raise ValueError(f"`mpp` must be a positive number of µm per pixel, got {mpp!r}.")
+    from ._validate import check_mpp
+
+    mpp = check_mpp(mpp)
     offset = (float(offset_px[0]), float(offset_px[1]))
     if isinstance(labels_or_props, pd.DataFrame):
         props = labels_or_props
@@ -272,14 +277,16 @@ def write_cells(
         raise ValueError(
             f"`shapes_key` and `key_added` are both {key_added!r}; spatialdata needs distinct names."
         )
-    _sdata.check_free(sdata, key_added, overwrite=overwrite)
-    _sdata.check_free(sdata, shapes_key, overwrite=overwrite)
-    if write_labels and labels_key is not None:
-        _sdata.check_free(sdata, labels_key, overwrite=overwrite)
-    if overwrite:  # an element of another kind under the same name would make the object invalid
-        for k in {key_added, shapes_key, labels_key if write_labels else None} - {None}:
-            if k in sdata:
-                del sdata[k]
+    written = [key_added, shapes_key, *([labels_key] if write_labels and labels_key is not None else [])]
+    for k in written:
+        _sdata.check_free(sdata, k, overwrite=overwrite, writer=writer)
+    if write_labels and np.asarray(labels).max(initial=0) > np.iinfo(np.uint32).max:
+        raise ValueError("Label values do not fit uint32; relabel the cells 1..n first.")
+    # replaced (checked above): an element of another kind under the same name would make the object
+    # invalid, and the shapes of an earlier run must not outlive it when this run finds no cells
+    for k in written:
+        if k in sdata:
+            del sdata[k]
 
     obs = cells_table_obs(props, mpp=mpp, region=shapes_key, sdata=sdata)
     n = len(obs)
@@ -311,10 +318,9 @@ def write_cells(
         sdata.tables[key_added] = TableModel.parse(adata)
     if write_labels:
         lab = np.asarray(labels)
-        if lab.max(initial=0) > np.iinfo(np.uint32).max:
-            raise ValueError("Label values do not fit uint32.")
         sdata.labels[labels_key] = Labels2DModel.parse(
             lab.astype(np.uint32, copy=False),
             dims=("y", "x"),
             transformations=_sdata.micron_transformations(mpp, offset_px=offset),
         )
+    _sdata.record_writer(sdata, writer, *written)

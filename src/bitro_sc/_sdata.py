@@ -17,6 +17,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from . import _keys as K
+from ._provenance import (  # noqa: F401 - re-exported: the overwrite rule is part of this module's API
+    RECORD_WRITERS,
+    RESERVED_UNS,
+    WRITERS,
+    check_free,
+    check_table_free,
+    part_key,
+    record_writer,
+    written_by,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -81,9 +91,23 @@ def get_image(sdata: SpatialData, image_key: str, *, scale: str | None = None) -
         arr = element
     if "c" not in arr.dims or arr.sizes["c"] != 3:
         n = arr.sizes.get("c", 1)
+        sizes = {d: int(arr.sizes[d]) for d in arr.dims}
+        swapped = [d for d in ("y", "x") if sizes.get(d) in (3, 4)]
+        hint = (
+            f" Its axes look swapped ({sizes}): the image was parsed channel-last as (c, y, x). Parse it "
+            "with `Image2DModel.parse(img, dims=('y', 'x', 'c'))`."
+            if swapped
+            else " Convert it with `bs.io.to_rgb_uint8` (drops an alpha channel, refuses greyscale) and "
+            "parse it again."
+        )
         raise ValueError(
-            f"Image {image_key!r} has {n} channel(s); an RGB H&E image with 3 channels is needed. "
-            "Convert it (e.g. drop an alpha channel) before calling this function."
+            f"Image {image_key!r} has {n} channel(s); an RGB H&E image with 3 channels is needed.{hint}"
+        )
+    if arr.dtype != "uint8":
+        raise ValueError(
+            f"Image {image_key!r} has pixel type {arr.dtype}; bitro_sc works on RGB uint8. Convert it: "
+            "`Image2DModel.parse(bs.io.to_rgb_uint8(img), dims=('y', 'x', 'c'))` (scales 8-/12-/16-bit and "
+            "[0, 1] / [0, 255] float images correctly), or read the slide with `bs.io.read_*`, which does it."
         )
     return arr
 
@@ -94,10 +118,10 @@ def get_mpp(sdata: SpatialData, element_key: str, mpp: float | None = None) -> f
     ``mpp`` given explicitly wins (and must be positive). Otherwise it is read from the element's
     transformation to the micron coordinate system. Never guessed.
     """
+    from ._validate import check_mpp
+
     if mpp is not None:
-        if not mpp > 0:
-            raise ValueError(f"`mpp` must be a positive number of µm per pixel, got {mpp!r}.")
-        return float(mpp)
+        return check_mpp(mpp)
     from spatialdata.transformations import get_transformation
 
     element = sdata[element_key]
@@ -115,15 +139,16 @@ def get_mpp(sdata: SpatialData, element_key: str, mpp: float | None = None) -> f
     if to_px is not None:  # an element stored at a coarser level: µm per *full-resolution* pixel
         px_matrix = to_px.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
         sx /= float((px_matrix[0, 0] ** 2 + px_matrix[1, 0] ** 2) ** 0.5)
-    return sx
+    return check_mpp(sx, name=f"pixel size of {element_key!r} (its transformation to {K.MICRON_CS!r})")
 
 
 def set_mpp(sdata: SpatialData, element_key: str, mpp: float, *, source: str) -> None:
     """Record the pixel size of ``element_key`` (an image in full-resolution pixels) and its source."""
     from spatialdata.transformations import set_transformation
 
-    if not mpp > 0:
-        raise ValueError(f"`mpp` must be a positive number of µm per pixel, got {mpp!r}.")
+    from ._validate import check_mpp
+
+    mpp = check_mpp(mpp)
     for cs, t in micron_transformations(float(mpp)).items():
         set_transformation(sdata[element_key], t, to_coordinate_system=cs)
     _attrs(sdata).setdefault("mpp_source", {})[element_key] = source
@@ -148,15 +173,6 @@ def set_slide_info(
         a[K.SAMPLE_ID] = str(sample_id)
     if patient_id is not None:
         a[K.PATIENT_ID] = str(patient_id)
-
-
-def check_free(sdata: SpatialData, key: str, *, overwrite: bool = False, what: str = "element") -> None:
-    """Fail unless ``key`` is unused in ``sdata`` or ``overwrite=True``."""
-    if key in sdata and not overwrite:
-        raise ValueError(
-            f"SpatialData already has an {what} {key!r}. Pass `overwrite=True` to replace it, "
-            "or choose another `key_added=`."
-        )
 
 
 def require(sdata: SpatialData, key: str, *, kind: str, step: str) -> Any:

@@ -159,6 +159,10 @@ def run(config: str | Path, *, out: str | Path | None = None, dry_run: bool = Fa
     t0 = time.perf_counter()
     slides, truths = read_slides(cfg)
     log(f"read {len(slides)} slide(s) with {cfg['data']['reader']}", t0=t0)
+    if "holdout" in cfg["steps"]:  # before the (long) preparation, not after it
+        from ._validate import check_test_ids
+
+        check_test_ids(slides, cfg["params"]["holdout"]["test"])
     prepare(slides, steps=cfg["steps"], params=cfg["params"], progress=cfg["progress"], t0=t0)
     out_dir = Path(cfg["out"])
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,9 @@ _EXPORTS = {
     "read_hest": "_hest",
     "read_wsi": "_wsi",
     "read_bulk": "_bulk",
+    "read_zarr": "_zarr",
+    "write_zarr": "_zarr",
+    "to_rgb_uint8": "_common",
 }
 
 __getattr__, __dir__, __all__ = attach(__name__, _EXPORTS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -10,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from .. import _keys as K
+from .._validate import sum_duplicate_genes
 from ._common import check_file
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -41,7 +43,8 @@ def read_bulk(
     Returns
     -------
     AnnData: ``obs_names`` = sample ids, ``obs["sample_id"]``, ``obs["patient_id"]`` (missing
-    where unknown) and ``obs_columns``; genes as ``var_names``; ``X`` dense, int64 when the table
+    where unknown) and ``obs_columns``; genes as ``var_names`` (a gene named twice is summed into one,
+    with a warning, as every reader does); ``X`` dense, int64 when the table
     holds integers, float64 otherwise. It annotates no element; store it as table ``"bulk"``.
 
     Raises
@@ -49,7 +52,7 @@ def read_bulk(
     FileNotFoundError
         The file is missing.
     ValueError
-        Duplicate sample ids or gene names (named in the message), non-numeric, missing or
+        Duplicate sample ids (named in the message), non-numeric, missing or
         negative values (the first offending sample and gene named), an unknown ``obs_columns`` entry.
 
     Examples
@@ -69,7 +72,10 @@ def read_bulk(
     ids = pd.Index([str(i) for i in df.index])
     if ids.duplicated().any():
         dup = ids[ids.duplicated()].unique().tolist()
-        raise ValueError(f"Duplicate sample ids in the bulk table: {dup[:10]}. Each sample must be one row.")
+        raise ValueError(
+            f"Duplicate sample ids in the bulk table: {dup[:10]}. Each sample must be one row: drop or "
+            "merge the duplicated rows."
+        )
     df.index = ids
 
     meta_cols = list(obs_columns)
@@ -81,14 +87,11 @@ def read_bulk(
     meta = df[meta_cols]
     genes = df.drop(columns=meta_cols)
     names = pd.Index([str(g) for g in genes.columns])
-    if names.duplicated().any():
-        dup = names[names.duplicated()].unique().tolist()
-        raise ValueError(
-            f"Duplicate gene names in the bulk table: {dup[:10]}. Sum or drop the duplicates first "
-            "(e.g. `df.T.groupby(level=0).sum().T`)."
-        )
     if genes.shape[1] == 0:
-        raise ValueError("The bulk table has no gene columns.")
+        raise ValueError(
+            f"The bulk table has no gene columns (columns: {[sample_key, *meta_cols]}). Expected one row per "
+            "sample and one column per gene; a genes × samples table must be transposed first (`df.T`)."
+        )
 
     bad = [
         c
@@ -125,7 +128,10 @@ def read_bulk(
         obs[c] = meta[c].to_numpy()
     for c in (K.SAMPLE_ID, K.PATIENT_ID):
         obs[c] = obs[c].astype("category")
-    return AnnData(X=x, obs=obs, var=pd.DataFrame(index=names))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Variable names are not unique")
+        adata = AnnData(X=x, obs=obs, var=pd.DataFrame(index=names))
+    return sum_duplicate_genes(adata)  # the rule of every reader: duplicated genes are summed
 
 
 def _load(table: str | Path | pd.DataFrame, *, sample_key: str) -> pd.DataFrame:
@@ -133,6 +139,12 @@ def _load(table: str | Path | pd.DataFrame, *, sample_key: str) -> pd.DataFrame:
         return table.copy()
     p = check_file(table, what="bulk expression")
     name = p.name.lower()
+    if name.endswith((".xlsx", ".xls", ".ods", ".h5ad", ".h5", ".rds", ".json")):
+        raise ValueError(
+            f"{str(p)!r} is not a text or parquet table; read_bulk reads CSV / TSV (optionally gzipped) and "
+            f"parquet. Read it yourself and pass the DataFrame (e.g. `pd.read_excel({p.name!r})`; for an "
+            "AnnData, `adata.to_df()`)."
+        )
     if name.endswith(".parquet"):
         df = pd.read_parquet(p)
         if sample_key not in df.columns and isinstance(df.index, pd.RangeIndex):

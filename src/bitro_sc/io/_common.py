@@ -7,6 +7,7 @@ the layout of CONTRIBUTING.md ("Image", "Spots", "Spot table") is written in one
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,8 @@ import pandas as pd
 
 from .. import _keys as K
 from .. import _sdata
+from .._validate import sum_duplicate_genes
+from .._validate import to_rgb_uint8 as to_rgb_uint8  # public as bs.io.to_rgb_uint8
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
@@ -53,34 +56,13 @@ def strip_suffixes(name: str) -> str:
     return re.sub(r"(\.[A-Za-z0-9]{1,8})+$", "", name)
 
 
-def rgb_uint8(arr: Any, *, what: str) -> Any:
-    """A (y, x, c) array as RGB uint8: RGBA composited over white, 16-bit and [0, 1] float rescaled.
-
-    Works on numpy and dask arrays alike (lazily for dask). Grey-scale or other channel counts raise.
+def rgb_uint8(arr: Any, *, what: str, sample: Any = None) -> Any:
+    """A 2-D image as RGB uint8 (y, x, 3): :func:`bitro_sc._validate.to_rgb_uint8` (channel-first,
+    RGBA, 8-/12-/16-bit uint16 and [0, 1] / [0, 255] floats converted with a warning; greyscale refused).
     """
-    if arr.ndim == 2 or arr.shape[-1] not in (3, 4):
-        n = 1 if arr.ndim == 2 else arr.shape[-1]
-        raise ValueError(
-            f"The {what} has {n} channel(s) (shape {tuple(arr.shape)}); an RGB H&E image is needed. "
-            "Convert it to RGB first."
-        )
-    if arr.shape[-1] == 4:  # RGBA: composite over white (transparent = glass)
-        if arr.dtype != np.uint8:
-            arr = rgb_uint8(arr[..., :3], what=what)  # alpha of other dtypes is ignored
-        elif isinstance(arr, np.ndarray) and (arr[..., 3] == 255).all():
-            arr = arr[..., :3]
-        else:
-            alpha = arr[..., 3:4].astype(np.float32) / 255.0
-            rgb = arr[..., :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
-            arr = (rgb + 0.5).astype(np.uint8)
-    if arr.dtype == np.uint8:
-        return arr
-    if arr.dtype == np.uint16:
-        return (arr // 257).astype(np.uint8)
-    if np.issubdtype(arr.dtype, np.floating):
-        # floats in [0, 1] (matplotlib / skimage convention)
-        return (arr.clip(0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    raise ValueError(f"The {what} has pixel type {arr.dtype}; expected uint8, uint16 or float in [0, 1].")
+    from .._validate import to_rgb_uint8
+
+    return to_rgb_uint8(arr, what=what, sample=sample)
 
 
 def pyramid_factors(shape_yx: Sequence[int]) -> list[int] | None:
@@ -197,8 +179,8 @@ def integer_counts(x: Any, *, what: str, names: Sequence[str] | None = None) -> 
         if frac.any():
             where = first_row(frac)
             raise ValueError(
-                f"The {what} contain non-integer values{where}, e.g. {data[frac][0]!r}; raw integer UMI "
-                "counts are needed (not normalised or log-transformed values)."
+                f"The {what} contain non-integer values{where}, e.g. {float(data[frac][0]):g}; "
+                "raw integer UMI counts are needed (not normalised or log-transformed values)."
             )
     elif data.dtype.kind not in "iub":
         raise ValueError(f"The {what} have dtype {data.dtype}; raw integer counts are needed.")
@@ -266,7 +248,15 @@ def check_spots_in_image(xy_px: np.ndarray, shape_yx: tuple[int, int], *, radius
     """Raise when spot centres fall outside the image (a wrong image, scale or x/y swap)."""
     h, w = shape_yx
     x, y = xy_px[:, 0], xy_px[:, 1]
-    outside = (x < 0) | (y < 0) | (x >= w) | (y >= h) | ~np.isfinite(x) | ~np.isfinite(y)
+    missing = ~np.isfinite(x) | ~np.isfinite(y)
+    if missing.any():
+        first = int(np.flatnonzero(missing)[0])
+        raise ValueError(
+            f"{int(missing.sum())} of {len(x)} spot centres have a missing (NaN or infinite) pixel "
+            f"coordinate (first: spot {first}, x={float(x[first])!r}, y={float(y[first])!r}). Drop those "
+            "spots or fix their coordinates in the spot positions file."
+        )
+    outside = (x < 0) | (y < 0) | (x >= w) | (y >= h)
     if outside.any():
         raise ValueError(
             f"{int(outside.sum())} of {len(x)} spot centres lie outside the image ({w} × {h} px, width × "
@@ -311,7 +301,10 @@ def spot_table(
     obs_names = pd.Index([str(b) for b in barcodes])
     if not obs_names.is_unique:
         dup = obs_names[obs_names.duplicated()].unique()[:5].tolist()
-        raise ValueError(f"Spot names are not unique (e.g. {dup}); each spot must appear once.")
+        raise ValueError(
+            f"Spot names (barcodes) are not unique (e.g. {dup}); each spot must appear once. Drop or rename "
+            "the duplicated rows of the counts / positions files."
+        )
     obs = pd.DataFrame(index=obs_names)
     obs[K.SPOT_ID] = np.arange(n, dtype=np.int64)
     obs[K.REGION] = pd.Categorical([K.SPOTS] * n)
@@ -328,15 +321,14 @@ def spot_table(
     else:
         var = var.copy()
         var.index = var_names
-    adata = AnnData(X=counts, obs=obs, var=var)
-    if not adata.var_names.is_unique:
-        adata.var_names_make_unique()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Variable names are not unique")
+        adata = AnnData(X=counts, obs=obs, var=var)
+    adata = sum_duplicate_genes(adata)  # one documented rule for every reader (see _validate)
     adata.obsm[K.SPATIAL] = np.asarray(xy_px, dtype=np.float64)
     return TableModel.parse(adata, region=K.SPOTS, region_key=K.REGION, instance_key=K.SPOT_ID)
 
 
-def unique_gene_names(names: Sequence[str]) -> list[str]:
-    """Gene symbols made unique the anndata way (``"A"``, ``"A-1"``, ...)."""
-    from anndata.utils import make_index_unique
-
-    return list(make_index_unique(pd.Index([str(n) for n in names])))
+def gene_names(names: Sequence[str]) -> list[str]:
+    """Gene symbols as strings; duplicates are kept here and summed by :func:`spot_table`."""
+    return [str(n) for n in names]

@@ -13,7 +13,8 @@ import pandas as pd
 
 from .. import _keys as K
 from .._cells import write_cells
-from ._common import check_dir, check_file, integer_counts, rgb_uint8, spot_sdata, unique_gene_names
+from .._validate import check_mpp
+from ._common import check_dir, check_file, gene_names, integer_counts, rgb_uint8, spot_sdata
 from ._wsi import tiff_levels
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -85,10 +86,10 @@ def read_hest(
                 f"{str(meta_path)!r} has no `pixel_size_um_estimated` or `pixel_size_um_embedded`; "
                 "pass `mpp=`."
             )
+        mpp = check_mpp(mpp, name=f"pixel size in {meta_path.name}")
         source = "metadata"
     else:
-        if not mpp > 0:
-            raise ValueError(f"`mpp` must be a positive number of µm per pixel, got {mpp!r}.")
+        mpp = check_mpp(mpp)
         source = "user"
     diameter_um = _first_number(meta, "spot_diameter")
     if diameter_um is None:
@@ -111,7 +112,8 @@ def read_hest(
     xy = np.asarray(adata.obsm[K.SPATIAL], dtype=np.float64)[:, :2]
     obs = adata.obs
     x = integer_counts(adata.X, what=f"HEST counts of {sample_id}", names=list(adata.obs_names))
-    levels = [rgb_uint8(lv, what=f"HEST WSI {str(wsi)!r}") for lv in tiff_levels(wsi)]
+    raw_levels = tiff_levels(wsi)
+    levels = [rgb_uint8(lv, what=f"HEST WSI {str(wsi)!r}", sample=raw_levels[-1]) for lv in raw_levels]
 
     def col(name: str) -> np.ndarray | None:
         return obs[name].to_numpy() if name in obs.columns else None
@@ -121,7 +123,7 @@ def read_hest(
         image_yxc=levels,  # the file's own pyramid
         counts=x,
         barcodes=list(adata.obs_names),
-        genes=unique_gene_names(adata.var_names),
+        genes=gene_names(adata.var_names),
         xy_px=xy,
         radius_px=diameter_um / 2.0 / float(mpp),
         mpp=float(mpp),

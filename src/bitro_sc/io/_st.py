@@ -10,13 +10,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from .._validate import check_mpp, check_um
 from ._common import (
     check_file,
+    gene_names,
     integer_counts,
     rgb_uint8,
     spot_sdata,
     strip_suffixes,
-    unique_gene_names,
 )
 from ._wsi import read_image_file
 
@@ -111,15 +112,20 @@ def read_st(
     spots_df = _read_spots(spots)
     if sample_id is None:
         sample_id = re.sub(r"[_\-.]?(counts?|stdata)$", "", strip_suffixes(counts_name), flags=re.I) or "st"
-    if not spot_diameter_um > 0:
-        raise ValueError(f"`spot_diameter_um` must be positive, got {spot_diameter_um!r}.")
+    spot_diameter_um = check_um(spot_diameter_um, "spot_diameter_um")
+    array_pitch_um = check_um(array_pitch_um, "array_pitch_um")
+    if mpp is not None:
+        mpp = check_mpp(mpp)
 
     # join by array position
     pos = _parse_positions(counts_df.index)
     counts_df.index = pd.Index([f"{x}x{y}" for x, y in pos], name=None)
     if not counts_df.index.is_unique:
         dup = counts_df.index[counts_df.index.duplicated()].unique()[:5].tolist()
-        raise ValueError(f"The counts table lists array positions more than once: {dup}.")
+        raise ValueError(
+            f"The counts table lists array positions more than once: {dup}. Each spot must be one row: "
+            "drop or sum the duplicated rows."
+        )
     sel = spots_df
     if "selected" in spots_df.columns:
         sel = spots_df[spots_df["selected"].astype(float) == 1]
@@ -141,7 +147,7 @@ def read_st(
         )
     sel = sel[np.asarray(shared)]
     names = sel_names[np.asarray(shared)]
-    genes = unique_gene_names(counts_df.columns)
+    genes = gene_names(counts_df.columns)
     values = counts_df.loc[names]
     non_numeric = [c for c, t in values.dtypes.items() if not pd.api.types.is_numeric_dtype(t)]
     if non_numeric:
@@ -154,13 +160,13 @@ def read_st(
     # pixel size
     if mpp is None:
         mpp, n_fit, rms_um = estimate_mpp_from_grid(spots_df, pitch_um=array_pitch_um)
+        mpp = check_mpp(mpp, name="pixel size estimated from the spot grid")
         source = (
             f"estimated from array pitch ({array_pitch_um:g} µm), fit over {n_fit} spots "
             f"(RMS residual {rms_um:.1f} µm)"
         )
     else:
-        if not mpp > 0:
-            raise ValueError(f"`mpp` must be a positive number of µm per pixel, got {mpp!r}.")
+        mpp = check_mpp(mpp)
         source = "user"
     img = _read_rgb(image)
     xy = sel[["pixel_x", "pixel_y"]].to_numpy(dtype=np.float64)
@@ -214,6 +220,10 @@ def _read_counts(counts: str | Path | pd.DataFrame) -> tuple[pd.DataFrame, str]:
     p = check_file(counts, what="ST counts")
     sep = "," if ".csv" in p.name.lower() else "\t"
     df = pd.read_csv(p, sep=sep, index_col=0)
+    # pandas renames duplicated headers ("A", "A.1"); restore them so that duplicates are summed
+    header = pd.read_csv(p, sep=sep, header=None, nrows=1, dtype=str, keep_default_na=False).iloc[0]
+    if len(header) == df.shape[1] + 1:
+        df.columns = [str(c) for c in header.iloc[1:]]
     if df.shape[1] == 0:
         raise ValueError(f"The counts file {str(p)!r} has no gene columns; is it {sep!r}-separated?")
     return df, p.name

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import pandas as pd
 
-from ._common import check_dir, check_file, integer_counts, spot_sdata, unique_gene_names
+from .._validate import check_mpp
+from ._common import check_dir, check_file, gene_names, integer_counts, spot_sdata
 from ._wsi import read_image_file
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -88,6 +89,8 @@ def read_visium(
     >>> sdata = bs.io.read_visium("run1/outs", fullres_image="he_fullres.tif")  # doctest: +SKIP
     """
     root = check_dir(path, what="Space Ranger")
+    if mpp is not None:
+        mpp = check_mpp(mpp)
     if not (root / "spatial").is_dir() and (root / "outs" / "spatial").is_dir():
         root = root / "outs"
     if image not in ("auto", "fullres", "hires", "lowres"):
@@ -127,8 +130,7 @@ def read_visium(
             f"scalefactors ({VISIUM_SPOT_UM:g} µm spot diameter)",
         )
     else:
-        if not mpp > 0:
-            raise ValueError(f"`mpp` must be a positive number of µm per pixel, got {mpp!r}.")
+        mpp = check_mpp(mpp)
         mpp_full, source = float(mpp), "user"
     xy = pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=np.float64) * scalef
     x = integer_counts(adata.X, what="Visium counts", names=list(adata.obs_names))
@@ -191,7 +193,7 @@ def _read_counts(p: Path) -> AnnData:
     if "feature_types" in adata.var.columns:
         adata = adata[:, (adata.var["feature_types"] == "Gene Expression").to_numpy()]
     adata = adata.copy()
-    adata.var_names = unique_gene_names(adata.var_names)
+    adata.var_names = gene_names(adata.var_names)
     return adata
 
 

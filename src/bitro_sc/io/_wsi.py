@@ -11,6 +11,7 @@ import numpy as np
 
 from .. import _keys as K
 from .. import _sdata
+from .._validate import check_choice, check_mpp
 from ._common import CHUNK_PX, check_file, image_element, rgb_uint8, strip_suffixes
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -18,6 +19,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: file suffixes read with tifffile by ``backend="auto"``
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".svs", ".ndpi")
+#: file suffixes read with OpenSlide by ``backend="auto"``
+OPENSLIDE_SUFFIXES = (".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm")
+#: plain image files read with PIL (one level) by ``backend="auto"``
+PIL_SUFFIXES = (".png", ".jpg", ".jpeg")
 #: pixel sizes outside this range (µm/px) in file metadata are treated as absent (e.g. 72 dpi defaults)
 PLAUSIBLE_MPP = (0.05, 20.0)
 
@@ -87,16 +92,33 @@ def read_wsi(
     0.25
     """
     p = check_file(path, what="slide")
-    if backend not in ("auto", "tifffile", "openslide"):
-        raise ValueError(f"`backend` must be 'auto', 'tifffile' or 'openslide', got {backend!r}.")
+    check_choice(backend, ("auto", "tifffile", "openslide"), "backend")
+    if mpp is not None:
+        mpp = check_mpp(mpp)
+    name = p.name.lower()
+    chosen: str = backend
     if backend == "auto":
-        backend = "tifffile" if p.name.lower().endswith(TIFF_SUFFIXES) else "openslide"
-    if backend == "tifffile":
+        if name.endswith(TIFF_SUFFIXES):
+            chosen = "tifffile"
+        elif name.endswith(OPENSLIDE_SUFFIXES):
+            chosen = "openslide"
+        elif name.endswith(PIL_SUFFIXES):
+            chosen = "pil"
+        else:
+            raise ValueError(
+                f"{str(p)!r} is not a slide image bitro_sc can read (suffix {p.suffix or 'none'!r}). Whole "
+                f"slides: {', '.join(TIFF_SUFFIXES)} (tifffile) or {', '.join(OPENSLIDE_SUFFIXES)} "
+                f"(OpenSlide, the `wsi` extra); plain images: {', '.join(PIL_SUFFIXES)}. For another format, "
+                "convert it to a pyramidal TIFF, or pass `backend='openslide'` if OpenSlide reads it."
+            )
+    if chosen == "pil":
+        levels, file_mpp, where = [read_image_file(p)], None, "a PNG/JPEG records no pixel size"
+    elif chosen == "tifffile":
         levels = tiff_levels(p, chunk_px=chunk_px)
         file_mpp, where = tiff_mpp(p)
     else:
         levels, file_mpp, where = openslide_levels(p, chunk_px=chunk_px)
-    levels = [rgb_uint8(lv, what=f"slide {str(p)!r}") for lv in levels]
+    levels = [rgb_uint8(lv, what=f"slide {str(p)!r}", sample=levels[-1]) for lv in levels]
 
     mpp, source = resolve_mpp(mpp, file_mpp, where=where, path=p)
     sdata = sdata_from_levels(levels, mpp=mpp, chunk_px=chunk_px)
@@ -108,8 +130,7 @@ def read_wsi(
 def resolve_mpp(mpp: float | None, file_mpp: float | None, *, where: str, path: Path) -> tuple[float, str]:
     """``(mpp, source)`` from the user's value and the file's; user wins, with a warning on conflict."""
     if mpp is not None:
-        if not mpp > 0:
-            raise ValueError(f"`mpp` must be a positive number of µm per pixel, got {mpp!r}.")
+        mpp = check_mpp(mpp)
         if file_mpp is not None and abs(mpp / file_mpp - 1) > 0.1:
             warnings.warn(
                 f"`mpp={mpp}` differs from the file's {file_mpp:.4g} µm/px ({where}); using `mpp={mpp}`.",

@@ -11,6 +11,7 @@ _EXPORTS = {
     "normalize_expression": "_expression",
     "highly_variable_genes": "_expression",
     "get_counts": "_expression",
+    "sum_duplicate_genes": "_expression",
 }
 
 __getattr__, __dir__, __all__ = attach(__name__, _EXPORTS)

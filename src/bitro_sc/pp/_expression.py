@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import _keys as K
+from .._validate import sum_duplicate_genes as sum_duplicate_genes  # public as bs.pp.*
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData

@@ -14,6 +14,9 @@ import numpy as np
 from .. import _keys as K
 from .. import _sdata
 
+#: recorded as the writer of the normalised image
+WRITER = "bs.pp.normalize_stains"
+
 if TYPE_CHECKING:  # pragma: no cover
     import xarray as xr
     from spatialdata import SpatialData
@@ -132,7 +135,7 @@ def normalize_stains(
     image_key = _sdata.resolve_image_key(sdata, image_key)
     key_added = key_added or f"{image_key}_normalized"
     if inplace:
-        _sdata.check_free(sdata, key_added, overwrite=overwrite)
+        _sdata.check_free(sdata, key_added, overwrite=overwrite, writer=WRITER)
     image = _sdata.get_image(sdata, image_key)
     stains, max_conc = estimate_stains(subsample_rgb(image, max_fit_pixels))
     if reference is None:
@@ -150,7 +153,10 @@ def normalize_stains(
     )
     if not inplace:
         return element
+    if key_added in sdata:
+        del sdata[key_added]
     sdata.images[key_added] = element
+    _sdata.record_writer(sdata, WRITER, key_added)
     src = _sdata.mpp_source(sdata, image_key)
     if src is not None:
         sdata.attrs[K.ATTRS]["mpp_source"][key_added] = src

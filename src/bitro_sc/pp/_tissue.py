@@ -8,6 +8,10 @@ import numpy as np
 
 from .. import _keys as K
 from .. import _sdata
+from .._validate import check_um
+
+#: recorded as the writer of the tissue polygons
+WRITER = "bs.pp.tissue_mask"
 
 if TYPE_CHECKING:  # pragma: no cover
     import geopandas as gpd
@@ -198,7 +202,8 @@ def tissue_mask(
     threshold
         Saturation threshold in [0, 1]; ``None`` picks it with Otsu.
     overwrite
-        Replace an existing element ``key_added``.
+        Replace an existing element ``key_added`` that the user or another function wrote (one that
+        ``tissue_mask`` wrote is replaced anyway, so a notebook cell can be re-run).
     inplace
         Write the shapes element into ``sdata`` (otherwise only return it).
 
@@ -222,9 +227,13 @@ def tissue_mask(
     image_key = _sdata.resolve_image_key(sdata, image_key)
     mpp = _sdata.get_mpp(sdata, image_key, mpp)
     if inplace:
-        _sdata.check_free(sdata, key_added, overwrite=overwrite)
-    if not level_um > 0:
-        raise ValueError(f"`level_um` must be positive (µm per overview pixel), got {level_um!r}.")
+        _sdata.check_free(sdata, key_added, overwrite=overwrite, writer=WRITER)
+    check_um(level_um, "level_um")
+    for name, value in (("min_area_um2", min_area_um2), ("max_hole_um2", max_hole_um2)):
+        check_um(value, name, allow_zero=True)
+    check_um(closing_um, "closing_um", allow_zero=True)
+    if threshold is not None and not (_is_number(threshold) and 0 <= threshold <= 1):
+        raise ValueError(f"`threshold` must be a saturation in [0, 1] or None, got {threshold!r}.")
     thumb, scale = thumbnail(sdata, image_key, mpp=mpp, target_um=level_um)
     mask = tissue_mask_array(
         thumb,
@@ -252,4 +261,9 @@ def tissue_mask(
         if key_added in sdata:
             del sdata[key_added]
         sdata.shapes[key_added] = gdf
+        _sdata.record_writer(sdata, WRITER, key_added)
     return gdf
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value)

@@ -10,6 +10,9 @@ import numpy as np
 from .. import _keys as K
 from .. import _sdata
 
+#: recorded as the writer of the assignment
+WRITER = "bs.tl.assign_cells"
+
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
     from spatialdata import SpatialData
@@ -68,7 +71,8 @@ def assign_cells(
     key_added
         ``obs`` column written.
     overwrite
-        Replace an existing ``obs[key_added]``.
+        Replace an existing ``obs[key_added]`` (or ``uns["bitro_assign"]``) that the user or another
+        function wrote; what ``assign_cells`` wrote before is replaced anyway (a re-run).
 
     Returns
     -------
@@ -97,11 +101,26 @@ def assign_cells(
     from scipy.spatial import cKDTree
 
     table = _sdata.require(sdata, cells_key, kind="tables", step="run `bs.tl.segment` first")
-    if key_added in table.obs.columns and not overwrite:
-        raise ValueError(
-            f"tables[{cells_key!r}].obs already has {key_added!r}. Pass `overwrite=True` to replace it, "
-            "or choose another `key_added=`."
-        )
+    written = (
+        _sdata.part_key(cells_key, "obs", key_added),
+        _sdata.part_key(cells_key, "uns", K.ASSIGN_PARAMS),
+    )
+    _sdata.check_free(
+        sdata,
+        written[0],
+        exists=key_added in table.obs.columns,
+        overwrite=overwrite,
+        writer=WRITER,
+        what="column",
+    )
+    _sdata.check_free(
+        sdata,
+        written[1],
+        exists=K.ASSIGN_PARAMS in table.uns,
+        overwrite=overwrite,
+        writer=WRITER,
+        what="record",
+    )
     centres, radii, spot_ids = spot_discs_um(sdata, spots_key)
     cells_xy = _sdata.cell_centroids_um(table, cells_key=cells_key)
     n = len(cells_xy)
@@ -130,6 +149,7 @@ def assign_cells(
         "spot_ids": ids.astype(np.int64) if ids.dtype.kind in "iu" else ids.astype(str),
         "n_cells": counts,
     }
+    _sdata.record_writer(sdata, WRITER, *written)
     if n and not assigned.any():
         warnings.warn(
             f"No cell of {cells_key!r} falls inside any spot of {spots_key!r}: the cells span "

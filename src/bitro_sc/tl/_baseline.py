@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
 from .. import _keys as K
-from .. import _sdata
+from .. import _sdata, _validate
 from ..models._baseline import METHODS, BaselineModel
 from ..models._baseline import fit_baseline as models_fit_baseline
 from ..models._params import DataKeys
@@ -93,7 +93,10 @@ def fit_baseline(
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
     _sdata.check_level(level, K.FIT_LEVELS)
+    _validate.check_choice(method, ("ridge", "mean"), "method")
+    genes = _validate.check_genes(genes)
     slides = _sdata.as_slides(sdata_or_list, what="training slide")
+    _validate.check_training_tables(slides, table_key if level == "spot" else bulk_key, level=level)
     keys = DataKeys(
         table_key=table_key,
         bulk_key=bulk_key,

@@ -177,11 +177,8 @@ def cell_features(
                 f"The cells table {cells_key!r} has {int((~np.isfinite(xy)).any(1).sum())} cells without a "
                 "finite centroid (x_px / y_px); drop them or re-run `bs.tl.segment`."
             )
-        if key_added in table.obsm and not overwrite:
-            raise ValueError(
-                f"tables[{cells_key!r}].obsm already has {key_added!r}. Pass `overwrite=True` to replace it, "
-                "or choose another `key_added=`."
-            )
+        parts = [("obsm", key_added), ("uns", uns_key)]
+        _sdata.check_table_free(s, cells_key, parts, overwrite=overwrite, writer="bs.tl.cell_features")
         ikey = _sdata.resolve_image_key(s, image_key)
         image = _sdata.get_image(s, ikey)
         slide_mpp = _sdata.get_mpp(s, ikey, mpp)
@@ -226,3 +223,4 @@ def cell_features(
         }
         if stains:  # the morphology encoder: per-slide (Macenko) or fixed stains
             table.uns[uns_key]["stains"] = stains
+        _sdata.record_writer(_s, "bs.tl.cell_features", *(_sdata.part_key(cells_key, *p) for p in parts))

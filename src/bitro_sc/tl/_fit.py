@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from .. import _keys as K
-from .. import _sdata
+from .. import _sdata, _validate
 from ..models._fit import fit
 from ..models._model import BiTroModel
 from ..models._params import DataKeys, ModelParams, TrainParams
@@ -143,8 +143,13 @@ def fit_bitro(
     ('spot', 'bulk')
     """
     slides = _sdata.as_slides(sdata_or_list, what="training slide")
-    if transfer not in _TRANSFERS:
-        raise ValueError(f"`transfer` must be one of {list(_TRANSFERS)}, got {transfer!r}.")
+    _validate.check_choice(transfer, _TRANSFERS, "transfer")
+    _validate.check_choice(policy, ("lora", "full", "head"), "policy")
+    genes = _validate.check_genes(genes)
+    _validate.check_device(device)
+    _validate.check_positive_int(n_top_genes, "n_top_genes")
+    if epochs is not None:
+        _validate.check_positive_int(epochs, "epochs")
     expected = "bulk" if transfer == "spatial" else "spot"
     fit_level = _sdata.check_level(expected if level is None else level, K.FIT_LEVELS)
     if transfer is not None and fit_level != expected:
@@ -156,6 +161,17 @@ def fit_bitro(
         raise ValueError("`bulk=` (slides to train the base on) is only used with transfer='bulk'.")
     if base is not None and transfer is None:
         raise ValueError("`base=` is only used with `transfer='bulk'` or `transfer='spatial'`.")
+    for lvl in (
+        fit_level,
+        *(["bulk" if transfer == "bulk" else "spot"] if transfer and base is None else []),
+    ):
+        key = table_key if lvl == "spot" else bulk_key
+        _validate.check_training_tables(slides, key, level=lvl, key_added=key_added, overwrite=overwrite)
+        if bulk is not None and lvl == "bulk":
+            bulk_slides = _sdata.as_slides(bulk, what="bulk slide")
+            _validate.check_training_tables(
+                bulk_slides, key, level=lvl, key_added=key_added, overwrite=overwrite
+            )
     tp = TrainParams.coerce(train)
     if epochs is not None:
         tp = TrainParams.coerce({**tp.to_dict(), "epochs": int(epochs)})
@@ -169,7 +185,7 @@ def fit_bitro(
         graph_key=graph_key,
     )
     run = functools.partial(
-        fit,
+        _fit_recorded,
         keys=keys,
         model=ModelParams.coerce(model),
         train=tp,
@@ -263,3 +279,14 @@ def _target_genes(slides: list[SpatialData], transfer: str, keys: DataKeys, n_to
         return list(highly_variable_genes(tables, n_top=int(n_top)))
     except ValueError:  # e.g. too few bulk rows for an HVG ranking: the base picks its own genes
         return None
+
+
+def _fit_recorded(
+    slides: list[SpatialData], *, level: str, keys: DataKeys, key_added: str, **kw: Any
+) -> BiTroModel:
+    """:func:`~bitro_sc.models.fit`, then the run records it wrote are recorded as fit_bitro's."""
+    fitted = fit(slides, level=level, keys=keys, key_added=key_added, **kw)
+    table = keys.target(level)
+    for s in slides:
+        _sdata.record_writer(s, "bs.tl.fit_bitro", _sdata.part_key(table, "uns", key_added))
+    return fitted

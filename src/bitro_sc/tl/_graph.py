@@ -8,6 +8,10 @@ import numpy as np
 
 from .. import _keys as K
 from .. import _sdata
+from .._validate import check_positive_int, check_um
+
+#: recorded as the writer of the graph
+WRITER = "bs.tl.cell_graph"
 
 if TYPE_CHECKING:  # pragma: no cover
     from spatialdata import SpatialData
@@ -46,7 +50,8 @@ def cell_graph(
         ``obsp[f"{key_added}_distances"]`` and ``uns[f"{key_added}_neighbors"]``. Fit and predict
         with such a graph by passing ``graph_key=key_added``.
     overwrite
-        Replace an existing graph.
+        Replace an existing graph that the user or another function wrote; one ``cell_graph``
+        wrote is replaced anyway (a re-run).
 
     Returns
     -------
@@ -69,16 +74,18 @@ def cell_graph(
     import scipy.sparse as sp
 
     table = _sdata.require(sdata, cells_key, kind="tables", step="run `bs.tl.segment` first")
-    if radius_um is not None and not radius_um > 0:
-        raise ValueError(f"`radius_um` must be a positive distance in µm, got {radius_um!r}.")
-    if radius_um is None and int(k) < 1:
-        raise ValueError(f"`k` must be a positive number of neighbours, got {k!r}.")
+    radius_um = None if radius_um is None else check_um(radius_um, "radius_um")
+    if radius_um is None:
+        k = check_positive_int(k, "k")
     conn_key, dist_key = f"{key_added}_connectivities", f"{key_added}_distances"
-    if conn_key in table.obsp and not overwrite:
-        raise ValueError(
-            f"tables[{cells_key!r}].obsp already has {conn_key!r}. "
-            "Pass `overwrite=True` to replace it, or choose another `key_added=`."
-        )
+    written = (
+        _sdata.part_key(cells_key, "obsp", conn_key),
+        _sdata.part_key(cells_key, "obsp", dist_key),
+        _sdata.part_key(cells_key, "uns", f"{key_added}_neighbors"),
+    )
+    for key, there in zip(written, (table.obsp, table.obsp, table.uns), strict=True):
+        name = key.rsplit("/", 1)[-1]
+        _sdata.check_free(sdata, key, exists=name in there, overwrite=overwrite, writer=WRITER, what="graph")
     xy = _sdata.cell_centroids_um(table, cells_key=cells_key)
     n = len(xy)
     params: dict = {"coord_type": "generic", "transform": "none", "units": "um"}
@@ -101,6 +108,7 @@ def cell_graph(
         "distances_key": dist_key,
         "params": params,
     }
+    _sdata.record_writer(sdata, WRITER, *written)
 
 
 def knn_graph(xy: np.ndarray, k: int):

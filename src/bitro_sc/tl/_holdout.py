@@ -356,7 +356,10 @@ def holdout(
     ids = _sdata.sample_ids(slides)
     unknown = [t for t in test if t not in ids]
     if unknown:
-        raise ValueError(f"Test sample(s) {unknown} are not among the slides {ids}.")
+        raise ValueError(
+            f"Test sample(s) {unknown} are not among the slides {ids}. Pass `test=` sample ids of the given "
+            "slides (set a slide's id with `bs.set_slide_info(sdata, sample_id=...)`)."
+        )
     test_idx = [k for k, i in enumerate(ids) if i in test]
     train = [s for s, i in zip(slides, ids, strict=True) if i not in test]
     if not train:

@@ -98,14 +98,11 @@ def phenotypes(
             raise KeyError(
                 f"tables[{cells_key!r}].obsm has no {features_key!r}: run `bs.tl.cell_features` first."
             )
-        if key_added in table.obs.columns and not overwrite:
-            raise ValueError(
-                f"tables[{cells_key!r}].obs already has {key_added!r}. Pass `overwrite=True` to replace it, "
-                "or choose another `key_added=`."
-            )
+        parts = [("obs", key_added), ("uns", key_added)]
+        _sdata.check_table_free(s, cells_key, parts, overwrite=overwrite, writer="bs.tl.phenotypes")
         tables.append(table)
         params = table.uns.get(_sdata.features_params_key(features_key))
-        these = [str(v) for v in params["feature_names"]] if params is not None else None
+        these = [str(v) for v in params["feature_names"]] if params and "feature_names" in params else None
         if names is not None and these is not None and these != names:
             raise ValueError(
                 "The slides were featurised with different encoders; run `bs.tl.cell_features` with the "
@@ -123,6 +120,12 @@ def phenotypes(
         if int(n_clusters) < 2:
             raise ValueError(f"`n_clusters` must be at least 2, got {n_clusters!r}.")
         x = np.concatenate(matrices, axis=0)
+        if not len(x):
+            raise ValueError(
+                f"The cells table(s) {cells_key!r} hold 0 cells, so there is nothing to cluster: "
+                "segmentation found no nuclei (check the tissue mask and the image, e.g. `bs.pl.cells`) "
+                "or the wrong table was given."
+            )
         if len(x) < n_clusters:
             raise ValueError(f"{len(x)} cells cannot make {n_clusters} clusters; lower `n_clusters`.")
         use_mb = algorithm == "minibatch" or (algorithm == "auto" and len(x) > minibatch_above)
@@ -166,6 +169,8 @@ def phenotypes(
             "n_cells_fitted": int(n_fitted),
             "counts": np.bincount(labels, minlength=k).astype(np.int64),
         }
+    for s in slides:
+        _sdata.record_writer(s, "bs.tl.phenotypes", *(_sdata.part_key(cells_key, *p) for p in parts))
     return model
 
 

@@ -66,7 +66,10 @@ def predict_bitro(
     key_added
         Layer (and ``uns`` key) written.
     overwrite
-        Replace an existing ``layers[key_added]`` (or gene columns of the cells table).
+        Replace an existing ``layers[key_added]`` / ``uns[key_added]`` (or gene columns of the cells
+        table) that the user or another function wrote; ``predict_bitro``'s own earlier output
+        (and a fit's run record) is replaced anyway. Cell-level predictions keep the cells table's
+        other layers (same genes required).
     table_key, bulk_key, cells_key, features_key, phenotype_key, spot_key, graph_key
         Where the slide holds its tables, cell features, phenotypes, cell → spot ids and cell graph
         (see :class:`~bitro_sc.models.DataKeys`). ``None`` (default): the keys the model was
@@ -105,18 +108,23 @@ def predict_bitro(
         graph_key=graph_key,
     )
     table_key, bulk_key, cells_key = keys.table_key, keys.bulk_key, keys.cells_key
+    target = cells_key if level == "cell" else (table_key if level == "spot" else bulk_key)
+    parts = [("layers", key_added), ("uns", key_added)] + (
+        [("obs", f"{key_added}_rna_content")] if level == "cell" else []
+    )
+    written = _sdata.check_table_free(sdata, target, parts, overwrite=overwrite, writer=_WRITERS)
     if level == "cell":
-        _check_cells_free(sdata, cells_key, key_added, overwrite)
-    else:
-        key = table_key if level == "spot" else bulk_key
-        if key in sdata.tables and key_added in sdata.tables[key].layers and not overwrite:
-            raise ValueError(
-                f"The {key!r} table already has layers[{key_added!r}]; pass `overwrite=True` or another "
-                "`key_added=`."
-            )
+        _check_cells_free(sdata, cells_key, key_added, model)
+        genes_key = _sdata.part_key(cells_key, "var", "genes")  # the cells table's gene columns
+        there = _sdata.cells_table(sdata, cells_key).n_vars > 0
+        _sdata.check_free(
+            sdata, genes_key, exists=there, overwrite=overwrite, writer=_WRITERS, what="gene list"
+        )
+        written.append(genes_key)
     frame = model.predict_frame(sdata, level=level, keys=keys)
     if level == "cell":
         _write_cells(sdata, frame, model, cells_key=cells_key, key_added=key_added)
+        _sdata.record_writer(sdata, "bs.tl.predict_bitro", *written)
         return
     key = table_key if level == "spot" else bulk_key
     if level == "bulk" and key not in sdata.tables:
@@ -135,15 +143,23 @@ def predict_bitro(
     _write_record(
         table, model, key_added, missing=[g for g, o in zip(frame.columns, ok, strict=True) if not o]
     )
+    _sdata.record_writer(sdata, "bs.tl.predict_bitro", *written)
 
 
-def _check_cells_free(sdata: SpatialData, cells_key: str, key_added: str, overwrite: bool) -> None:
+#: predict_bitro replaces its own layers and run records, and a run record of fit_bitro / fit_baseline
+_WRITERS = ("bs.tl.predict_bitro", *_sdata.RECORD_WRITERS)
+
+
+def _check_cells_free(sdata: SpatialData, cells_key: str, key_added: str, model: ExpressionModel) -> None:
+    """Cell-level predictions keep the cells table's other layers: they must be of the same genes."""
     cells = _sdata.cells_table(sdata, cells_key)
-    if (cells.n_vars or key_added in cells.layers) and not overwrite:
+    others = [k for k in cells.layers if k != key_added]
+    if others and list(cells.var_names) != [str(g) for g in model.genes]:
         raise ValueError(
-            f"The cells table {cells_key!r} already has {cells.n_vars} gene column(s) / "
-            f"layers[{key_added!r}]; "
-            "pass `overwrite=True` to replace them."
+            f"The cells table {cells_key!r} already holds cell-level layers {others} of {cells.n_vars} other "
+            f"gene(s); a cells table has one gene list, so predictions of this model's {len(model.genes)} "
+            "genes cannot sit beside them. Predict into another table (`cells_key=` a copy of the cells "
+            "table), or delete those layers first."
         )
 
 
@@ -179,6 +195,7 @@ def _write_cells(
         obs=obs,
         var=pd.DataFrame(index=pd.Index(frame.columns.astype(str))),
         obsm={k: v for k, v in old.obsm.items()},
+        layers={k: v for k, v in old.layers.items() if k != key_added and old.n_vars == frame.shape[1]},
         obsp={k: v for k, v in old.obsp.items()},
         uns=dict(old.uns),
     )

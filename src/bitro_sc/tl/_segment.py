@@ -22,6 +22,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: images up to this many pixels get a label image by default (whole slides do not)
 LABELS_MAX_PIXELS = 50_000_000
+#: recorded as the writer of the cells elements (a re-run replaces them) and of a computed tissue mask
+WRITER = "bs.tl.segment"
+TISSUE_WRITER = "bs.pp.tissue_mask"
+#: at most this many tiles (a tile size that would make more is refused: it costs minutes of overhead)
+MAX_TILES = 100_000
 #: pixel size of the tissue raster used to decide which tiles and cells are on tissue (µm/px)
 _TISSUE_UM = 8.0
 
@@ -42,45 +47,89 @@ def _configure(backend: Any, method_kwargs: dict[str, Any]) -> tuple[Any, dict[s
     return backend, dict(method_kwargs)
 
 
-def _tissue_raster(
-    sdata: SpatialData,
-    image_key: str,
-    tissue: str | bool | gpd.GeoDataFrame | None,
-    *,
-    mpp: float,
-    shape: tuple[int, int],
-) -> tuple[Any, str | None]:
-    """The tissue as a :class:`TissueRaster` (``None``: segment everywhere) and its element name."""
+def _check_tissue(sdata: SpatialData, tissue: Any) -> Any:
+    """``tissue`` normalised (``True`` → :data:`~bitro_sc._keys.TISSUE`, ``False`` → ``None``), checked."""
     import geopandas as gpd
 
     if tissue is None or tissue is False:
-        return None, None
-    name: str | None = None
+        return None
     if tissue is True:
-        tissue = K.TISSUE
+        return K.TISSUE
     if isinstance(tissue, str):
-        name = tissue
-        if tissue in sdata.shapes:
-            shapes = sdata.shapes[tissue]
-        elif tissue in sdata:
+        if tissue in sdata and tissue not in sdata.shapes:
             raise ValueError(
                 f"{tissue!r} is not a shapes element; pass `tissue=` the name of a shapes element of "
                 "tissue polygons, or `tissue=False` to segment the whole image."
             )
-        else:  # computed and written, so that it can be inspected
-            shapes = tissue_mask(sdata, image_key=image_key, key_added=tissue, mpp=mpp)
-    elif isinstance(tissue, gpd.GeoDataFrame):
-        shapes = tissue
+        return tissue
+    if isinstance(tissue, gpd.GeoDataFrame):
+        return tissue
+    raise TypeError(
+        f"`tissue` must be a shapes element name, a GeoDataFrame, True or False; got {type(tissue)}."
+    )
+
+
+def _tissue_raster(
+    sdata: SpatialData,
+    image_key: str,
+    tissue: str | gpd.GeoDataFrame | None,
+    *,
+    mpp: float,
+    shape: tuple[int, int],
+) -> tuple[Any, str | None, Any]:
+    """The tissue as a :class:`TissueRaster` (``None``: segment everywhere), its element name, and the
+    polygons to write under that name when they were computed here (else ``None``)."""
+    if tissue is None:
+        return None, None, None
+    name: str | None = None
+    new = None
+    if isinstance(tissue, str):
+        name = tissue
+        if tissue in sdata.shapes:
+            shapes = sdata.shapes[tissue]
+        else:  # computed now and written with the cells, so that it can be inspected
+            shapes = new = tissue_mask(sdata, image_key=image_key, key_added=tissue, mpp=mpp, inplace=False)
     else:
-        raise TypeError(
-            f"`tissue` must be a shapes element name, a GeoDataFrame, True or False; got {type(tissue)}."
-        )
+        shapes = tissue
     scale = max(1.0, float(int(_TISSUE_UM / mpp)))
     raster_shape = (int(np.ceil(shape[0] / scale)), int(np.ceil(shape[1] / scale)))
     mask = (
         rasterize_tissue(shapes, raster_shape, scale=scale) if len(shapes) else np.zeros(raster_shape, bool)
     )
-    return TissueRaster(mask, scale), name
+    return TissueRaster(mask, scale), name, (new if new is not None and len(new) else None)
+
+
+def _check_tiles(
+    backend: Any, tile_um: Any, overlap_um: Any, *, mpp: float, shape: tuple[int, int]
+) -> tuple[float, float]:
+    """``(tile_um, overlap_um)`` checked against the method's largest nucleus; default overlap filled in."""
+    from .._validate import check_um
+
+    largest = float(getattr(backend, "max_diameter_um", 25.0))
+    tile = check_um(tile_um, "tile_um")
+    if tile < largest:
+        raise ValueError(
+            f"`tile_um`={tile:g} µm is smaller than the largest nucleus ({largest:g} µm): tiles would "
+            f"cost far more than the nuclei in them. Use `tile_um` ≥ {largest:g} µm (default 600)."
+        )
+    n_tiles = np.ceil(shape[0] * mpp / tile) * np.ceil(shape[1] * mpp / tile)
+    if n_tiles > MAX_TILES:
+        raise ValueError(
+            f"`tile_um`={tile:g} µm cuts this {shape[1] * mpp:.0f} × {shape[0] * mpp:.0f} µm image into "
+            f"{n_tiles:.0f} tiles (at most {MAX_TILES}); use a larger `tile_um` (default 600)."
+        )
+    if overlap_um is None:
+        context = getattr(backend, "context_um", None)
+        overlap = float(context) if context is not None else largest + 5.0
+    else:
+        overlap = check_um(overlap_um, "overlap_um", allow_zero=True)
+    if overlap < largest:
+        raise ValueError(
+            f"`overlap_um`={overlap:g} µm is smaller than the largest nucleus ({largest:g} µm): nuclei on "
+            f"tile borders would be cut in two. Use `overlap_um` ≥ {largest:g} µm, or leave it as None (the "
+            "method's own context)."
+        )
+    return tile, overlap
 
 
 def _calibration_sample(
@@ -157,11 +206,12 @@ def segment(
         Name of the cells table; the shapes element is
         :func:`~bitro_sc.segmentation.shapes_key_for` of it (``"cell_circles"``).
     tile_um
-        Tile core size (µm).
+        Tile core size (µm); at least the method's largest nucleus (``max_diameter_um``, 25 µm).
     overlap_um
         Overlap on each side (µm); default: the method's ``context_um`` (how far its result
         depends on the image; 38.5 µm for the default method), else its largest nucleus diameter
-        (``max_diameter_um``, 25 µm) + 5 µm.
+        (``max_diameter_um``, 25 µm) + 5 µm. Smaller than the largest nucleus is refused (nuclei
+        on tile borders would be split).
     tissue
         Name of a shapes element of tissue polygons (pixel coordinates); computed with
         :func:`bitro_sc.pp.tissue_mask` and written under that name when absent. A GeoDataFrame
@@ -172,7 +222,9 @@ def segment(
     labels_key
         Name of the labels element.
     overwrite
-        Replace existing elements of these names.
+        Replace existing elements of these names written by someone else (the user, another
+        function). Elements ``segment`` wrote before are replaced anyway, so a notebook cell can
+        be re-run.
     progress
         Show a progress bar over tiles.
     **method_kwargs
@@ -185,7 +237,9 @@ def segment(
     ``minor_axis_um``, ``orientation``, ``sample_id``, ``patient_id``; ``obsm["spatial"]`` in µm;
     parameters in ``uns["bitro_segmentation"]``), shapes ``"cell_circles"`` and, when asked,
     labels ``labels_key`` — see :func:`~bitro_sc.segmentation.write_cells`. A slide with no
-    tissue or no nuclei gets an empty table and a warning.
+    tissue or no nuclei gets an empty table and a warning. Every argument is checked before any
+    work: a failing call leaves ``sdata`` as it was (a computed tissue mask is written only with
+    the cells).
 
     Examples
     --------
@@ -217,19 +271,13 @@ def segment(
     height, width = int(arr.sizes["y"]), int(arr.sizes["x"])
     if write_labels is None:
         write_labels = height * width <= LABELS_MAX_PIXELS
+    tile_um, overlap_um = _check_tiles(backend, tile_um, overlap_um, mpp=mpp, shape=(height, width))
+    tissue = _check_tissue(sdata, tissue)
     shapes_key = shapes_key_for(key_added)
     for key in (key_added, shapes_key, *([labels_key] if write_labels else [])):
-        _sdata.check_free(sdata, key, overwrite=overwrite)
-    if not tile_um > 0:
-        raise ValueError(f"`tile_um` must be positive (µm), got {tile_um!r}.")
-    context = getattr(backend, "context_um", None)
-    if overlap_um is None:
-        overlap_um = (
-            float(context) if context is not None else float(getattr(backend, "max_diameter_um", 25.0)) + 5.0
-        )
-    overlap_um = float(overlap_um)
-    if overlap_um < 0:
-        raise ValueError(f"`overlap_um` must be ≥ 0 (µm), got {overlap_um!r}.")
+        _sdata.check_free(sdata, key, overwrite=overwrite, writer=WRITER)
+    if isinstance(tissue, str) and tissue not in sdata:
+        _sdata.check_free(sdata, tissue, overwrite=overwrite, writer=TISSUE_WRITER)
     params: dict[str, Any] = {
         "method": method_name,
         "image_key": image_key,
@@ -245,6 +293,7 @@ def segment(
         }
 
     labels = None
+    new_tissue = None
     if isinstance(backend, FileSegmenter):
         polygons = backend.load()
         props = polygons_to_cells(polygons, scale=backend.scale)
@@ -252,7 +301,9 @@ def segment(
             labels = rasterize_polygons(polygons, (height, width), scale=backend.scale)
         params["path"] = str(backend.path)
     else:
-        raster, tissue_name = _tissue_raster(sdata, image_key, tissue, mpp=mpp, shape=(height, width))
+        raster, tissue_name, new_tissue = _tissue_raster(
+            sdata, image_key, tissue, mpp=mpp, shape=(height, width)
+        )
         params["tissue"] = tissue_name
         calibrate = getattr(backend, "calibrate", None)
         if callable(calibrate):
@@ -282,4 +333,8 @@ def segment(
         labels=labels,
         overwrite=overwrite,
         uns=params,
+        writer=WRITER,
     )
+    if new_tissue is not None and isinstance(tissue, str):
+        sdata.shapes[tissue] = new_tissue
+        _sdata.record_writer(sdata, TISSUE_WRITER, tissue)
