@@ -10,6 +10,7 @@ from .. import _keys as K
 from .. import _sdata
 from ..models._params import DataKeys
 from ..models._protocol import ExpressionModel
+from ._steps import StepPlan, plan_steps
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
@@ -105,6 +106,8 @@ def predict_bitro(
         graph_key=graph_key,
     )
     table_key, bulk_key, cells_key = keys.table_key, keys.bulk_key, keys.cells_key
+    plan = _plan(sdata, model, keys, level)
+    plan.check()  # one error listing every missing step that cannot be run here, before any write
     if level == "cell":
         _check_cells_free(sdata, cells_key, key_added, overwrite)
     else:
@@ -114,6 +117,7 @@ def predict_bitro(
                 f"The {key!r} table already has layers[{key_added!r}]; pass `overwrite=True` or another "
                 "`key_added=`."
             )
+    plan.run()
     frame = model.predict_frame(sdata, level=level, keys=keys)
     if level == "cell":
         _write_cells(sdata, frame, model, cells_key=cells_key, key_added=key_added)
@@ -134,6 +138,30 @@ def predict_bitro(
     table.layers[key_added] = values
     _write_record(
         table, model, key_added, missing=[g for g, o in zip(frame.columns, ok, strict=True) if not o]
+    )
+
+
+def _plan(sdata: SpatialData, model: ExpressionModel, keys: DataKeys, level: str) -> StepPlan:
+    """The preparation steps the slide lacks for ``model`` (run with its recorded settings)."""
+    from ..models._baseline import BaselineModel
+    from ..models._model import BiTroModel
+
+    need_phen = need_graph = False
+    if isinstance(model, BiTroModel):
+        p = model.params
+        need_phen = bool(model.phenotypes) and (p.phenotype_dim > 0 or bool(p.phenotype_profiles))
+        need_graph = p.gat_layers > 0
+    elif not isinstance(model, BaselineModel):
+        return StepPlan("predict_bitro")  # another model: it reads the slide itself
+    return plan_steps(
+        [sdata],
+        keys=keys,
+        prep=model.preprocessing,
+        need_spots=level == "spot",
+        need_phenotypes=need_phen,
+        need_graph=need_graph,
+        who="predict_bitro",
+        single=True,
     )
 
 
