@@ -24,6 +24,14 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger("bitro_sc")
 
 
+class MissingStepsError(ValueError, KeyError):
+    """Preparation steps are missing and cannot be run automatically (a ``KeyError`` too, as the
+    missing element errors of each step are)."""
+
+    def __str__(self) -> str:  # KeyError would print the message quoted
+        return str(self.args[0]) if self.args else ""
+
+
 @dataclass
 class StepPlan:
     """Steps to run (``(log line, call)``) in order, and the missing steps that cannot be run here."""
@@ -42,7 +50,7 @@ class StepPlan:
         lines = "\n".join(f"  - {u}" for u in self.unfixable)
         done = [line.split("running ", 1)[-1].rstrip(".") for line, _ in self.steps]
         also = f"\n(These would run by themselves: {'; '.join(done)}.)" if done else ""
-        raise ValueError(
+        raise MissingStepsError(
             f"{self.who} cannot prepare the slide(s): these steps are missing and cannot be run "
             f"automatically. Run them first (in this order):\n{lines}{also}"
         )
@@ -133,9 +141,9 @@ def plan_steps(
                 fov = float(source.features["fov_um"])
                 kw = {"encoder": enc, "fov_um": fov, "scaler": source.feature_scaler}
         if kw is None or not all(has_cells[i] for i in lacking):
-            unfixable.append(f"cell features: {call}")
+            unfixable.append(f"cell features (obsm[{fk!r}]): {call}")
         elif any(not slides[i].images for i in lacking):
-            unfixable.append(f"cell features (need the H&E image, which the SpatialData lacks): {call}")
+            unfixable.append(f"cell features (obsm[{fk!r}]; need the H&E image, which is missing): {call}")
         else:
             plan.steps.append(
                 (
@@ -165,12 +173,13 @@ def plan_steps(
             pkw = {"features_key": fk, "key_added": pk, "cells_key": ck}
             if kmeans is None and prep is not None:
                 unfixable.append(
-                    f"cell phenotypes: obs[{pk!r}] with the model's phenotype categories (the model has no "
-                    "k-means to assign them: they were not made by `bs.tl.phenotypes`)"
+                    f"cell phenotypes (obs[{pk!r}]): a column with the model's phenotype categories "
+                    "(the model has no k-means to assign them: they were not made by `bs.tl.phenotypes`)"
                 )
             elif kmeans is None and (have or not from_scratch):
                 unfixable.append(
-                    f"cell phenotypes: bs.tl.phenotypes({where}, model=<the training k-means>{extra})"
+                    f"cell phenotypes (obs[{pk!r}]): "
+                    f"bs.tl.phenotypes({where}, model=<the training k-means>{extra})"
                 )
             else:
                 call = f"bs.tl.phenotypes({where}{', model=model.phenotype_model' if kmeans else ''}{extra})"
@@ -196,7 +205,9 @@ def plan_steps(
             )
             call = f"bs.tl.assign_cells({where}{args})"
             if c is None or spots_key not in s.shapes:
-                unfixable.append(f"cell → spot assignment (needs shapes {spots_key!r}): {call}")
+                unfixable.append(
+                    f"cell → spot assignment (obs[{keys.spot_key!r}]; needs shapes {spots_key!r}): {call}"
+                )
             else:
                 plan.steps.append(
                     (
@@ -216,7 +227,7 @@ def plan_steps(
             )
             call = f"bs.tl.cell_graph({where}{args})"
             if c is None:
-                unfixable.append(f"cell graph: {call}")
+                unfixable.append(f"cell graph (obsp[{keys.connectivities!r}]): {call}")
             else:
                 plan.steps.append(
                     (
