@@ -140,9 +140,9 @@ def plan_steps(
             if enc is not None:
                 fov = float(source.features["fov_um"])
                 kw = {"encoder": enc, "fov_um": fov, "scaler": source.feature_scaler}
-        if kw is None or not all(has_cells[i] for i in lacking):
+        if kw is None:
             unfixable.append(f"cell features (obsm[{fk!r}]): {call}")
-        elif any(not slides[i].images for i in lacking):
+        elif any(has_cells[i] and not slides[i].images for i in lacking):
             unfixable.append(f"cell features (obsm[{fk!r}]; need the H&E image, which is missing): {call}")
         else:
             plan.steps.append(
@@ -204,7 +204,7 @@ def plan_steps(
                 if v != {"spots_key": K.SPOTS, "key_added": K.SPOT_ID}[k]
             )
             call = f"bs.tl.assign_cells({where}{args})"
-            if c is None or spots_key not in s.shapes:
+            if spots_key not in s.shapes:
                 unfixable.append(
                     f"cell → spot assignment (obs[{keys.spot_key!r}]; needs shapes {spots_key!r}): {call}"
                 )
@@ -226,13 +226,10 @@ def plan_steps(
                 f", {k}={v!r}" for k, v in gkw.items() if not (k == "key_added" and v == K.SPATIAL)
             )
             call = f"bs.tl.cell_graph({where}{args})"
-            if c is None:
-                unfixable.append(f"cell graph (obsp[{keys.connectivities!r}]): {call}")
-            else:
-                plan.steps.append(
-                    (
-                        f"{who}: {where} has no cell graph (obsp[{keys.connectivities!r}]); running {call}.",
-                        lambda s=s, gkw=gkw: cell_graph(s, cells_key=ck, **gkw),
-                    )
+            plan.steps.append(
+                (
+                    f"{who}: {where} has no cell graph (obsp[{keys.connectivities!r}]); running {call}.",
+                    lambda s=s, gkw=gkw: cell_graph(s, cells_key=ck, **gkw),
                 )
+            )
     return plan
