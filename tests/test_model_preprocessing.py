@@ -210,3 +210,64 @@ def test_one_error_lists_every_missing_step(setting) -> None:
     ):
         assert call in text, text
     assert K.PREDICTION not in slide.tables[K.TABLE].layers  # nothing written
+
+
+def _obs_state(slide) -> dict:
+    cells = slide.tables[K.CELLS]
+    return {
+        "obs": cells.obs.copy(),
+        "obsm": {k: np.asarray(v).copy() for k, v in cells.obsm.items()},
+        "obsp": {k: v.copy() for k, v in cells.obsp.items()},
+        "uns": sorted(cells.uns),
+    }
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    pd.testing.assert_frame_equal(a["obs"], b["obs"])
+    assert a["obsm"].keys() == b["obsm"].keys()
+    for k in a["obsm"]:
+        np.testing.assert_array_equal(a["obsm"][k], b["obsm"][k])
+    assert a["obsp"].keys() == b["obsp"].keys()
+    for k in a["obsp"]:
+        assert (a["obsp"][k] != b["obsp"][k]).nnz == 0
+    assert a["uns"] == b["uns"]
+
+
+@pytest.mark.slow
+def test_segmented_slides_are_prepared_like_the_explicit_calls(caplog) -> None:
+    """`fit_bitro` and `predict_bitro` on slides that are only segmented run the missing steps (one
+    log line each) and write exactly what the explicit calls write; predictions are identical."""
+    slides = bs.datasets.synthetic(3, kind="visium", size_um=250, seed=0, n_genes=40)
+    for s in slides:
+        bs.tl.segment(s, progress=False)
+    auto = [copy.deepcopy(s) for s in slides]
+    # explicit: the documented pipeline
+    bs.tl.cell_features(slides[:2], progress=False)
+    km = bs.tl.phenotypes(slides[:2])
+    for s in slides[:2]:
+        bs.tl.assign_cells(s)
+        bs.tl.cell_graph(s)
+    fit = {"epochs": 1, "n_top_genes": 10, "progress": False, "validation": None, "model": TINY}
+    model = bs.tl.fit_bitro(slides[:2], **fit)
+    bs.tl.cell_features(slides[2], scaler=slides[0], progress=False)
+    bs.tl.phenotypes(slides[2], model=km)
+    bs.tl.assign_cells(slides[2])
+    bs.tl.cell_graph(slides[2])
+    bs.tl.predict_bitro(slides[2], model)
+    # automatic
+    with caplog.at_level(logging.INFO, logger="bitro_sc"):
+        auto_model = bs.tl.fit_bitro(auto[:2], **fit)
+        fit_lines = [r.getMessage() for r in caplog.records]
+        caplog.clear()
+        bs.tl.predict_bitro(auto[2], auto_model)
+        predict_lines = [r.getMessage() for r in caplog.records]
+    assert len(fit_lines) == 6, fit_lines  # features, phenotypes (all slides), assignment + graph per slide
+    assert "bs.tl.cell_features(slides)" in fit_lines[0]
+    assert len(predict_lines) == 4, predict_lines
+    assert "scaler=model.feature_scaler" in predict_lines[0]
+    assert "model=model.phenotype_model" in predict_lines[1]
+    for a, b in zip(auto, slides, strict=True):
+        _assert_same_state(_obs_state(a), _obs_state(b))
+    np.testing.assert_array_equal(
+        auto[2].tables[K.TABLE].layers[K.PREDICTION], slides[2].tables[K.TABLE].layers[K.PREDICTION]
+    )

@@ -56,7 +56,11 @@ def write_model(
 
     atomic_write(folder / weights, write_weights)
     text = json.dumps({**config, "weights_sha256": checksum["sha256"]}, indent=1)
-    atomic_write(folder / config_name, lambda tmp: tmp.write_text(text))
+
+    def write_config(tmp: Path) -> None:
+        tmp.write_text(text)
+
+    atomic_write(folder / config_name, write_config)
 
 
 def read_config(path: Path) -> dict[str, Any]:

@@ -56,6 +56,19 @@ def fit_bitro(
     targets = rows of the spot table) or all cells of a slide (``level="bulk"``, targets = the
     slide's row of its bulk table). The loss compares log1p counts-per-10k (library over all genes).
 
+    Slides that are only segmented are prepared first: the missing steps run with one log line each
+    (logger ``"bitro_sc"``, level INFO), exactly as the explicit calls would: ``bs.tl.cell_features``
+    and ``bs.tl.phenotypes`` on all slides together (with a ``base`` model: with its encoder, scaler
+    and k-means; when only some slides lack a step: with the others' encoder, scaler and k-means),
+    then ``bs.tl.assign_cells`` and ``bs.tl.cell_graph`` per slide. A step that cannot be run here
+    (no cells table, an encoder that needs a weights file, …) is listed, with the call that fixes
+    it, in one error raised before anything is written.
+
+    The model owns its preprocessing (``model.preprocessing``: encoder identity, feature scaler,
+    phenotype k-means, assignment and graph parameters): training slides standardised with
+    different statistics, or clustered by different k-means, are refused; see
+    :func:`bitro_sc.tl.predict_bitro` for what happens on new slides.
+
     Parameters
     ----------
     sdata_or_list

@@ -54,11 +54,22 @@ def predict_bitro(
 
     The model's run record (genes, training HVGs, …) is copied to ``uns[key_added]`` of the table.
 
+    The model applies its own preprocessing (``model.preprocessing``, recorded at fit time): features
+    computed with another encoder or other encoder settings (name, feature names, ``fov_um``,
+    stains) are refused with the ``bs.tl.cell_features`` call that fixes them; features standardised
+    with other statistics (e.g. per slide) are re-standardised from their raw values with the
+    training scaler; phenotypes that are missing or come from another k-means are assigned with the
+    training k-means (each correction logged; the slide's own columns are not changed). On a slide
+    that is only segmented, the missing steps run first with the model's settings, one log line each
+    (logger ``"bitro_sc"``, INFO): ``bs.tl.cell_features(sdata, encoder=…, fov_um=…,
+    scaler=model.feature_scaler)``, ``bs.tl.phenotypes(sdata, model=model.phenotype_model)``,
+    ``bs.tl.assign_cells`` (spot level) and ``bs.tl.cell_graph`` with the recorded ``k`` / radius;
+    what cannot be run here is listed in one error before anything is written.
+
     Parameters
     ----------
     sdata
-        The slide, with a featurised cells table (same encoder as the training slides; the model
-        re-applies the training feature scaling and phenotype categories).
+        The slide: segmented (``bs.tl.segment``), the other steps run when missing (see above).
     model
         A :class:`~bitro_sc.models.BiTroModel`, a baseline, or anything implementing
         :class:`~bitro_sc.models.ExpressionModel`.

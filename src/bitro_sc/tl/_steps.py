@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from .. import _keys as K
@@ -149,9 +150,7 @@ def plan_steps(
                 (
                     f"{who}: {where} {_verb(lacking, single)} no cell features (obsm[{fk!r}]); "
                     f"running {call}.",
-                    lambda todo=todo, kw=kw: cell_features(
-                        todo, **kw, **key_kw, cells_key=ck, progress=progress
-                    ),
+                    partial(cell_features, todo, **kw, **key_kw, cells_key=ck, progress=progress),
                 )
             )
 
@@ -187,7 +186,7 @@ def plan_steps(
                     (
                         f"{who}: {where} {_verb(lacking, single)} no cell phenotypes (obs[{pk!r}]); "
                         f"running {call}.",
-                        lambda todo=todo, km=kmeans: phenotypes(todo, model=km, **pkw),
+                        partial(phenotypes, todo, model=kmeans, **pkw),
                     )
                 )
 
@@ -213,7 +212,7 @@ def plan_steps(
                     (
                         f"{who}: {where} has no cell → spot assignment (obs[{keys.spot_key!r}]); "
                         f"running {call}.",
-                        lambda s=s, skw=skw: assign_cells(s, cells_key=ck, **skw),
+                        partial(assign_cells, s, cells_key=ck, **skw),
                     )
                 )
         if need_graph and (c is None or keys.connectivities not in c.obsp):
@@ -229,7 +228,7 @@ def plan_steps(
             plan.steps.append(
                 (
                     f"{who}: {where} has no cell graph (obsp[{keys.connectivities!r}]); running {call}.",
-                    lambda s=s, gkw=gkw: cell_graph(s, cells_key=ck, **gkw),
+                    partial(cell_graph, s, cells_key=ck, **gkw),
                 )
             )
     return plan
