@@ -420,7 +420,7 @@ def test_bad_input_gets_a_clear_error() -> None:
         bs.tl.fit_bitro(slides[0], progress=False, overwrite=True)
     del cells.obs[K.SPOT_ID]
     with pytest.raises(KeyError, match=r"run `bs.tl.assign_cells` first"):
-        bs.tl.fit_bitro(slides[0], progress=False, overwrite=True)
+        bs.models.fit(slides[0], progress=False, overwrite=True)  # the algorithm runs no missing step
 
 
 def test_predict_accepts_any_model_implementing_the_protocol() -> None:

@@ -19,10 +19,13 @@ from .. import _sdata
 from ..metrics import pearson
 from ..pp._expression import get_counts, normalize_expression
 from ._params import DataKeys
+from ._preprocess import Preprocessing
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
     from spatialdata import SpatialData
+
+    from ..encoders import FeatureScaler
 
 METHODS: tuple[str, ...] = ("ridge", "mean")
 #: default ridge penalty grid (features are standardised, so the scale is sample-count-like)
@@ -40,18 +43,27 @@ def _cell_spot_positions(cells: AnnData, table: AnnData, keys: DataKeys) -> np.n
     return pos
 
 
-def spot_features(sdata: SpatialData, *, keys: DataKeys | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _cell_features(cells: AnnData, keys: DataKeys, prep: Preprocessing | None) -> np.ndarray:
+    """The cells' features (float64), checked and brought to the training scaling by ``prep``."""
+    x = np.asarray(cells.obsm[keys.features_key]) if prep is None else prep.features_for(cells, keys)[0]
+    return np.asarray(x, dtype=np.float64)
+
+
+def spot_features(
+    sdata: SpatialData, *, keys: DataKeys | None = None, prep: Preprocessing | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Mean cell feature vector and number of cells of every spot (rows of the spot table).
 
     Returns ``(features, n_cells)``: ``(n_spots, d)`` float64 (``NaN`` rows for spots without
-    cells) and ``(n_spots,)`` cell counts.
+    cells) and ``(n_spots,)`` cell counts. With ``prep`` (a model's preprocessing) features of
+    another encoder are refused and features in another scaling re-standardised.
     """
     from scipy import sparse
 
     keys = keys or DataKeys()
     table = sdata.tables[keys.table_key]
     cells = _sdata.cells_table(sdata, keys.cells_key, features_key=keys.features_key)
-    x = np.asarray(cells.obsm[keys.features_key], dtype=np.float64)
+    x = _cell_features(cells, keys, prep)
     pos = _cell_spot_positions(cells, table, keys)
     ok = pos >= 0
     member = sparse.csr_matrix(
@@ -63,13 +75,15 @@ def spot_features(sdata: SpatialData, *, keys: DataKeys | None = None) -> tuple[
     return feats, n_cells
 
 
-def slide_features(sdata: SpatialData, *, keys: DataKeys | None = None) -> tuple[np.ndarray, float]:
+def slide_features(
+    sdata: SpatialData, *, keys: DataKeys | None = None, prep: Preprocessing | None = None
+) -> tuple[np.ndarray, float]:
     """Mean cell feature vector over all cells of a slide and its number of cells."""
     keys = keys or DataKeys()
     cells = _sdata.cells_table(sdata, keys.cells_key, features_key=keys.features_key)
     if cells.n_obs == 0:
         raise ValueError(f"The cells table {keys.cells_key!r} is empty: the slide has no segmented cells.")
-    x = np.asarray(cells.obsm[keys.features_key], dtype=np.float64)
+    x = _cell_features(cells, keys, prep)
     return x.mean(axis=0), float(cells.n_obs)
 
 
@@ -162,6 +176,13 @@ class BaselineModel:
     typical_n_cells: float = 1.0  # median cells per training spot (slide for bulk)
     keys: DataKeys = field(default_factory=DataKeys)  # where it read the training slides
     levels: tuple[str, ...] = field(default=K.PREDICT_LEVELS)
+    #: encoder identity and feature scaler of the training features (checked / re-applied on new slides)
+    preprocessing: Preprocessing | None = None
+
+    @property
+    def feature_scaler(self) -> FeatureScaler | None:
+        """The training feature scaler (``bs.tl.cell_features(slide, scaler=model.feature_scaler)``)."""
+        return self.preprocessing.feature_scaler if self.preprocessing is not None else None
 
     # --- design matrix -------------------------------------------------------------------
     def _design(self, feats: np.ndarray, n_cells: np.ndarray) -> np.ndarray:
@@ -224,13 +245,13 @@ class BaselineModel:
         if keys.table_key not in sdata.tables:
             raise KeyError(f"No spot table {keys.table_key!r}; predict at `level='bulk'` or 'cell'.")
         table = sdata.tables[keys.table_key]
-        feats, n_cells = spot_features(sdata, keys=keys)
+        feats, n_cells = spot_features(sdata, keys=keys, prep=self.preprocessing)
         values = self._predict_profile(feats, n_cells)
         values[n_cells == 0] = np.nan  # like BiTro: no cell, no prediction (same spots scored)
         return pd.DataFrame(values, index=table.obs_names.copy(), columns=list(self.genes))
 
     def _predict_bulk(self, sdata: SpatialData, keys: DataKeys) -> pd.DataFrame:
-        feats, n = slide_features(sdata, keys=keys)
+        feats, n = slide_features(sdata, keys=keys, prep=self.preprocessing)
         values = self._predict_profile(feats[None, :], np.array([n]))
         if keys.bulk_key not in sdata.tables:
             return pd.DataFrame(values, index=[_sdata.sample_id(sdata)], columns=list(self.genes))
@@ -241,7 +262,7 @@ class BaselineModel:
 
     def _predict_cells(self, sdata: SpatialData, keys: DataKeys) -> pd.DataFrame:
         cells = _sdata.cells_table(sdata, keys.cells_key, features_key=keys.features_key)
-        x = np.asarray(cells.obsm[keys.features_key], dtype=np.float64)
+        x = _cell_features(cells, keys, self.preprocessing)
         genes = list(self.genes)
         if self.level == "bulk":
             slide = self._predict_bulk(sdata, keys).dropna().to_numpy()[0]
@@ -252,7 +273,7 @@ class BaselineModel:
             own = self._predict_profile(x, np.full(cells.n_obs, self.typical_n_cells))
             return pd.DataFrame(own / self.typical_n_cells, index=cells.obs_names.copy(), columns=genes)
         table = sdata.tables[keys.table_key]
-        _, n_cells = spot_features(sdata, keys=keys)
+        _, n_cells = spot_features(sdata, keys=keys, prep=self.preprocessing)
         spot_pred = self._predict_spots(sdata, keys).to_numpy()
         pos = _cell_spot_positions(cells, table, keys)
         in_spot = pos >= 0
@@ -288,6 +309,7 @@ def fit_baseline(
     if not genes:
         raise ValueError("`genes` is empty; pass at least one gene name.")
     samples = _sdata.sample_ids(slides)
+    prep = Preprocessing.from_slides(slides, keys, phenotypes=False)
 
     feats_list, count_list, y_list, group_list = [], [], [], []
     for i, (s, t) in enumerate(zip(slides, tables, strict=True)):
@@ -341,6 +363,7 @@ def fit_baseline(
         feature_scale=scale,
         typical_n_cells=float(max(np.median(n_all), 1.0)),
         keys=keys,
+        preprocessing=prep,
     )
     if method == "mean":
         model.mean_profile = np.expm1(y_all).mean(axis=0)

@@ -21,6 +21,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
     from spatialdata import SpatialData
 
+    from ._preprocess import Preprocessing
+
 
 def cells_table(sdata: SpatialData, keys: DataKeys) -> AnnData:
     """The featurised cells table of ``keys``, or an error naming the missing step."""
@@ -49,12 +51,17 @@ def phenotype_categories(cells: AnnData, phenotype_key: str) -> list[str]:
     return [str(c) for c in cats]
 
 
-def phenotype_codes(cells: AnnData, categories: list[str], phenotype_key: str) -> np.ndarray:
-    """Embedding index per cell: 1 + position in ``categories``; 0 for unknown / missing phenotypes."""
-    if phenotype_key not in cells.obs or not categories:
+def phenotype_codes(
+    cells: AnnData, categories: list[str], phenotype_key: str, labels: np.ndarray | None = None
+) -> np.ndarray:
+    """Embedding index per cell: 1 + position in ``categories``; 0 for unknown / missing phenotypes.
+    ``labels`` (one per cell) replace ``obs[phenotype_key]`` when given."""
+    if not categories or (labels is None and phenotype_key not in cells.obs):
         return np.zeros(cells.n_obs, dtype=np.int64)
-    values = cells.obs[phenotype_key].astype(object).map(lambda v: None if pd.isna(v) else str(v))
-    return (pd.Index(categories).get_indexer(values.to_numpy()) + 1).astype(np.int64)
+    if labels is None:
+        values = cells.obs[phenotype_key].astype(object).map(lambda v: None if pd.isna(v) else str(v))
+        labels = values.to_numpy()
+    return (pd.Index(categories).get_indexer(labels) + 1).astype(np.int64)
 
 
 @dataclass
@@ -87,10 +94,29 @@ def slide_cells(
     need_graph: bool,
     need_spots: bool,
     keys: DataKeys,
+    prep: Preprocessing | None = None,
+    need_phenotypes: bool = False,
 ) -> SlideCells:
-    """Model inputs of one slide (scaled features, phenotype codes, µm positions, graph, spot rows)."""
+    """Model inputs of one slide (scaled features, phenotype codes, µm positions, graph, spot rows).
+
+    With ``prep`` (the model's :class:`~bitro_sc.models._preprocess.Preprocessing`), features of
+    another encoder are refused, features in another scaling are re-standardised with the training
+    scaler and missing or foreign phenotypes are re-assigned with the training k-means. With
+    ``need_phenotypes`` a slide whose phenotypes are missing and cannot be assigned is refused.
+    """
     cells = cells_table(sdata, keys)
     x = np.asarray(cells.obsm[keys.features_key])
+    unchanged, labels = True, None
+    if x.shape[1] == stats.mean.shape[0] and prep is not None:
+        x, unchanged = prep.features_for(cells, keys)
+        labels = prep.phenotype_labels(cells, keys, x, unchanged)
+    if need_phenotypes and labels is None and keys.phenotype_key not in cells.obs:
+        raise KeyError(
+            f"The cells table has no obs[{keys.phenotype_key!r}] (cell phenotypes) and the model has no "
+            "phenotype k-means to assign them: run `bs.tl.phenotypes` first (on a new slide "
+            "`bs.tl.phenotypes(sdata, model=<the training k-means>)`), or pass the `phenotype_key` that "
+            "holds them."
+        )
     if x.shape[1] != stats.mean.shape[0]:
         raise ValueError(
             f"The cells table has {x.shape[1]} features in obsm[{keys.features_key!r}], the model expects "
@@ -116,7 +142,7 @@ def slide_cells(
         spot_index = spot_rows(sdata.tables[keys.table_key], ids)
     return SlideCells(
         features=stats.apply(x),
-        phenotype=phenotype_codes(cells, phenotypes, keys.phenotype_key),
+        phenotype=phenotype_codes(cells, phenotypes, keys.phenotype_key, labels),
         xy_um=cell_positions_um(cells),
         graph=graph,
         spot_index=spot_index,
@@ -148,6 +174,8 @@ def build_data(
     need_graph: bool,
     chunk_cells: int,
     keys: DataKeys,
+    prep: Preprocessing | None = None,
+    need_phenotypes: bool = False,
 ) -> tuple[list[SpotSet] | list[BulkSlide], list[SpotSet] | list[BulkSlide], list[int]]:
     """(training bags, validation bags, cells per training bag). At spot level with ``spot_frac``,
     the spots with the largest x of every training slide (that share of them) are validation bags."""
@@ -164,6 +192,8 @@ def build_data(
             need_graph=need_graph,
             need_spots=level == "spot",
             keys=keys,
+            prep=prep,
+            need_phenotypes=need_phenotypes,
         )
         if level == "spot":
             table = s.tables[keys.table_key]

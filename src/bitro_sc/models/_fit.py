@@ -24,6 +24,7 @@ from ._bags import SpotSet
 from ._data import build_data, cells_table
 from ._model import BiTroModel, resolve_device
 from ._params import DataKeys, ModelParams, TrainParams
+from ._preprocess import Preprocessing
 from ._split import slide_groups, split_slides, training_hvgs
 from ._start import ScratchStart, Start
 from ._train import bag_targets, mean_log_rna
@@ -81,6 +82,15 @@ def fit(
     torch.manual_seed(seed)
     inputs = start.inputs(slides, train_idx, keys, level)
     params = inputs.params
+    prep = _preprocessing(slides, keys, base)
+    need_phen = _uses_phenotypes(params)
+    if need_phen and not inputs.phenotypes and (prep.phenotypes is None):
+        raise KeyError(
+            f"The training slides have no cell phenotypes (obs[{keys.phenotype_key!r}] of the cells table), "
+            "and the model uses them: run `bs.tl.phenotypes(slides)` on all training slides together first "
+            "(`bs.tl.fit_bitro` runs it for you when every slide lacks them), or train without phenotypes: "
+            "`model={'phenotype_dim': 0}`."
+        )
     train_data, val_data, bag_sizes = build_data(
         slides,
         train_idx,
@@ -93,6 +103,8 @@ def fit(
         need_graph=params.gat_layers > 0,
         chunk_cells=tp.chunk_cells,
         keys=keys,
+        prep=prep,
+        need_phenotypes=need_phen,
     )
     bag_cells = float(np.mean(bag_sizes))
     # The head starts at the loss-optimal constant: for the log1p MSE that is the mean of log1p
@@ -193,6 +205,7 @@ def fit(
         lora=lora,
         meta=meta,
         record=record,
+        preprocessing=prep,
     )
     for t in tables:
         t.uns[key_added] = _sdata.to_uns(record)
@@ -218,6 +231,19 @@ def _check_slides(
                 "BiTro run record; pass `overwrite=True` to replace it or choose another `key_added=`."
             )
     return [s.tables[tkey] for s in slides]
+
+
+def _uses_phenotypes(params: ModelParams) -> bool:
+    """Whether the network reads phenotypes (embedding or phenotype profiles)."""
+    return params.phenotype_dim > 0 or bool(params.phenotype_profiles)
+
+
+def _preprocessing(slides: list[SpatialData], keys: DataKeys, base: BiTroModel | None) -> Preprocessing:
+    """The preprocessing the fitted model owns: a base model's (its inputs are the base's), else the
+    one shared by the training slides (an error when they differ)."""
+    if base is not None and base.preprocessing is not None:
+        return base.preprocessing
+    return Preprocessing.from_slides(slides, keys)
 
 
 def _n_bags(item: Any) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -14,11 +13,13 @@ from .. import _sdata
 from ._bags import Partition, SlideCells, spatial_chunks
 from ._data import FeatureStats, slide_cells
 from ._params import DataKeys, ModelParams, TrainParams
+from ._preprocess import Preprocessing
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from spatialdata import SpatialData
 
+    from ..encoders import FeatureScaler
     from ._net import BiTroNet
 
 _FORMAT = "bitro_sc.BiTroModel/1"
@@ -54,6 +55,11 @@ class BiTroModel:
         Levels it can predict: ``("spot", "bulk", "cell")``.
     record
         Run record (config, genes, HVGs, keys, split, history, parameter counts, matched / new genes).
+    preprocessing
+        The preprocessing of the training features (encoder identity, feature scaler, phenotype
+        k-means, assignment and graph parameters; ``None`` for models saved before it was recorded).
+        Every prediction refuses features of another encoder, re-standardises features scaled with
+        other statistics and re-assigns missing or foreign phenotypes with the training k-means.
     keys
         The :class:`~bitro_sc.models.DataKeys` it was trained on (``record["keys"]``; the defaults
         for models saved before keys were recorded): predictions read the same keys unless told
@@ -76,6 +82,7 @@ class BiTroModel:
         lora: dict[str, Any] | None = None,
         meta: dict[str, Any] | None = None,
         record: dict[str, Any] | None = None,
+        preprocessing: Preprocessing | None = None,
     ) -> None:
         self.net = net
         self.genes = list(genes)
@@ -88,6 +95,7 @@ class BiTroModel:
         self.lora = lora
         self.meta = meta or {}
         self.record: dict[str, Any] = record or {"genes": list(genes), "hvgs": []}
+        self.preprocessing = preprocessing
 
     def __repr__(self) -> str:
         lora = ", LoRA" if self.lora else ""
@@ -107,6 +115,16 @@ class BiTroModel:
         if self.level == "bulk":
             return int(self.train_params.chunk_cells)
         return max(round(self.bag_cells), 1)
+
+    @property
+    def feature_scaler(self) -> FeatureScaler | None:
+        """The training feature scaler (``bs.tl.cell_features(slide, scaler=model.feature_scaler)``)."""
+        return self.preprocessing.feature_scaler if self.preprocessing is not None else None
+
+    @property
+    def phenotype_model(self) -> Any:
+        """The training phenotype k-means (``bs.tl.phenotypes(slide, model=model.phenotype_model)``)."""
+        return self.preprocessing.phenotype_model if self.preprocessing is not None else None
 
     @property
     def keys(self) -> DataKeys:
@@ -133,6 +151,9 @@ class BiTroModel:
             need_graph=self.params.gat_layers > 0,
             need_spots=need_spots,
             keys=(keys or self.keys).replace(**key_overrides),
+            prep=self.preprocessing,
+            need_phenotypes=bool(self.phenotypes)
+            and (self.params.phenotype_dim > 0 or bool(self.params.phenotype_profiles)),
         )
 
     def _scale_for(self, level: str, bag_cells: float) -> float:
@@ -280,63 +301,43 @@ class BiTroModel:
                 "lora": self.lora,
                 "meta": self.meta,
                 "record": self.record,
+                "preprocessing": self.preprocessing.to_dict() if self.preprocessing is not None else None,
+                "package_version": _package_version(),
             }
         )
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
-        """Write ``path/model.safetensors`` (weights, LoRA adapters included) and ``path/config.json``."""
-        from safetensors.torch import save_file
+        """Write ``path/model.safetensors`` (weights, LoRA adapters included) and ``path/config.json``
+        (with the weights' SHA-256), each atomically (a temporary file moved into place)."""
+        from ._files import write_model
 
         path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise FileExistsError(f"{path} is a file; pass a folder path to save the model in.")
         if path.exists() and any(path.iterdir()) and not overwrite:
             raise FileExistsError(f"{path} exists and is not empty; pass `overwrite=True` or another path.")
         path.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
-        save_file(state, str(path / _WEIGHTS), metadata={"format": _FORMAT})
-        (path / _CONFIG).write_text(json.dumps(self.config(), indent=1))
+        write_model(path, state, self.config(), weights=_WEIGHTS, config_name=_CONFIG)
         return path
 
     @classmethod
     def load(cls, path: str | Path, *, device: str | torch.device | None = "cpu") -> BiTroModel:
-        """Restore a model written by :meth:`save`."""
-        from safetensors.torch import load_file
+        """Restore a model written by :meth:`save`.
 
-        path = Path(path)
-        if not (path / _CONFIG).is_file() or not (path / _WEIGHTS).is_file():
-            raise FileNotFoundError(f"{path} is not a saved BiTroModel (needs {_CONFIG} and {_WEIGHTS}).")
-        cfg = json.loads((path / _CONFIG).read_text())
-        if cfg.get("format") != _FORMAT:
-            raise ValueError(f"{path}: unknown model format {cfg.get('format')!r} (expected {_FORMAT!r}).")
-        model_cfg = dict(cfg["model"])
-        model_cfg.setdefault("rna_head", False)  # checkpoints written before the RNA-content head
-        model_cfg.setdefault("phenotype_profiles", False)  # ... before phenotype profiles
-        model_cfg.setdefault("slide_size_norm", False)  # ... and before slide-size normalisation
-        params = ModelParams.coerce(model_cfg)
-        net = build_net(
-            n_features=int(cfg["n_features"]),
-            n_phenotypes=len(cfg["phenotypes"]),
-            n_genes=len(cfg["genes"]),
-            params=params,
-            lora=cfg["lora"],
-        )
-        net.load_state_dict(load_file(str(path / _WEIGHTS)), strict=True)
-        net.to(resolve_device(device)).eval()
-        return cls(
-            net,
-            genes=cfg["genes"],
-            level=cfg["level"],
-            stats=FeatureStats(
-                np.asarray(cfg["feature_mean"], dtype=np.float32),
-                np.asarray(cfg["feature_std"], dtype=np.float32),
-            ),
-            phenotypes=cfg["phenotypes"],
-            params=params,
-            train_params=TrainParams.coerce(cfg["train"]),
-            bag_cells=float(cfg["bag_cells"]),
-            lora=cfg["lora"],
-            meta=cfg.get("meta") or {},
-            record=cfg.get("record") or {},
-        )
+        Refused with the reason: a truncated or corrupted file, weights that do not match the
+        checksum in the config, a config of another format or architecture, one written by a newer
+        bitro_sc, feature statistics whose length differs from the model's input width.
+        """
+        from ._files import load_bitro
+
+        return load_bitro(cls, Path(path), device=device, weights=_WEIGHTS, config_name=_CONFIG, fmt=_FORMAT)
+
+
+def _package_version() -> str:
+    from .. import __version__
+
+    return str(__version__)
 
 
 def build_net(

@@ -56,6 +56,19 @@ def fit_bitro(
     targets = rows of the spot table) or all cells of a slide (``level="bulk"``, targets = the
     slide's row of its bulk table). The loss compares log1p counts-per-10k (library over all genes).
 
+    Slides that are only segmented are prepared first: the missing steps run with one log line each
+    (logger ``"bitro_sc"``, level INFO), exactly as the explicit calls would: ``bs.tl.cell_features``
+    and ``bs.tl.phenotypes`` on all slides together (with a ``base`` model: with its encoder, scaler
+    and k-means; when only some slides lack a step: with the others' encoder, scaler and k-means),
+    then ``bs.tl.assign_cells`` and ``bs.tl.cell_graph`` per slide. A step that cannot be run here
+    (no cells table, an encoder that needs a weights file, …) is listed, with the call that fixes
+    it, in one error raised before anything is written.
+
+    The model owns its preprocessing (``model.preprocessing``: encoder identity, feature scaler,
+    phenotype k-means, assignment and graph parameters): training slides standardised with
+    different statistics, or clustered by different k-means, are refused; see
+    :func:`bitro_sc.tl.predict_bitro` for what happens on new slides.
+
     Parameters
     ----------
     sdata_or_list
@@ -197,8 +210,15 @@ def fit_bitro(
         key_added=key_added,
         overwrite=overwrite,
     )
+    if isinstance(base, str | Path):
+        base = BiTroModel.load(base)
+    prepare = functools.partial(
+        _prepare, slides, bulk, keys=keys, level=fit_level, transfer=transfer, model=model, progress=progress
+    )
     base_model = None
-    if transfer is not None:
+    if transfer is None:
+        prepare(base=None)
+    else:
         base_model = _resolve_base(
             base,
             transfer=transfer,
@@ -208,8 +228,57 @@ def fit_bitro(
             n_top=n_top_genes,
             keys=keys,
             run=run,
+            prepare=prepare,
         )
     return run(slides, level=fit_level, genes=genes, base=base_model, policy=policy)
+
+
+def _prepare(
+    slides: list[SpatialData],
+    bulk: Sequence[SpatialData] | None,
+    *,
+    keys: DataKeys,
+    level: str,
+    transfer: str | None,
+    base: Any,
+    model: ModelParams | Mapping[str, Any] | None,
+    progress: bool,
+) -> None:
+    """Run the preparation steps the training slides (and ``bulk`` base slides) lack: cell features,
+    phenotypes, cell → spot assignment, cell graph; with a base model, with its recorded settings.
+    Steps that cannot be run here are listed in one error before anything is written."""
+    from ._steps import plan_steps
+
+    if isinstance(base, BiTroModel):
+        params, prep = base.params, base.preprocessing
+    else:
+        params, prep = ModelParams.coerce(model).resolved(level), None
+    uses_phen = params.phenotype_dim > 0 or bool(params.phenotype_profiles)
+    need = {"need_phenotypes": uses_phen, "need_graph": params.gat_layers > 0}
+    spot_base = transfer == "spatial" and base is None  # the base is trained first on the slides' spots
+    plan = plan_steps(
+        slides,
+        keys=keys,
+        prep=prep,
+        need_spots=level == "spot" or spot_base,
+        who="fit_bitro",
+        progress=progress,
+        from_scratch=not isinstance(base, BiTroModel),
+        **need,
+    )
+    if bulk is not None and transfer == "bulk" and base is None:
+        sources = _sdata.as_slides(bulk, what="bulk slide")
+        plan = plan + plan_steps(
+            sources,
+            keys=keys,
+            prep=None,
+            need_spots=False,
+            who="fit_bitro",
+            progress=progress,
+            from_scratch=True,
+            **need,
+        )
+    plan.run()
 
 
 def _resolve_base(
@@ -222,12 +291,11 @@ def _resolve_base(
     n_top: int,
     keys: DataKeys,
     run: Callable[..., BiTroModel],
+    prepare: Callable[..., None],
 ) -> BiTroModel:
     """The base model of a transfer: ``base`` (or the model saved there), else one trained first
     by ``run`` on ``bulk`` or on the slides that hold the base level's table."""
     base_level = "bulk" if transfer == "bulk" else "spot"
-    if isinstance(base, str | Path):
-        base = BiTroModel.load(base)
     if base is None:
         key = keys.target(base_level)
         sources = (
@@ -257,7 +325,15 @@ def _resolve_base(
             if not base_genes and genes is not None:
                 raise ValueError(f"None of the requested genes is in the {key!r} tables of the base slides.")
             base_genes = base_genes or None
+        prepare(base=None)  # the slides lack nothing the base and the transfer need
         base = run(sources, level=base_level, genes=base_genes, base=None)
+        return _check_base(base, transfer, base_level)
+    return _check_base(base, transfer, base_level, prepare=prepare)
+
+
+def _check_base(
+    base: Any, transfer: str, base_level: str, prepare: Callable[..., None] | None = None
+) -> BiTroModel:
     if not isinstance(base, BiTroModel):
         raise TypeError(f"`base` must be a BiTroModel or a path to a saved one, got {type(base).__name__}.")
     if base.level != base_level:
@@ -266,6 +342,8 @@ def _resolve_base(
             f"level {base.level!r}. Use transfer={'spatial' if base.level == 'spot' else 'bulk'!r} "
             "for this base."
         )
+    if prepare is not None:  # a given base: the slides are prepared with its recorded settings
+        prepare(base=base)
     return base
 
 

@@ -10,6 +10,7 @@ from .. import _keys as K
 from .. import _sdata
 from ..models._params import DataKeys
 from ..models._protocol import ExpressionModel
+from ._steps import StepPlan, plan_steps
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
@@ -53,11 +54,22 @@ def predict_bitro(
 
     The model's run record (genes, training HVGs, …) is copied to ``uns[key_added]`` of the table.
 
+    The model applies its own preprocessing (``model.preprocessing``, recorded at fit time): features
+    computed with another encoder or other encoder settings (name, feature names, ``fov_um``,
+    stains) are refused with the ``bs.tl.cell_features`` call that fixes them; features standardised
+    with other statistics (e.g. per slide) are re-standardised from their raw values with the
+    training scaler; phenotypes that are missing or come from another k-means are assigned with the
+    training k-means (each correction logged; the slide's own columns are not changed). On a slide
+    that is only segmented, the missing steps run first with the model's settings, one log line each
+    (logger ``"bitro_sc"``, INFO): ``bs.tl.cell_features(sdata, encoder=…, fov_um=…,
+    scaler=model.feature_scaler)``, ``bs.tl.phenotypes(sdata, model=model.phenotype_model)``,
+    ``bs.tl.assign_cells`` (spot level) and ``bs.tl.cell_graph`` with the recorded ``k`` / radius;
+    what cannot be run here is listed in one error before anything is written.
+
     Parameters
     ----------
     sdata
-        The slide, with a featurised cells table (same encoder as the training slides; the model
-        re-applies the training feature scaling and phenotype categories).
+        The slide: segmented (``bs.tl.segment``), the other steps run when missing (see above).
     model
         A :class:`~bitro_sc.models.BiTroModel`, a baseline, or anything implementing
         :class:`~bitro_sc.models.ExpressionModel`.
@@ -108,6 +120,8 @@ def predict_bitro(
         graph_key=graph_key,
     )
     table_key, bulk_key, cells_key = keys.table_key, keys.bulk_key, keys.cells_key
+    plan = _plan(sdata, model, keys, level)
+    plan.check()  # one error listing every missing step that cannot be run here, before any write
     target = cells_key if level == "cell" else (table_key if level == "spot" else bulk_key)
     parts = [("layers", key_added), ("uns", key_added)] + (
         [("obs", f"{key_added}_rna_content")] if level == "cell" else []
@@ -121,6 +135,7 @@ def predict_bitro(
             sdata, genes_key, exists=there, overwrite=overwrite, writer=_WRITERS, what="gene list"
         )
         written.append(genes_key)
+    plan.run()
     frame = model.predict_frame(sdata, level=level, keys=keys)
     if level == "cell":
         _write_cells(sdata, frame, model, cells_key=cells_key, key_added=key_added)
@@ -144,6 +159,30 @@ def predict_bitro(
         table, model, key_added, missing=[g for g, o in zip(frame.columns, ok, strict=True) if not o]
     )
     _sdata.record_writer(sdata, "bs.tl.predict_bitro", *written)
+
+
+def _plan(sdata: SpatialData, model: ExpressionModel, keys: DataKeys, level: str) -> StepPlan:
+    """The preparation steps the slide lacks for ``model`` (run with its recorded settings)."""
+    from ..models._baseline import BaselineModel
+    from ..models._model import BiTroModel
+
+    need_phen = need_graph = False
+    if isinstance(model, BiTroModel):
+        p = model.params
+        need_phen = bool(model.phenotypes) and (p.phenotype_dim > 0 or bool(p.phenotype_profiles))
+        need_graph = p.gat_layers > 0
+    elif not isinstance(model, BaselineModel):
+        return StepPlan("predict_bitro")  # another model: it reads the slide itself
+    return plan_steps(
+        [sdata],
+        keys=keys,
+        prep=model.preprocessing,
+        need_spots=level == "spot",
+        need_phenotypes=need_phen,
+        need_graph=need_graph,
+        who="predict_bitro",
+        single=True,
+    )
 
 
 #: predict_bitro replaces its own layers and run records, and a run record of fit_bitro / fit_baseline
