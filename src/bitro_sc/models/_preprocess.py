@@ -47,12 +47,9 @@ def features_record(cells: AnnData, keys: DataKeys) -> dict[str, Any] | None:
         rec["stains"] = str(params["stains"])
     scaler = params.get("scaler")
     if isinstance(scaler, Mapping) and "mean" in scaler and "scale" in scaler:
-        rec["scaler"] = {
-            "mean": np.asarray(scaler["mean"], dtype=np.float64),
-            "scale": np.asarray(scaler["scale"], dtype=np.float64),
-            "n_cells": int(scaler.get("n_cells", 0)),
-            "n_slides": int(scaler.get("n_slides", 0)),
-        }
+        from ..encoders import FeatureScaler
+
+        rec["scaler"] = FeatureScaler.from_any(scaler).to_dict()
     return rec
 
 
@@ -187,10 +184,9 @@ class Preprocessing:
             return None
         feats = dict(value.get("features") or {})
         if feats.get("scaler"):
-            sc = dict(feats["scaler"])
-            sc["mean"] = np.asarray(sc["mean"], dtype=np.float64)
-            sc["scale"] = np.asarray(sc["scale"], dtype=np.float64)
-            feats["scaler"] = sc
+            from ..encoders import FeatureScaler
+
+            feats["scaler"] = FeatureScaler.from_any(feats["scaler"]).to_dict()
         phen = value.get("phenotypes")
         if phen:
             phen = dict(phen)
@@ -289,8 +285,10 @@ class Preprocessing:
             "The slide's features were standardised with other statistics than the model's training "
             "features: re-standardising them from their raw values with the model's scaler."
         )
-        raw = x.astype(np.float64) * own["scale"] + own["mean"]
-        return ((raw - ref["mean"]) / ref["scale"]).astype(np.float32), False
+        from ..encoders import FeatureScaler
+
+        raw = FeatureScaler.from_any(own).inverse_transform(x)
+        return FeatureScaler.from_any(ref).transform(raw), False
 
     def phenotype_labels(
         self, cells: AnnData, keys: DataKeys, x: np.ndarray, unchanged: bool
