@@ -11,6 +11,8 @@ _EXPORTS = {
     "normalize_expression": "_expression",
     "highly_variable_genes": "_expression",
     "get_counts": "_expression",
+    "default_genes": "_expression",
+    "MARKER_GENES": "_expression",
 }
 
 __getattr__, __dir__, __all__ = attach(__name__, _EXPORTS)

@@ -182,7 +182,7 @@ def segment(
     -----
     Writes table ``key_added`` (obs ``cell_id``, centroid ``x_px``/``y_px``/``x_um``/``y_um``,
     ``area_um2``, ``perimeter_um``, ``eccentricity``, ``solidity``, ``major_axis_um``,
-    ``minor_axis_um``, ``orientation``, ``sample_id``, ``patient_id``; ``obsm["spatial"]`` in µm;
+    ``minor_axis_um``, ``orientation``, ``sample_id``, ``patient_id``; ``obsm["spatial"]`` in pixels;
     parameters in ``uns["bitro_segmentation"]``), shapes ``"cell_circles"`` and, when asked,
     labels ``labels_key`` — see :func:`~bitro_sc.segmentation.write_cells`. A slide with no
     tissue or no nuclei gets an empty table and a warning.
