@@ -127,13 +127,18 @@ def test_expression_compares_prediction_and_measurement_with_data_colour_limits(
     assert [a.get_title() for a in axes] == ["EPCAM — predicted", "EPCAM — measured"]
     pred = np.log1p(sdata.tables[K.TABLE].layers[K.PREDICTION][:, 0])
     meas = _measured(sdata, "EPCAM")
+    both = np.concatenate([pred, meas])
     for a, expected in zip(axes, [pred, meas], strict=True):
         coll = _discs(a)
         np.testing.assert_allclose(np.asarray(coll.get_array()), expected, rtol=1e-6)
-        np.testing.assert_allclose(coll.get_clim(), (expected.min(), expected.max()), rtol=1e-6)
+        # spot panels of one gene share one colour scale by default
+        np.testing.assert_allclose(coll.get_clim(), (both.min(), both.max()), rtol=1e-6)
         assert any(isinstance(im, AxesImage) for im in a.get_images())
     labels = [a.child_axes[0].get_ylabel() for a in axes]  # colour bars
     assert labels == ["predicted (bitro), log1p CP10k", "measured, log1p CP10k"]
+    axes = bs.pl.expression(sdata, "EPCAM", share_scale=False)
+    for a, expected in zip(axes, [pred, meas], strict=True):
+        np.testing.assert_allclose(_discs(a).get_clim(), (expected.min(), expected.max()), rtol=1e-6)
 
 
 def test_spots_are_drawn_at_their_centres_with_their_true_radius():
