@@ -225,7 +225,8 @@ def _resolve_base(
                     "transfer='bulk' needs a bulk-trained base model, and none was given: pass `base=` (a "
                     "BiTroModel trained with `level='bulk'`, or a path written by `model.save`), or "
                     f"`bulk=[...]` (SpatialData slides with cells and a {key!r} table, one row per slide) "
-                    f"to train it first, or give slides that have a {key!r} table."
+                    f"to train it first, or give slides that have a {key!r} table. Without `transfer=`, "
+                    "`bs.tl.fit_bitro(sdata)` trains from scratch on this slide's spots."
                 )
             raise ValueError(
                 "transfer='spatial' needs a spot-trained base model, and none was given: pass `base=` (a "

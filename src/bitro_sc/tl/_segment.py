@@ -211,8 +211,9 @@ def segment(
     if mpp > min_mpp:
         raise ValueError(
             f"Image {image_key!r} has {mpp:.3g} µm/px, too coarse to resolve nuclei (method "
-            f"{method_name!r} needs ≤ {min_mpp:g} µm/px). Segment the full-resolution H&E image "
-            "(e.g. the full-resolution TIFF of a Visium run, not its 'hires'/'lowres' PNGs)."
+            f"{method_name!r} needs ≤ {min_mpp:g} µm/px). Segment the full-resolution H&E image: for "
+            "a Visium run, read it with `bs.io.read_visium(path, fullres_image='<the full-resolution "
+            "TIFF given to Space Ranger>')` instead of its 'hires'/'lowres' PNGs."
         )
     height, width = int(arr.sizes["y"]), int(arr.sizes["x"])
     if write_labels is None:
