@@ -73,9 +73,7 @@ def prepare(data: Path, section: str, out: Path) -> None:
 
 def run_fit(mode: str, path: Path, epochs: int, competitors: int) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
-    busy = [
-        subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(competitors)
-    ]
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(competitors)]
     try:
         load = os.getloadavg()[0]
         out = subprocess.run(
@@ -96,8 +94,12 @@ def run_fit(mode: str, path: Path, epochs: int, competitors: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=None, help="HER2ST folder (default: $BITRO_SC_DATA/her2st)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--data", type=Path, default=None, help="HER2ST folder (default: $BITRO_SC_DATA/her2st)"
+    )
     parser.add_argument("--section", default="C2")
     parser.add_argument("--epochs", type=int, default=5, help="epochs of each fit (then a refit as long)")
     parser.add_argument("--repeats", type=int, default=2)
@@ -144,7 +146,7 @@ def report(rows: list[dict], full: dict | None, args: argparse.Namespace, comman
         "",
         "`before`: torch imported before bitro_sc (OpenMP's default spinning wait, torch's default "
         "threads); `after`: bitro_sc's defaults (`OMP_WAIT_POLICY=PASSIVE`, `bs.settings.n_jobs`). "
-        "Competitors: `python -c \"while True: pass\"`. The load average is the machine's 1-minute "
+        'Competitors: `python -c "while True: pass"`. The load average is the machine\'s 1-minute '
         "load just before each fit (other users' jobs included).",
         "",
         "| mode | competitors | threads | OMP_WAIT_POLICY | wall s | epochs | load before |",

@@ -577,7 +577,7 @@ def test_smooth_style_draws_binned_means_of_the_cells():
     assert arr.min() >= values.min() - 1e-9
     assert arr.max() <= values.max() + 1e-9
     assert field.get_clim() == pytest.approx((values.min(), values.max()))
-    x0, x1, y1, y0 = field.get_extent()
+    x0, x1, _, _ = field.get_extent()
     assert (x1 - x0) % (20.0 / MPP) == pytest.approx(0.0)  # whole bins of 40 px
     with pytest.raises(ValueError, match="bin_um"):
         bs.pl.expression(sdata, "ERBB2", level="cell", style="smooth", bin_um=0)

@@ -41,14 +41,24 @@ def test_n_jobs_sets_torch_threads_and_none_restores_the_default():
 
 
 def test_environment_variable_and_passive_openmp_at_import():
-    code = "import os, bitro_sc as bs, torch; print(bs.settings.n_jobs, torch.get_num_threads(), os.environ['OMP_WAIT_POLICY'])"
+    code = (
+        "import os, bitro_sc as bs, torch; "
+        "print(bs.settings.n_jobs, torch.get_num_threads(), os.environ['OMP_WAIT_POLICY'])"
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
     out = subprocess.run(
-        [sys.executable, "-c", code], env=env | {"BITRO_SC_N_JOBS": "1"}, capture_output=True, text=True, check=True
+        [sys.executable, "-c", code],
+        env=env | {"BITRO_SC_N_JOBS": "1"},
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert out.stdout.split() == ["1", "1", "PASSIVE"]
     bad = subprocess.run(
-        [sys.executable, "-c", "import bitro_sc"], env=env | {"BITRO_SC_N_JOBS": "many"}, capture_output=True, text=True
+        [sys.executable, "-c", "import bitro_sc"],
+        env=env | {"BITRO_SC_N_JOBS": "many"},
+        capture_output=True,
+        text=True,
     )
     assert bad.returncode != 0
     assert "BITRO_SC_N_JOBS" in bad.stderr

@@ -136,7 +136,7 @@ def apply_threads() -> int:
     if "numba" in sys.modules:
         import numba
 
-        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+        numba.set_num_threads(min(n, int(numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]
     if "dask" in sys.modules:
         import dask
 

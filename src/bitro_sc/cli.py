@@ -193,7 +193,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="{demo,run}")
     d = sub.add_parser("demo", help="synthetic slides end to end: segment, features, fit, predict, evaluate")
     d.add_argument(
-        "--out", default=None, help="folder for the metrics tables and the figure (default: a new temporary one)"
+        "--out",
+        default=None,
+        help="folder for the metrics tables and the figure (default: a new temporary one)",
     )
     d.add_argument("--quick", action="store_true", help="tiny slides and few epochs (CI size, ~15 s)")
     d.add_argument("--seed", type=int, default=0)

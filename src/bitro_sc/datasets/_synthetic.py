@@ -50,7 +50,8 @@ class SyntheticTruth:
         ``program_*`` covariates that drive the spatial / state gene programs.
     expression
         AnnData, cells × genes: raw counts in ``X`` (CSR, float32 holding integers), the noise-free
-        expected counts in ``layers["rate"]``, ``obs`` = ``cells``, ``obsm["spatial"]`` in pixels (µm in obs ``x_um``/``y_um``).
+        expected counts in ``layers["rate"]``, ``obs`` = ``cells``, ``obsm["spatial"]`` in pixels
+        (µm in obs ``x_um``/``y_um``).
     sample_id, patient_id
         Slide identity, as in the SpatialData.
     mpp

@@ -253,7 +253,7 @@ def expression(
         for g in genes:
             if g not in table.var_names and g in known:
                 raise not_predicted(g, table, layer, table_key)
-        U.check_genes(genes, list(table.var_names) + sorted(known - set(table.var_names)), where=f"the data")
+        U.check_genes(genes, list(table.var_names) + sorted(known - set(table.var_names)), where="the data")
     else:
         U.check_genes(genes, table.var_names, where=f"table {table_key!r}")
 

@@ -163,7 +163,9 @@ def check_image_style(img_cmap: str | None, img_alpha: float) -> None:
     import matplotlib as mpl
 
     if img_cmap is not None and img_cmap not in mpl.colormaps:
-        raise ValueError(f"`img_cmap` must be None or a matplotlib colour map such as 'gray', got {img_cmap!r}.")
+        raise ValueError(
+            f"`img_cmap` must be None or a matplotlib colour map such as 'gray', got {img_cmap!r}."
+        )
     if not 0.0 <= float(img_alpha) <= 1.0:
         raise ValueError(f"`img_alpha` must be in [0, 1], got {img_alpha!r}.")
 

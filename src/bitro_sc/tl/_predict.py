@@ -164,7 +164,6 @@ def _write_cells(
 ) -> None:
     import anndata as ad
     import pandas as pd
-    from scipy import sparse
     from spatialdata.models import TableModel
 
     old = sdata.tables[cells_key]
