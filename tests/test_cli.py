@@ -161,3 +161,8 @@ def test_quick_demo_runs_end_to_end_and_writes_metrics_and_figure(tmp_path, caps
     cell = pd.read_csv(tmp_path / "demo_cell_metrics.csv")
     assert cell["pearson"].notna().sum() > 0
     assert (tmp_path / "demo.png").stat().st_size > 10_000
+
+
+def test_demo_writes_to_a_new_temporary_folder_by_default():
+    args = cli._parser().parse_args(["demo"])
+    assert args.out is None  # nothing is written into the working directory unless asked

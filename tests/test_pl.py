@@ -127,13 +127,18 @@ def test_expression_compares_prediction_and_measurement_with_data_colour_limits(
     assert [a.get_title() for a in axes] == ["EPCAM — predicted", "EPCAM — measured"]
     pred = np.log1p(sdata.tables[K.TABLE].layers[K.PREDICTION][:, 0])
     meas = _measured(sdata, "EPCAM")
+    both = np.concatenate([pred, meas])
     for a, expected in zip(axes, [pred, meas], strict=True):
         coll = _discs(a)
         np.testing.assert_allclose(np.asarray(coll.get_array()), expected, rtol=1e-6)
-        np.testing.assert_allclose(coll.get_clim(), (expected.min(), expected.max()), rtol=1e-6)
+        # spot panels of one gene share one colour scale by default
+        np.testing.assert_allclose(coll.get_clim(), (both.min(), both.max()), rtol=1e-6)
         assert any(isinstance(im, AxesImage) for im in a.get_images())
     labels = [a.child_axes[0].get_ylabel() for a in axes]  # colour bars
     assert labels == ["predicted (bitro), log1p CP10k", "measured, log1p CP10k"]
+    axes = bs.pl.expression(sdata, "EPCAM", share_scale=False)
+    for a, expected in zip(axes, [pred, meas], strict=True):
+        np.testing.assert_allclose(_discs(a).get_clim(), (expected.min(), expected.max()), rtol=1e-6)
 
 
 def test_spots_are_drawn_at_their_centres_with_their_true_radius():
@@ -269,9 +274,21 @@ def test_cells_without_labels_are_circles_and_numeric_colour_gets_a_colour_bar()
     assert ax.child_axes[0].get_ylabel() == K.AREA_UM2
     with pytest.raises(ValueError, match="labels element"):
         bs.pl.cells(sdata, style="outline")
+    with pytest.raises(KeyError, match="columns"):
+        bs.pl.cells(sdata, color="no_such_column")
+
+
+def test_cells_after_segmentation_alone_draws_outlines_in_one_colour():
+    sdata = _slide()
     del sdata.tables[K.CELLS].obs[K.PHENOTYPE]
-    with pytest.raises(KeyError, match=r"bs\.tl\.phenotypes"):
-        bs.pl.cells(sdata)
+    ax = bs.pl.cells(sdata)  # default colour: phenotypes, absent here
+    overlay = ax.get_images()[-1].get_array()
+    drawn = overlay[..., 3] > 0
+    assert drawn.sum() > 50
+    colours = np.unique(np.asarray(overlay[drawn])[:, :3].round(4), axis=0)
+    assert len(colours) == 1
+    assert ax.get_title() == "cells"
+    assert ax.get_legend() is None
 
 
 def test_cells_requires_a_cells_table():
@@ -506,3 +523,61 @@ def test_holdout_figure_has_a_cell_panel_when_cell_scores_are_given(tmp_path):
     plt.close(fig)
     with pytest.raises(TypeError, match=r"output of `bs\.tl\.holdout`"):
         bs.pl.holdout(scores)
+
+
+# --------------------------------------------------------------------------------------------
+# newcomer options: not-predicted genes, image style, smoothed field
+# --------------------------------------------------------------------------------------------
+def test_a_gene_the_model_did_not_predict_gets_one_message_at_spot_and_cell_level():
+    from bitro_sc.pl._expression import GeneNotPredictedError
+
+    sdata = _slide()
+    spots = sdata.tables[K.TABLE]
+    spots.layers[K.PREDICTION][:, GENES.index("EPCAM")] = np.nan  # spot level: a NaN column
+    cells = sdata.tables[K.CELLS]
+    sdata.tables[K.CELLS] = cells[:, [g for g in GENES if g != "EPCAM"]].copy()  # cell level: no column
+    messages = []
+    for level in ("spot", "cell"):
+        with pytest.raises(GeneNotPredictedError, match="'EPCAM' was not predicted") as err:
+            bs.pl.expression(sdata, "EPCAM", level=level)
+        messages.append(str(err.value).replace("'cells'", "'table'"))
+        assert isinstance(err.value, KeyError)
+        assert isinstance(err.value, ValueError)
+        assert "genes=" in str(err.value)
+    assert messages[0] == messages[1]
+    with pytest.raises(KeyError, match="did you mean"):  # a gene that is nowhere: close matches
+        bs.pl.expression(sdata, "EPCM", level="cell")
+
+
+def test_image_under_values_is_grey_and_dimmed_by_default_and_in_colour_on_request():
+    sdata = _slide(cells=False)
+    ax = bs.pl.expression(sdata, "EPCAM", compare=False)
+    (image,) = ax.get_images()
+    assert image.get_array().ndim == 2  # luminance
+    assert image.get_cmap().name == "gray"
+    assert image.get_alpha() == pytest.approx(0.6)
+    ax = bs.pl.expression(sdata, "EPCAM", compare=False, img_cmap=None, img_alpha=1.0)
+    (image,) = ax.get_images()
+    assert image.get_array().shape[-1] == 3
+    with pytest.raises(ValueError, match="img_alpha"):
+        bs.pl.expression(sdata, "EPCAM", img_alpha=2.0)
+    with pytest.raises(ValueError, match="img_cmap"):
+        bs.pl.expression(sdata, "EPCAM", img_cmap="no-such-map")
+
+
+def test_smooth_style_draws_binned_means_of_the_cells():
+    sdata = _slide()
+    ax = bs.pl.expression(sdata, "ERBB2", level="cell", style="smooth", bin_um=20.0, compare=False)
+    field = ax.get_images()[-1]
+    arr = np.ma.masked_invalid(np.ma.filled(field.get_array(), np.nan))
+    cells = sdata.tables[K.CELLS]
+    values = np.log1p(cells.layers[K.PREDICTION][:, 1])
+    # a smoothed mean lies within the range of the values it averages, and fills the cells' area
+    assert arr.count() > 10
+    assert arr.min() >= values.min() - 1e-9
+    assert arr.max() <= values.max() + 1e-9
+    assert field.get_clim() == pytest.approx((values.min(), values.max()))
+    x0, x1, _, _ = field.get_extent()
+    assert (x1 - x0) % (20.0 / MPP) == pytest.approx(0.0)  # whole bins of 40 px
+    with pytest.raises(ValueError, match="bin_um"):
+        bs.pl.expression(sdata, "ERBB2", level="cell", style="smooth", bin_um=0)

@@ -64,7 +64,7 @@ def test_write_cells_follows_the_contract():
     assert row[K.X_UM] == pytest.approx(xs.mean() * 0.5)
     assert row[K.AREA_UM2] == pytest.approx(len(ys) * 0.25)
     assert shapes.loc[5, "radius"] == pytest.approx(np.sqrt(len(ys) / np.pi))
-    np.testing.assert_allclose(table.obsm[K.SPATIAL], table.obs[[K.X_UM, K.Y_UM]].to_numpy())
+    np.testing.assert_allclose(table.obsm[K.SPATIAL], table.obs[[K.X_PX, K.Y_PX]].to_numpy())
     assert table.X.shape == (12, 0)
     assert set(table.obs[K.SAMPLE_ID]) == {"toy"}
     assert set(table.obs[K.PATIENT_ID]) == {"p0"}

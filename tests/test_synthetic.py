@@ -203,7 +203,7 @@ def test_expression_follows_visible_cell_types(small):
     epcam = table[:, "EPCAM"].X.toarray().ravel()
     assert np.corrcoef(n_tum.to_numpy(), epcam)[0, 1] > 0.7
     assert (truth.expression.layers["rate"] >= 0).all()
-    np.testing.assert_array_equal(expr.obsm["spatial"], cells[["x_um", "y_um"]].to_numpy())
+    np.testing.assert_array_equal(expr.obsm["spatial"], cells[["x_px", "y_px"]].to_numpy())
 
 
 def test_same_seed_same_slides_and_different_seeds_differ(tiny):

@@ -82,8 +82,6 @@ def her2st_figures() -> None:
     import geopandas as gpd
     from shapely.geometry import box
 
-    from bitro_sc._sdata import get_mpp
-
     env = os.environ.get("BITRO_SC_DATA")
     root = Path(env) if env else ROOT.parent / "shared" / "data"
     d = root / "her2st"
@@ -101,7 +99,7 @@ def her2st_figures() -> None:
     plt.close("all")
     log("HER2ST measured expression")
 
-    mpp = get_mpp(sdata, "he")
+    mpp = bs.get_mpp(sdata, "he")
     table = sdata.tables["table"]
     epcam = table[:, "EPCAM"].X.toarray().ravel() / table.X.sum(axis=1).A1
     cx, cy = (float(v) for v in table.obsm["spatial"][epcam.argmax()])  # tumour: the top EPCAM spot

@@ -16,6 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0.dev0"
 
+from ._settings import init_process as _init_process
+from ._settings import settings
+
+_init_process()
+
 _SUBMODULES = ("io", "pp", "tl", "pl", "datasets", "metrics", "models", "segmentation", "encoders")
 #: slide metadata helpers, public at the top level (defined in ``bitro_sc._sdata``)
 _FUNCTIONS = ("get_mpp", "set_mpp", "slide_info", "set_slide_info")
@@ -23,7 +28,7 @@ _FUNCTIONS = ("get_mpp", "set_mpp", "slide_info", "set_slide_info")
 if TYPE_CHECKING:  # pragma: no cover
     from . import datasets, encoders, io, metrics, models, pl, pp, segmentation, tl
 
-__all__ = [*_SUBMODULES, *_FUNCTIONS, "__version__"]
+__all__ = [*_SUBMODULES, *_FUNCTIONS, "settings", "__version__"]
 
 
 def __getattr__(name: str) -> Any:

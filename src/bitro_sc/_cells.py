@@ -249,7 +249,7 @@ def write_cells(
     -----
     Writes shapes ``shapes_key`` (circles at the centroid with the equivalent radius
     ``sqrt(area / π)`` in pixels, index = ``cell_id``), table ``key_added`` (zero gene columns,
-    ``obs`` = :data:`CELL_OBS`, ``obsm["spatial"]`` = centroid in µm, annotating the shapes:
+    ``obs`` = :data:`CELL_OBS`, ``obsm["spatial"]`` = centroid in pixels, annotating the shapes:
     ``region`` = ``shapes_key``, instance key ``cell_id``) and labels ``labels_key`` (uint32).
     Every element gets the pixel and micron transformations of
     :func:`bitro_sc._sdata.micron_transformations`. Zero cells give an empty table that
@@ -308,7 +308,8 @@ def write_cells(
         )
 
     adata = ad.AnnData(X=np.zeros((n, 0), np.float32), obs=obs)
-    adata.obsm[K.SPATIAL] = np.stack([obs[K.X_UM].to_numpy(), obs[K.Y_UM].to_numpy()], axis=1).reshape(n, 2)
+    # pixels of the image, as on the spot table (squidpy's convention); µm in obs x_um / y_um
+    adata.obsm[K.SPATIAL] = np.stack([obs[K.X_PX].to_numpy(), obs[K.Y_PX].to_numpy()], axis=1).reshape(n, 2)
     adata.uns["bitro_segmentation"] = dict(uns or {}) | {"mpp": float(mpp), "n_cells": int(n)}
     if n:
         sdata.tables[key_added] = TableModel.parse(

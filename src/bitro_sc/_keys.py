@@ -38,7 +38,7 @@ AREA_UM2 = "area_um2"
 PHENOTYPE = "bitro_phenotype"
 
 # --- obsm / obsp / layers / uns -------------------------------------------------------------
-SPATIAL = "spatial"  # obsm: centroid; spots: pixels (squidpy convention), cells: µm
+SPATIAL = "spatial"  # obsm: centre (x, y) in image pixels on every table (squidpy); µm in obs x_um / y_um
 FEATURES = "X_bitro"  # obsm of the cells table, float32
 FEATURES_PARAMS = "bitro_features"  # uns of the cells table
 PHENOTYPE_PARAMS = "bitro_phenotype"  # uns of the cells table

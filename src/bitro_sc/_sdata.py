@@ -188,18 +188,17 @@ def require(sdata: SpatialData, key: str, *, kind: str, step: str) -> Any:
 
 
 def cell_centroids_um(table: AnnData, *, cells_key: str = K.CELLS) -> np.ndarray:
-    """Cell centroids ``(n, 2)`` (x, y) in µm, float64: obs ``x_um``/``y_um``, else obsm ``"spatial"``.
+    """Cell centroids ``(n, 2)`` (x, y) in µm, float64, from obs ``x_um``/``y_um``
+    (``obsm["spatial"]`` holds pixels, see docs/data_model.md).
 
-    Raises a clear error naming `bs.tl.segment` when the table has neither.
+    Raises a clear error naming `bs.tl.segment` when the table lacks them.
     """
     import numpy as np
 
     if K.X_UM in table.obs.columns and K.Y_UM in table.obs.columns:
         return table.obs[[K.X_UM, K.Y_UM]].to_numpy(dtype=np.float64)
-    if K.SPATIAL in table.obsm:
-        return np.asarray(table.obsm[K.SPATIAL], dtype=np.float64)[:, :2]
     raise ValueError(
-        f"The cells table {cells_key!r} has no {K.X_UM!r}/{K.Y_UM!r} columns nor obsm['spatial'] (µm); "
+        f"The cells table {cells_key!r} has no {K.X_UM!r}/{K.Y_UM!r} columns (centroids in µm); "
         "run `bs.tl.segment` to make a cells table that follows the data contract."
     )
 

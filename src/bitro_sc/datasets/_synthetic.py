@@ -50,7 +50,8 @@ class SyntheticTruth:
         ``program_*`` covariates that drive the spatial / state gene programs.
     expression
         AnnData, cells × genes: raw counts in ``X`` (CSR, float32 holding integers), the noise-free
-        expected counts in ``layers["rate"]``, ``obs`` = ``cells``, ``obsm["spatial"]`` in µm.
+        expected counts in ``layers["rate"]``, ``obs`` = ``cells``, ``obsm["spatial"]`` in pixels
+        (µm in obs ``x_um``/``y_um``).
     sample_id, patient_id
         Slide identity, as in the SpatialData.
     mpp
@@ -436,7 +437,7 @@ def _one_slide(
     counts_csr = sp.csr_matrix(counts)
     expr = ad.AnnData(X=counts_csr, obs=cells.copy(), var=pd.DataFrame(index=pd.Index(genes.names)))
     expr.layers["rate"] = rate
-    expr.obsm[K.SPATIAL] = cells[[K.X_UM, K.Y_UM]].to_numpy()
+    expr.obsm[K.SPATIAL] = cells[[K.X_PX, K.Y_PX]].to_numpy()  # pixels, as on the slide's tables
 
     # --- image -------------------------------------------------------------------------------------
     lazy_ = (plan.height_px * plan.width_px > _LAZY_PIXELS) if lazy is None else bool(lazy)
@@ -480,6 +481,7 @@ def _one_slide(
             patient_id=patient_id,
             array_row=spot_df["array_row"].to_numpy(),
             array_col=spot_df["array_col"].to_numpy(),
+            mpp=mpp,
         )
     if kind == "bulk" or with_bulk:
         bulk_x = np.asarray(counts_csr.sum(axis=0), dtype=np.float32).reshape(1, -1)

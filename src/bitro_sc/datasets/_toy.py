@@ -207,6 +207,8 @@ def _cells_slide(
             {
                 K.SPOT_ID: np.arange(len(centres)),
                 K.REGION: pd.Categorical([K.SPOTS] * len(centres)),
+                K.X_UM: centres[:, 0],
+                K.Y_UM: centres[:, 1],
                 K.SAMPLE_ID: sid,
                 K.PATIENT_ID: pid,
             },
@@ -233,7 +235,9 @@ def _cells_slide(
         index=[f"c{i}" for i in range(1, n_cells + 1)],
     )
     cobs.loc[spot < 0, K.SPOT_ID] = pd.NA
-    ctable = ad.AnnData(obs=cobs, obsm={K.FEATURES: cells["features"], K.SPATIAL: xy.astype(np.float64)})
+    ctable = ad.AnnData(
+        obs=cobs, obsm={K.FEATURES: cells["features"], K.SPATIAL: (xy / mpp).astype(np.float64)}
+    )
     ctable.obsp[K.CONNECTIVITIES] = conn
     ctable.obsp[K.DISTANCES] = dist
     ctable.uns[K.FEATURES_PARAMS] = {"encoder": "toy", "fov_um": 20.0}

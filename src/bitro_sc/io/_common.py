@@ -237,6 +237,7 @@ def spot_sdata(
         array_row=array_row,
         array_col=array_col,
         var=var,
+        mpp=mpp,
     )
     sdata = SpatialData(images={K.IMAGE: image}, shapes={K.SPOTS: spots}, tables={K.TABLE: table})
     _sdata.set_mpp(sdata, K.IMAGE, mpp, source=mpp_source)
@@ -292,8 +293,12 @@ def spot_table(
     array_row: np.ndarray | None = None,
     array_col: np.ndarray | None = None,
     var: pd.DataFrame | None = None,
+    mpp: float | None = None,
 ) -> AnnData:
-    """Table ``"table"`` annotating ``"spots"`` (layout in CONTRIBUTING.md, "Spot table")."""
+    """Table ``"table"`` annotating ``"spots"`` (layout in CONTRIBUTING.md, "Spot table").
+
+    ``obsm["spatial"]`` holds the centres in pixels; with ``mpp``, obs ``x_um``/``y_um`` in µm.
+    """
     from anndata import AnnData
     from spatialdata.models import TableModel
 
@@ -314,6 +319,9 @@ def spot_table(
     obs["array_col"] = na if array_col is None else np.asarray(array_col, dtype=np.int64)
     obs[K.SAMPLE_ID] = pd.Categorical([str(sample_id)] * n)
     obs[K.PATIENT_ID] = pd.Categorical([None if patient_id is None else str(patient_id)] * n)
+    if mpp is not None:
+        xy_um = np.asarray(xy_px, dtype=np.float64).reshape(n, 2) * float(mpp)
+        obs[K.X_UM], obs[K.Y_UM] = xy_um[:, 0], xy_um[:, 1]
 
     var_names = pd.Index([str(g) for g in genes])
     if var is None:

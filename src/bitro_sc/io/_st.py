@@ -103,7 +103,7 @@ def read_st(
     ... )
     >>> image = np.full((120, 110, 3), 200, np.uint8)
     >>> sdata = bs.io.read_st(image, counts, spots, sample_id="S1")
-    >>> sdata.tables["table"].n_obs, bs._sdata.get_mpp(sdata, "he")
+    >>> sdata.tables["table"].n_obs, bs.get_mpp(sdata, "he")
     (12, 10.0)
     >>> bs._sdata.mpp_source(sdata, "he")
     'estimated from array pitch (200 µm), fit over 12 spots (RMS residual 0.0 µm)'

@@ -166,7 +166,8 @@ def read_positions(spatial: Path) -> pd.DataFrame:
     if p.suffix == ".parquet":
         df = pd.read_parquet(p)
     else:
-        first = p.open().readline()
+        with p.open() as fh:
+            first = fh.readline()
         header = 0 if "in_tissue" in first or "barcode" in first else None
         df = pd.read_csv(p, header=header)
         if header is None:

@@ -83,12 +83,12 @@ def read_wsi(
     >>> rgb = np.full((256, 320, 3), 220, np.uint8)
     >>> tifffile.imwrite(path, rgb, photometric="rgb", resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
     >>> sdata = bs.io.read_wsi(path)  # 2e4 px/cm in the file: 0.5 µm/px
-    >>> bs._sdata.get_mpp(sdata, "he"), bs._sdata.slide_info(sdata)["sample_id"]
+    >>> bs.get_mpp(sdata, "he"), bs.slide_info(sdata)["sample_id"]
     (0.5, 'slide_01')
     >>> scan = path.with_name("scan.tif")
     >>> tifffile.imwrite(scan, rgb, photometric="rgb")  # no resolution tags: give the pixel size
     >>> sdata = bs.io.read_wsi(scan, mpp=0.25)
-    >>> bs._sdata.get_mpp(sdata, "he")
+    >>> bs.get_mpp(sdata, "he")
     0.25
     """
     p = check_file(path, what="slide")

@@ -10,7 +10,7 @@ import numpy as np
 
 from .. import _keys as K
 from .. import _sdata
-from ..pp._expression import highly_variable_genes
+from ..pp._expression import default_genes, highly_variable_genes
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
@@ -87,9 +87,10 @@ def training_hvgs(tables: list[AnnData], n_top: int = 50) -> list[str]:
 
 
 def choose_genes(tables: list[AnnData], genes: Sequence[str] | None, n_top: int, what: str) -> list[str]:
-    """``genes`` (deduplicated; each must be in every table), or the tables' top ``n_top`` HVGs."""
+    """``genes`` (deduplicated; each must be in every table), or the tables' top ``n_top`` HVGs
+    plus the marker panel (:func:`bitro_sc.pp.default_genes`)."""
     if genes is None:
-        return list(highly_variable_genes(tables, n_top=n_top))
+        return default_genes(tables, n_top=n_top)
     chosen = [str(g) for g in dict.fromkeys(genes)]
     if not chosen:
         raise ValueError("`genes` is empty; pass gene names or None for the top HVGs.")

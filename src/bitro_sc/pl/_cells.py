@@ -91,6 +91,8 @@ def cells(
     cmap: str = "viridis",
     alpha: float = 0.25,
     point_size: float = 2.0,
+    img_cmap: str | None = None,
+    img_alpha: float = 1.0,
     show_image: bool = True,
     scalebar: bool = True,
     legend: bool = True,
@@ -111,7 +113,9 @@ def cells(
         A slide after `bs.tl.segment`.
     color
         Column of ``tables[cells_key].obs``: categorical (e.g. ``"bitro_phenotype"``, legend with one
-        entry per category) or numeric (colour bar). ``None``: one colour.
+        entry per category) or numeric (colour bar). ``None``: one colour. The default
+        ``"bitro_phenotype"`` falls back to one colour when `bs.tl.phenotypes` has not run, so
+        the outlines can be checked right after `bs.tl.segment`.
     crop_um
         ``(x_min, y_min, x_max, y_max)`` in µm from the image origin; ``None``: the extent of the cells.
     ax
@@ -131,6 +135,9 @@ def cells(
     alpha, point_size
         Fill opacity of circles (their edges and outlines are opaque, so the nuclei stay
         visible); marker size of points (pt²).
+    img_cmap, img_alpha
+        The H&E: ``img_cmap=None`` (default) in colour, or a colour map of its luminance (e.g.
+        ``"gray"``); ``img_alpha`` its opacity over white (default 1.0).
     show_image, scalebar, legend, title
         Draw the H&E image; a scale bar in µm; the legend of categories; the panel title
         (default: ``color``).
@@ -148,7 +155,8 @@ def cells(
     Raises
     ------
     KeyError
-        No cells table (run `bs.tl.segment` first), or ``color`` is not a column (the error lists them).
+        No cells table (run `bs.tl.segment` first), or a ``color`` other than the default that is
+        not a column (the error lists them).
     ValueError
         ``style="outline"`` without a labels element.
 
@@ -172,7 +180,10 @@ def cells(
             f"No cells table {cells_key!r} (tables: {list(sdata.tables.keys()) or 'none'}): "
             "run `bs.tl.segment` first."
         )
+    U.check_image_style(img_cmap, img_alpha)
     table = sdata.tables[cells_key]
+    if color == K.PHENOTYPE and color not in table.obs:
+        color = None  # segmentation alone: outlines in one colour
     if color is not None and color not in table.obs:
         raise KeyError(
             f"No column {color!r} in the cells table {cells_key!r} (columns: {list(table.obs.columns)}). "
@@ -229,7 +240,7 @@ def cells(
     else:
         fig = U.figure_of(ax)
     if show_image:
-        U.draw_image(ax, sdata, image_key, view, max_px=max_px)
+        U.draw_image(ax, sdata, image_key, view, max_px=max_px, cmap=img_cmap, alpha=img_alpha)
 
     if style == "outline":
         _, instance_key = G._table_attrs(table)

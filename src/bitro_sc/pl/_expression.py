@@ -12,6 +12,7 @@ import numpy as np
 from .. import _keys as K
 from .._sdata import check_level, level_table_key
 from ..pp._expression import get_counts, normalize_expression
+from . import _field as F
 from . import _geometry as G
 from . import _utils as U
 
@@ -22,7 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: levels that can be drawn (bulk has no positions)
 _PLOT_LEVELS = ("spot", "cell")
-_STYLES = ("auto", "circle", "point")
+_STYLES = ("auto", "circle", "point", "smooth")
 #: above this many cells in view, ``style="auto"`` draws points instead of true-size circles
 MAX_CIRCLES = 100_000
 
@@ -58,6 +59,26 @@ def _measured(table: AnnData, gene: str) -> np.ndarray:
     return normalize_expression(col[:, None], library_size=lib)[:, 0].astype(np.float64)
 
 
+class GeneNotPredictedError(KeyError, ValueError):
+    """A gene the data has but the model did not predict (a ``KeyError`` and a ``ValueError``)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def not_predicted(gene: str, table: AnnData, layer: str, table_key: str) -> GeneNotPredictedError:
+    """The one error for a gene without predictions, at every level."""
+    record = table.uns.get(layer)
+    genes = list(record.get("genes", [])) if hasattr(record, "get") else []
+    what = f"it predicted {len(genes)} genes, e.g. {', '.join(map(str, genes[:5]))}" if genes else ""
+    return GeneNotPredictedError(
+        f"{gene!r} was not predicted: the model behind layer {layer!r} of table {table_key!r} did not "
+        f"include it{' (' + what + ')' if what else ''}. Fit it with this gene in `genes=` (e.g. "
+        f"`bs.tl.fit_bitro(sdata, genes=[..., {gene!r}])`; by default a fit predicts the top HVGs plus "
+        "`bs.pp.MARKER_GENES`), then run `bs.tl.predict_bitro` again."
+    )
+
+
 def _predicted(table: AnnData, gene: str, layer: str, *, table_key: str, log1p: bool) -> np.ndarray:
     if layer not in table.layers:
         have = list(table.layers.keys())
@@ -67,10 +88,7 @@ def _predicted(table: AnnData, gene: str, layer: str, *, table_key: str, log1p: 
         )
     values = _column(table.layers[layer], int(table.var_names.get_loc(gene)))
     if np.all(np.isnan(values)):
-        raise ValueError(
-            f"Layer {layer!r} of table {table_key!r} has no values for {gene!r}: the model did not "
-            "predict this gene. Fit it with this gene in `genes=`."
-        )
+        raise not_predicted(gene, table, layer, table_key)
     if log1p:
         if np.nanmin(values) < 0:
             raise ValueError(
@@ -99,7 +117,11 @@ def expression(
     vmax: float | str | None = None,
     log1p: bool = True,
     alpha: float | None = None,
-    style: Literal["auto", "circle", "point"] = "auto",
+    style: Literal["auto", "circle", "point", "smooth"] = "auto",
+    bin_um: float | None = None,
+    share_scale: bool | None = None,
+    img_cmap: str | None = "gray",
+    img_alpha: float = 0.6,
     show_image: bool = True,
     scalebar: bool = True,
     ncols: int = 3,
@@ -109,10 +131,12 @@ def expression(
 ) -> Axes | list[Axes]:
     """Expression of one or several genes on the tissue: spots as discs or cells as circles/points.
 
-    The H&E image is drawn underneath, downsampled so that at most ``max_px`` pixels are shown on
-    the long side (the pyramid level is picked accordingly; the full-resolution whole slide is
+    The H&E image is drawn underneath, dimmed and in grey by default (``img_alpha``, ``img_cmap``)
+    so that the colour map stays readable, downsampled so that at most ``max_px`` pixels are shown
+    on the long side (the pyramid level is picked accordingly; the full-resolution whole slide is
     never loaded). Spots are drawn as discs of their true radius; cells as circles of their
-    equivalent radius, or as points when more than 100,000 are in view (``style="auto"``).
+    equivalent radius, or as points when more than 100,000 are in view (``style="auto"``), or as a
+    smoothed field (``style="smooth"``, for whole-slide cell maps).
 
     Parameters
     ----------
@@ -142,14 +166,27 @@ def expression(
         Pixel size (µm/px) when the image does not record it (needed for ``crop_um`` and the scale bar).
     cmap, vmin, vmax
         Colour map and limits; a limit is a number, a percentile string such as ``"p99"``, or
-        ``None`` for the minimum / maximum of the values shown in that panel. Spots / cells
-        without a value (``NaN``, e.g. spots that hold no cell) are light grey.
+        ``None`` for the minimum / maximum of the values shown in that panel (of the panels that
+        share a scale, see ``share_scale``). Spots / cells without a value (``NaN``, e.g. spots
+        that hold no cell) are light grey.
     log1p
         Apply ``log1p`` to the layer values (predictions are counts per 10k).
     alpha
         Opacity of spots / cells (default 0.9 for spots, 1.0 for cells).
     style
-        Cell drawing: ``"circle"`` (equivalent radius), ``"point"`` or ``"auto"``.
+        Cell drawing: ``"circle"`` (equivalent radius), ``"point"``, ``"smooth"`` (the mean of the
+        cells' values in square bins of ``bin_um``, smoothed with a Gaussian of one bin; bins far
+        from any cell are transparent) or ``"auto"`` (circles up to 100,000 cells in view, else
+        points).
+    bin_um
+        Bin size of ``style="smooth"`` in µm; ``None``: the view's long side / 150, at least 10 µm.
+    share_scale
+        One colour scale (limits from the values of both panels) for the predicted and the measured
+        panel of a gene. ``None``: shared when both are spot values (same unit); cell values are on
+        a per-cell scale (see docs/data_model.md), so cell and spot panels keep their own.
+    img_cmap, img_alpha
+        The H&E under the values: ``img_cmap=None`` in colour, or a colour map of its luminance
+        (default ``"gray"``); ``img_alpha`` its opacity over white (default 0.6: dimmed).
     show_image, scalebar
         Draw the H&E image underneath; draw a scale bar in µm.
     ncols, panel_size
@@ -168,7 +205,9 @@ def expression(
     ------
     KeyError
         An unknown gene (the error lists close matches), a missing table or a missing ``layer``
-        (the error names `bs.tl.predict_bitro`).
+        (the error names `bs.tl.predict_bitro`). A gene in the data that the model did not predict
+        raises :class:`GeneNotPredictedError` (a ``KeyError`` and a ``ValueError``) with the same
+        message at spot and cell level.
     ValueError
         ``layer=None`` with ``level="cell"`` (cells have no measured expression), or ``crop_um``
         without a known pixel size.
@@ -186,6 +225,9 @@ def expression(
     level = check_level(level, _PLOT_LEVELS)  # type: ignore[assignment]
     if style not in _STYLES:
         raise ValueError(f"`style` must be one of {list(_STYLES)}, got {style!r}.")
+    U.check_image_style(img_cmap, img_alpha)
+    if bin_um is not None and not bin_um > 0:
+        raise ValueError(f"`bin_um` must be a positive length in µm, got {bin_um!r}.")
     if level == "cell" and layer is None:
         raise ValueError(
             "Cells have no measured expression: pass a layer of cell-level predictions (e.g. "
@@ -204,13 +246,21 @@ def expression(
     if table_key not in sdata.tables:
         raise KeyError(f"No table {table_key!r} (tables: {list(sdata.tables.keys()) or 'none'}): {step}.")
     table = sdata.tables[table_key]
-    U.check_genes(genes, table.var_names, where=f"table {table_key!r}")
+    spot_table = sdata.tables.get(spot_table_key)
+    if level == "cell" and layer is not None:
+        # genes of the data that the cell-level prediction lacks: the same error as for spots
+        known = set(table.var_names) | (set(spot_table.var_names) if spot_table is not None else set())
+        for g in genes:
+            if g not in table.var_names and g in known:
+                raise not_predicted(g, table, layer, table_key)
+        U.check_genes(genes, list(table.var_names) + sorted(known - set(table.var_names)), where="the data")
+    else:
+        U.check_genes(genes, table.var_names, where=f"table {table_key!r}")
 
     image_key = U.auto_image_key(sdata, image_key) if show_image or scalebar or crop_um else image_key
     mpp_value = G.resolve_mpp(sdata, image_key, mpp)
     box = G.crop_box_px(crop_um, mpp_value)
 
-    spot_table = sdata.tables.get(spot_table_key)
     single_ax = ax is not None and not isinstance(ax, Sequence | np.ndarray)
 
     if compare is None:  # side by side when every gene has measured counts, and axes allow it
@@ -292,27 +342,56 @@ def expression(
     )
     colormap = mpl.colormaps[cmap].with_extremes(bad="lightgrey")  # NaN: no prediction there
     background = U.read_region(sdata, image_key, view, max_px=max_px) if show_image and image_key else None
-    for axis, p in zip(axes, panels, strict=True):
+    shown_values = [p.values[geometry[p.table_key].in_box(view)] for p in panels]
+    limits = _limits(panels, shown_values, vmin, vmax, share_scale)
+    if style == "smooth" and mpp_value is None and bin_um is not None:
+        raise ValueError("`bin_um` needs the pixel size: pass `mpp=` (µm per pixel).")
+    for axis, p, values, (lo, hi) in zip(axes, panels, shown_values, limits, strict=True):
         geo = geometry[p.table_key]
         keep = geo.in_box(view)
         shown = G.Geometry(geo.x[keep], geo.y[keep], geo.r[keep])
-        values = p.values[keep]
         if background is not None:
-            U.draw_image(axis, sdata, image_key, view, region=background)
-        lo = U.normalise_vlim(vmin, values, default="min")
-        hi = U.normalise_vlim(vmax, values, default="max")
-        if lo is not None and hi is not None and hi <= lo:
-            hi = lo + 1e-6
+            U.draw_image(axis, sdata, image_key, view, region=background, cmap=img_cmap, alpha=img_alpha)
         draw_style = "circle"
         if p.level == "cell":
             draw_style = style if style != "auto" else ("circle" if keep.sum() <= MAX_CIRCLES else "point")
         a = alpha if alpha is not None else (0.9 if p.level == "spot" else 1.0)
-        coll = U.draw_discs(
-            axis, shown, values=values, style=draw_style, cmap=colormap, alpha=a, linewidths=0.0
-        )
+        if draw_style == "smooth" and view is not None:
+            bin_px = (bin_um or F.auto_bin_um(view, mpp_value or 1.0)) / (mpp_value or 1.0)
+            field, extent = F.smoothed_field(shown.x, shown.y, values, view=view, bin_px=bin_px)
+            coll = F.draw_field(axis, field, extent, cmap=colormap, alpha=a)
+        else:
+            coll = U.draw_discs(
+                axis, shown, values=values, style=draw_style, cmap=colormap, alpha=a, linewidths=0.0
+            )
         coll.set_clim(lo, hi)
         U.colorbar(fig, axis, coll, label=p.label)
         U.finish_axes(axis, view, None, mpp=mpp_value, scalebar=scalebar, title=p.title)
 
     U.save_figure(fig, save)
     return axes[0] if len(axes) == 1 else axes
+
+
+def _limits(
+    panels: list[_Panel],
+    values: list[np.ndarray],
+    vmin: float | str | None,
+    vmax: float | str | None,
+    share: bool | None,
+) -> list[tuple[float | None, float | None]]:
+    """Colour limits per panel; panels of one gene share them when asked (``None``: when all of
+    that gene's panels are spot values)."""
+    groups: dict[int, list[int]] = {}
+    for i, p in enumerate(panels):
+        same = [j for j in range(len(panels)) if panels[j].gene == p.gene]
+        joint = share if share is not None else all(panels[j].level == "spot" for j in same)
+        groups[i] = same if joint else [i]
+    out = []
+    for i in range(len(panels)):
+        pooled = np.concatenate([values[j] for j in groups[i]])
+        lo = U.normalise_vlim(vmin, pooled, default="min")
+        hi = U.normalise_vlim(vmax, pooled, default="max")
+        if lo is not None and hi is not None and hi <= lo:
+            hi = lo + 1e-6
+        out.append((lo, hi))
+    return out

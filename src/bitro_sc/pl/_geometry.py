@@ -166,8 +166,8 @@ def cell_geometry(sdata: SpatialData, cells_key: str, mpp: float | None) -> Geom
     if K.X_PX in obs and K.Y_PX in obs:
         x = obs[K.X_PX].to_numpy(dtype=float)
         y = obs[K.Y_PX].to_numpy(dtype=float)
-    elif K.SPATIAL in cells.obsm and mpp is not None:  # centroid in µm
-        xy = np.asarray(cells.obsm[K.SPATIAL], dtype=float) / mpp
+    elif K.SPATIAL in cells.obsm:  # centroid in pixels
+        xy = np.asarray(cells.obsm[K.SPATIAL], dtype=float)
         x, y = xy[:, 0], xy[:, 1]
     else:
         raise KeyError(

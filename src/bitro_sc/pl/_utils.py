@@ -125,9 +125,13 @@ def draw_image(
     *,
     max_px: int = MAX_DISPLAY_PX,
     region: tuple[np.ndarray, Box] | None = None,
+    cmap: str | None = None,
+    alpha: float = 1.0,
 ) -> Box | None:
     """Draw the (downsampled) H&E region under ``box`` (or an already read ``region``).
 
+    ``cmap``: ``None`` shows the colours; a colour-map name (e.g. ``"gray"``) shows the image's
+    luminance in it. ``alpha``: opacity over the white axes (< 1 dims the image).
     Returns the image extent, or ``None`` when there is no image there.
     """
     if region is None:
@@ -137,8 +141,33 @@ def draw_image(
         if region is None:
             return None
     data, (x0, y0, x1, y1) = region
-    ax.imshow(data, extent=(x0, x1, y1, y0), origin="upper", interpolation="antialiased", zorder=0)
+    kw: dict[str, Any] = {}
+    if cmap is not None and data.ndim == 3:
+        rgb = data[..., :3].astype(np.float32)
+        data = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)  # luminance (ITU-R 601)
+        kw = {"cmap": cmap, "vmin": 0.0, "vmax": 255.0}
+    ax.imshow(
+        data,
+        extent=(x0, x1, y1, y0),
+        origin="upper",
+        interpolation="antialiased",
+        zorder=0,
+        alpha=float(alpha),
+        **kw,
+    )
     return x0, y0, x1, y1
+
+
+def check_image_style(img_cmap: str | None, img_alpha: float) -> None:
+    """Errors for an unknown ``img_cmap`` or an ``img_alpha`` outside [0, 1]."""
+    import matplotlib as mpl
+
+    if img_cmap is not None and img_cmap not in mpl.colormaps:
+        raise ValueError(
+            f"`img_cmap` must be None or a matplotlib colour map such as 'gray', got {img_cmap!r}."
+        )
+    if not 0.0 <= float(img_alpha) <= 1.0:
+        raise ValueError(f"`img_alpha` must be in [0, 1], got {img_alpha!r}.")
 
 
 def auto_image_key(sdata: SpatialData, image_key: str | None) -> str | None:

@@ -12,6 +12,8 @@ _EXPORTS = {
     "highly_variable_genes": "_expression",
     "get_counts": "_expression",
     "sum_duplicate_genes": "_expression",
+    "default_genes": "_expression",
+    "MARKER_GENES": "_expression",
 }
 
 __getattr__, __dir__, __all__ = attach(__name__, _EXPORTS)

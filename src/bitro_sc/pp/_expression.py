@@ -158,3 +158,49 @@ def highly_variable_genes(
     sc.pp.highly_variable_genes(tmp, flavor="seurat", n_top_genes=n)
     ranked = tmp.var.sort_values("dispersions_norm", ascending=False, na_position="last")
     return list(ranked.index[:n])
+
+
+#: Marker genes added to the default genes of a fit (:func:`default_genes`), so that the genes
+#: people plot first are predicted: epithelium and breast cancer, immune cells, stroma and vessels,
+#: proliferation. Those absent from the training tables (or never detected there) are left out.
+MARKER_GENES: tuple[str, ...] = (
+    # epithelium / tumour
+    "EPCAM", "KRT19", "KRT8", "KRT18", "KRT5", "KRT14", "KRT17", "CDH1", "ERBB2", "GRB7", "MUC1",
+    "SCGB2A2", "ESR1", "PGR", "FOXA1", "GATA3",
+    # immune
+    "PTPRC", "CD74", "HLA-DRA", "CD3E", "CD8A", "CD68", "CD163", "LYZ", "MS4A1", "IGKC", "IGHG3",
+    "IGHA1", "JCHAIN",
+    # stroma, vessels
+    "FN1", "COL1A1", "COL1A2", "COL3A1", "DCN", "LUM", "MGP", "SPARC", "ACTA2", "VIM", "PECAM1", "VWF",
+    # proliferation
+    "MKI67", "TOP2A",
+)  # fmt: skip
+
+
+def default_genes(tables: AnnData | Sequence[AnnData], *, n_top: int = 250) -> list[str]:
+    """The genes a fit predicts by default: top HVGs plus the marker panel.
+
+    The top ``n_top`` HVGs of the training tables (:func:`highly_variable_genes`, HEST filter:
+    detected in ≥ 10 % of the spots of every table), then every gene of :data:`MARKER_GENES` that
+    is in every table and detected (count > 0) in at least one row of each, in the panel's order.
+
+    Examples
+    --------
+    >>> import bitro_sc as bs
+    >>> slides = bs.datasets.synthetic(2, kind="visium", size_um=250, seed=0)
+    >>> genes = bs.pp.default_genes([s.tables["table"] for s in slides], n_top=10)
+    >>> "EPCAM" in genes and len(genes) > 10
+    True
+    """
+    import anndata as ad
+
+    tables = [tables] if isinstance(tables, ad.AnnData) else list(tables)
+    chosen = list(highly_variable_genes(tables, n_top=n_top))
+    seen = set(chosen)
+    for gene in MARKER_GENES:
+        if gene in seen or not all(gene in t.var_names for t in tables):
+            continue
+        if all(get_counts(t[:, [gene]]).sum() > 0 for t in tables):
+            chosen.append(gene)
+            seen.add(gene)
+    return chosen

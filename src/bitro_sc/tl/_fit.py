@@ -141,8 +141,8 @@ def fit_bitro(
     >>> model = bs.tl.fit_bitro(slides[:2], epochs=2, n_top_genes=20, validation=None, progress=False)
     >>> bs.tl.predict_bitro(slides[2], model)
     >>> df = bs.tl.evaluate(slides[2])
-    >>> len(df), sorted(df.columns[:2])
-    (20, ['pearson', 'spearman'])
+    >>> sorted(df.columns[:2])  # one row per evaluated gene
+    ['pearson', 'spearman']
 
 
     Train a base on the bulk profiles of the first two slides, then adapt it to the third
@@ -309,7 +309,8 @@ def _resolve_base(
                     "transfer='bulk' needs a bulk-trained base model, and none was given: pass `base=` (a "
                     "BiTroModel trained with `level='bulk'`, or a path written by `model.save`), or "
                     f"`bulk=[...]` (SpatialData slides with cells and a {key!r} table, one row per slide) "
-                    f"to train it first, or give slides that have a {key!r} table."
+                    f"to train it first, or give slides that have a {key!r} table. Without `transfer=`, "
+                    "`bs.tl.fit_bitro(sdata)` trains from scratch on this slide's spots."
                 )
             raise ValueError(
                 "transfer='spatial' needs a spot-trained base model, and none was given: pass `base=` (a "

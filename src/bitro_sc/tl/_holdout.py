@@ -280,7 +280,7 @@ class Holdout:
             if len(sub):
                 r = sub["pearson"]
                 row[f"{self.level}_mean_pearson"] = float(np.nanmean(r)) if r.notna().any() else np.nan
-                row[f"{self.level}_median_pearson"] = float(r.median())
+                row[f"{self.level}_median_pearson"] = float(r.median()) if r.notna().any() else np.nan
                 hv = sub.loc[sub["is_hvg"].astype(bool), "pearson"]
                 row["hest_score"] = float(hv.mean()) if hv.notna().any() else np.nan
                 row["n_genes"] = float(len(sub))
@@ -288,7 +288,7 @@ class Holdout:
                     row["n_significant"] = float((sub["q_value"].fillna(1.0) < 0.05).sum())
             if self.cell_scores is not None and (self.cell_scores["method"] == m).any():
                 cell = self.cell_scores.loc[self.cell_scores["method"] == m, "pearson"]
-                row["cell_median_pearson"] = float(cell.median())
+                row["cell_median_pearson"] = float(cell.median()) if cell.notna().any() else np.nan
             rows[m] = row
         return pd.DataFrame.from_dict(rows, orient="index")
 

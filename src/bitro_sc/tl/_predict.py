@@ -42,7 +42,8 @@ def predict_bitro(
       a slide without a bulk table gets a one-row bulk table ``tables[bulk_key]`` (``X`` empty
       counts) holding the prediction.
     - ``level="cell"``: ``tables[cells_key]`` is replaced by a cells × genes table with the same
-      obs / obsm / obsp / uns, the model's genes as var, ``X`` all zero (sparse) and the
+      obs / obsm / obsp / uns, the model's genes as var, no ``X`` (``None``: cells have no measured
+      values) and the
       predictions in ``layers[key_added]`` (cells outside spots are predicted in spatial windows
       of a spot's size; a bulk model predicts every cell in windows of its training chunk size).
       Spot-trained models (RNA-content head, the default for spots) write each cell's own
@@ -218,7 +219,6 @@ def _write_cells(
 ) -> None:
     import anndata as ad
     import pandas as pd
-    from scipy import sparse
     from spatialdata.models import TableModel
 
     old = sdata.tables[cells_key]
@@ -230,7 +230,7 @@ def _write_cells(
     if not frame.index.equals(old.obs_names):
         frame = frame.reindex(old.obs_names)
     new = ad.AnnData(
-        X=sparse.csr_matrix((old.n_obs, frame.shape[1]), dtype=np.float32),
+        X=None,  # no measured values per cell: the predictions are in layers[key_added]
         obs=obs,
         var=pd.DataFrame(index=pd.Index(frame.columns.astype(str))),
         obsm={k: v for k, v in old.obsm.items()},

@@ -234,7 +234,7 @@ def segment(
     -----
     Writes table ``key_added`` (obs ``cell_id``, centroid ``x_px``/``y_px``/``x_um``/``y_um``,
     ``area_um2``, ``perimeter_um``, ``eccentricity``, ``solidity``, ``major_axis_um``,
-    ``minor_axis_um``, ``orientation``, ``sample_id``, ``patient_id``; ``obsm["spatial"]`` in µm;
+    ``minor_axis_um``, ``orientation``, ``sample_id``, ``patient_id``; ``obsm["spatial"]`` in pixels;
     parameters in ``uns["bitro_segmentation"]``), shapes ``"cell_circles"`` and, when asked,
     labels ``labels_key`` — see :func:`~bitro_sc.segmentation.write_cells`. A slide with no
     tissue or no nuclei gets an empty table and a warning. Every argument is checked before any
@@ -265,8 +265,9 @@ def segment(
     if mpp > min_mpp:
         raise ValueError(
             f"Image {image_key!r} has {mpp:.3g} µm/px, too coarse to resolve nuclei (method "
-            f"{method_name!r} needs ≤ {min_mpp:g} µm/px). Segment the full-resolution H&E image "
-            "(e.g. the full-resolution TIFF of a Visium run, not its 'hires'/'lowres' PNGs)."
+            f"{method_name!r} needs ≤ {min_mpp:g} µm/px). Segment the full-resolution H&E image: for "
+            "a Visium run, read it with `bs.io.read_visium(path, fullres_image='<the full-resolution "
+            "TIFF given to Space Ranger>')` instead of its 'hires'/'lowres' PNGs."
         )
     height, width = int(arr.sizes["y"]), int(arr.sizes["x"])
     if write_labels is None:

@@ -1,0 +1,43 @@
+"""A newcomer's calls on a real HER2ST section: the default genes cover EPCAM, plots at both levels."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pytest
+
+import bitro_sc as bs
+from bitro_sc import _keys as K
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_default_fit_on_her2st_predicts_epcam_and_plots_it_at_spot_and_cell_level(her2st_dir, tmp_path):
+    d = her2st_dir
+    sdata = bs.io.read_st(d / "C2_HE.jpg", d / "C2_counts.tsv.gz", d / "C2_selection.tsv")
+    bs.tl.segment(sdata, progress=False)
+    bs.tl.cell_features(sdata, progress=False)
+    bs.tl.phenotypes(sdata)
+    bs.tl.assign_cells(sdata)
+    bs.tl.cell_graph(sdata)
+    model = bs.tl.fit_bitro(sdata, train={"epochs": 2}, progress=False)
+    assert {"EPCAM", "KRT19", "ERBB2", "CD74", "FN1"} <= set(model.genes)  # the marker panel
+    bs.tl.predict_bitro(sdata, model)
+    bs.pl.expression(sdata, "EPCAM", save=tmp_path / "spot.png")
+    bs.tl.predict_bitro(sdata, model, level="cell")
+    bs.pl.expression(sdata, "EPCAM", level="cell", save=tmp_path / "cell.png")
+    assert (tmp_path / "spot.png").stat().st_size > 10_000
+    assert (tmp_path / "cell.png").stat().st_size > 10_000
+    cells, spots = sdata.tables[K.CELLS], sdata.tables[K.TABLE]
+    assert cells.X is None  # predictions live in the layer only
+    # one coordinate convention: obsm["spatial"] in pixels on both tables, µm in obs
+    mpp = bs.get_mpp(sdata, K.IMAGE)
+    np.testing.assert_allclose(cells.obsm[K.SPATIAL] * mpp, cells.obs[[K.X_UM, K.Y_UM]].to_numpy(), rtol=1e-6)
+    np.testing.assert_allclose(spots.obsm[K.SPATIAL] * mpp, spots.obs[[K.X_UM, K.Y_UM]].to_numpy(), rtol=1e-6)
+    not_fitted = next(str(g) for g in spots.var_names if g not in set(model.genes))
+    for level in ("spot", "cell"):
+        with pytest.raises(KeyError, match=f"'{not_fitted}' was not predicted"):
+            bs.pl.expression(sdata, not_fitted, level=level)
