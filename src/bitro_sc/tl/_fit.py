@@ -36,7 +36,7 @@ def fit_bitro(
     validation: float | str | Sequence[str] | None = "auto",
     train: TrainParams | Mapping[str, Any] | None = None,
     model: ModelParams | Mapping[str, Any] | None = None,
-    policy: Literal["lora", "full", "head"] = "lora",
+    policy: Literal["auto", "lora", "full", "head"] = "auto",
     n_top_genes: int = 250,
     progress: bool = True,
     table_key: str = K.TABLE,
@@ -90,9 +90,14 @@ def fit_bitro(
     train, model
         :class:`~bitro_sc.models.TrainParams` / :class:`~bitro_sc.models.ModelParams` or dicts.
     policy
-        For transfer: ``"lora"`` (LoRA adapters on the input projection, attention q/v/out and
-        feed-forward layers + gene head; all base weights frozen, GAT included), ``"full"``
-        (everything trainable) or ``"head"`` (gene head only).
+        For transfer: ``"auto"`` (default) chooses the route by the validation loss of held-out
+        target bags alone (spots, or leave-one-slide-out on fewer than 5 bulk slides): zero-shot
+        (the base with its per-gene scale matched to the targets), head only, LoRA (two ranks /
+        learning rates), full fine-tuning or training from scratch, and the number of epochs; the
+        choice and every route's score are in ``record["route"]`` (see ``bs.pl.history``).
+        ``"lora"`` (LoRA adapters on the input projection, attention q/v/out and feed-forward
+        layers + gene head; all base weights frozen, GAT included), ``"full"`` (everything
+        trainable) or ``"head"`` (gene head only) choose only the epochs (0: zero-shot).
     n_top_genes
         Number of HVGs when ``genes`` is ``None``.
     table_key, bulk_key, cells_key
