@@ -297,7 +297,9 @@ def _transfer(
     def start_of(route: Route) -> Start:
         if route.policy == "scratch":
             return scratch
-        return TransferStart(base, "head" if route.policy == "zero-shot" else route.policy, rank=route.rank)
+        if route.policy == "zero-shot":  # the common start of the transfer routes, untrained
+            route = next((r for r in routes if r.policy != "scratch"), Route("head", "head"))
+        return TransferStart(base, route.policy, rank=route.rank)
 
     def folds(route: Route) -> list[tuple[list[Any], list[Any]]]:
         _, tr, va = data_of(start_of(route))

@@ -45,7 +45,7 @@ AUTO_ROUTES = (
     Route("head", "head", 1e-3),
     Route("lora r8 lr 3e-3", "lora", 3e-3, 8),
     Route("lora r4 lr 1e-3", "lora", 1e-3, 4),
-    Route("full lr 3e-4", "full", 3e-4),
+    Route("full lr 1e-3", "full", 1e-3),
     Route("scratch", "scratch"),
 )
 ZERO_SHOT = Route("zero-shot", "zero-shot")

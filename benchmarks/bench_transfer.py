@@ -1,0 +1,274 @@
+"""Transfer with scarce targets, over several synthetic draws and model seeds (issue 17).
+
+One draw (``--draws``) is one biology (``gene_seed``) shared by a bulk cohort (80 slides of 500 µm
+with a bulk table) and a spot cohort (5 slides of 750 µm); the draw's slides are prepared once and
+cached under ``--cache`` (default ``/tmp/bitro_transfer``). For every model seed:
+
+bulk -> spot
+    bases on the first 20 / 40 / 80 bulk slides (20 and 80, and the larger targets, only for the
+    ``--full-seeds``); targets: the first 1 or 3 spot slides; scored on
+    spot slides 4-5 (mean per-gene Pearson over 50 HVGs of spot slide 1). Methods: scratch on the
+    target, the bulk base zero-shot, ``transfer="bulk"`` (``policy="auto"``: route chosen by
+    validation).
+spot -> bulk
+    base on spot slides 1-3; targets: the first 4 or 16 bulk slides; scored across the last 24
+    bulk slides (per-gene Pearson). Methods: scratch on the target, the spot base zero-shot,
+    ``transfer="spatial"``.
+
+``python benchmarks/bench_transfer.py run --draws 7 --seeds 0,1,2`` appends one CSV row per score
+to ``--out`` (default ``/tmp/bitro_transfer/scores.csv``); ``python benchmarks/bench_transfer.py
+report`` writes ``benchmarks/results/transfer.md`` from it (mean, spread, per-draw means, wins).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "transfer.md"
+N_BULK, N_SPOT, TEST_BULK = 80, 5, 24
+FIELDS = ("draw", "seed", "direction", "base_n", "target_n", "method", "score", "route", "seconds")
+
+
+def _log(msg: str, t0: float) -> None:
+    print(f"[{time.perf_counter() - t0:7.1f} s] {msg}", flush=True)
+
+
+def draw_slides(draw: int, cache: Path, t0: float) -> tuple[list, list]:
+    """The draw's bulk and spot slides, prepared (segment ... cell_graph) and cached as zarr."""
+    import spatialdata as sd
+
+    import bitro_sc as bs
+
+    folder = cache / f"d{draw}"
+    if not (folder / "DONE").exists():
+        from bench_accuracy import _synthetic, prepare
+
+        biology = draw + 200
+        bulk, _ = _synthetic(
+            N_BULK, seed=draw + 200, size_um=500.0, n_genes=100, with_bulk=True, gene_seed=biology
+        )
+        spots, _ = _synthetic(N_SPOT, seed=draw + 300, size_um=750.0, n_genes=100, gene_seed=biology)
+        prepare(bulk + spots)
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, s in enumerate(bulk):
+            s.write(folder / f"bulk{i:03d}.zarr", overwrite=True)
+        for i, s in enumerate(spots):
+            s.write(folder / f"spot{i}.zarr", overwrite=True)
+        (folder / "DONE").write_text("prepared\n")
+        _log(f"draw {draw}: prepared and cached in {folder}", t0)
+    bulk = [sd.read_zarr(p) for p in sorted(glob.glob(str(folder / "bulk*.zarr")))]
+    spots = [sd.read_zarr(p) for p in sorted(glob.glob(str(folder / "spot*.zarr")))]
+    del bs
+    return bulk, spots
+
+
+def run(args: argparse.Namespace) -> None:
+    import anndata as ad
+    import torch
+
+    import bitro_sc as bs
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    new = not out.exists()
+    handle = out.open("a", newline="")
+    writer = csv.DictWriter(handle, fieldnames=FIELDS)
+    if new:
+        writer.writeheader()
+    seeds = [int(v) for v in args.seeds.split(",")]
+    bases = [int(v) for v in args.bases.split(",")]
+    spot_targets = [int(v) for v in args.spot_targets.split(",")]
+    bulk_targets = [int(v) for v in args.bulk_targets.split(",")]
+    for draw in [int(v) for v in args.draws.split(",")]:
+        bulk, spots = draw_slides(draw, Path(args.cache), t0)
+        for seed in seeds:
+            _run_seed(
+                bs, ad, writer, handle, args, draw, seed, bulk, spots, bases, spot_targets, bulk_targets, t0
+            )
+    handle.close()
+
+
+def _run_seed(
+    bs: Any,
+    ad: Any,
+    writer: csv.DictWriter,
+    handle: Any,
+    args: argparse.Namespace,
+    draw: int,
+    seed: int,
+    bulk: list,
+    spots: list,
+    bases: list[int],
+    spot_targets: list[int],
+    bulk_targets: list[int],
+    t0: float,
+) -> None:
+    """Every score of one draw and model seed, one CSV row each (bases other than 40 slides and
+    targets other than 1 spot / 4 bulk slides only for the seeds in ``--full-seeds``)."""
+    if seed not in [int(v) for v in args.full_seeds.split(",")]:
+        bases = [b for b in bases if b == 40] or bases[:1]
+        spot_targets, bulk_targets = spot_targets[:1], bulk_targets[:1]
+    genes = bs.pp.highly_variable_genes([spots[0].tables["table"]], n_top=50)
+    tests, held = spots[3:], bulk[-TEST_BULK:]
+
+    def spot_score(model: Any) -> float:
+        vals = []
+        for s in tests:
+            light = bs.tl.prediction_table(model, s, key_added="x")
+            vals.append(bs.tl.evaluate(light, layer="x", top_hvg=None, store=False)["pearson"].mean())
+        return float(np.mean(vals))
+
+    def bulk_score(model: Any) -> float:
+        light = [bs.tl.prediction_table(model, s, level="bulk", key_added="x") for s in held]
+        df = bs.tl.evaluate(
+            ad.concat(light, merge="first"), layer="x", genes=genes, top_hvg=None, level="bulk"
+        )
+        return float(df["pearson"].mean())
+
+    def row(direction: str, base_n: int, target_n: int, method: str, slides: list | None, **kw: Any) -> Any:
+        """Fit on ``slides`` (or score ``kw["base"]`` zero-shot) and write the score."""
+        t = time.perf_counter()
+        score = spot_score if direction == "bulk->spot" else bulk_score
+        model = None
+        if slides is None:
+            value = score(kw["base"])
+        else:
+            model = bs.tl.fit_bitro(slides, epochs=args.epochs, seed=seed, progress=False, genes=genes, **kw)
+            value = score(model)
+        route = (model.record.get("route") or {}) if model is not None else {}
+        writer.writerow(
+            {
+                "draw": draw,
+                "seed": seed,
+                "direction": direction,
+                "base_n": base_n,
+                "target_n": target_n,
+                "method": method,
+                "score": round(value, 5),
+                "route": json.dumps(
+                    {k: route.get(k) for k in ("chosen", "epochs", "scores")} if route else {}
+                ),
+                "seconds": round(time.perf_counter() - t, 1),
+            }
+        )
+        handle.flush()
+        return model
+
+    for k in spot_targets:
+        row("bulk->spot", 0, k, "scratch", spots[:k])
+    for n in bases:
+        base = bs.tl.fit_bitro(
+            bulk[:n], level="bulk", epochs=args.epochs, seed=seed, progress=False, genes=genes
+        )
+        row("bulk->spot", n, 0, "zero-shot", None, base=base)
+        for k in spot_targets:
+            row("bulk->spot", n, k, "transfer", spots[:k], transfer="bulk", base=base)
+        _log(f"draw {draw} seed {seed}: bulk -> spot, base {n} done", t0)
+    spot_base = bs.tl.fit_bitro(spots[:3], epochs=args.epochs, seed=seed, progress=False, genes=genes)
+    row("spot->bulk", 3, 0, "zero-shot", None, base=spot_base)
+    for n in bulk_targets:
+        row("spot->bulk", 0, n, "scratch", bulk[:n], level="bulk")
+        row("spot->bulk", 3, n, "transfer", bulk[:n], transfer="spatial", base=spot_base)
+    _log(f"draw {draw} seed {seed}: spot -> bulk done", t0)
+
+
+# ----------------------------------------------------------------------------------------------
+def report(args: argparse.Namespace) -> None:
+    df = pd.concat([pd.read_csv(p) for p in args.out.split(",")], ignore_index=True)
+    parts = [
+        "# Transfer with scarce targets (issue 17)\n",
+        f"Written by `python benchmarks/bench_transfer.py report` from `{args.out}`, produced by\n"
+        f"`{args.command}`.\n",
+        "Synthetic draws (one biology each: a bulk cohort of 80 slides of 500 µm and a spot cohort of "
+        "5 slides of 750 µm, 100 genes); scores: mean per-gene Pearson over 50 HVGs of spot slide 1, "
+        "on spot slides 4-5 (bulk -> spot) or across the last 24 bulk slides (spot -> bulk). "
+        f'BiTro {args.epochs_note}. `transfer` is `fit_bitro(..., transfer=..., policy="auto")`: '
+        "route and epochs chosen by validation on the target alone. "
+        "`mean ± sd` over all draws × model seeds; `by draw`: the draw means; `wins`: runs where "
+        "transfer beats the row's method (same draw, seed and sizes).\n",
+    ]
+    for direction, base_col, tgt_col in (
+        ("bulk->spot", "base_n", "target_n"),
+        ("spot->bulk", "base_n", "target_n"),
+    ):
+        sub = df[df["direction"] == direction]
+        parts.append(f"\n## {direction.replace('->', ' → ')}\n")
+        rows = []
+        trans = sub[sub["method"] == "transfer"]
+        for (b, t), tr in trans.groupby([base_col, tgt_col]):
+            tr = tr.set_index(["draw", "seed"])["score"]
+            comps = {
+                "transfer": tr,
+                "zero-shot": sub[(sub["method"] == "zero-shot") & (sub[base_col] == b)].set_index(
+                    ["draw", "seed"]
+                )["score"],
+                "scratch": sub[(sub["method"] == "scratch") & (sub[tgt_col] == t)].set_index(
+                    ["draw", "seed"]
+                )["score"],
+            }
+            for name, s in comps.items():
+                s = s.reindex(tr.index)
+                by_draw = s.groupby(level="draw").mean()
+                wins = "" if name == "transfer" else f"{int((tr > s).sum())}/{int(s.notna().sum())}"
+                draw_wins = (
+                    ""
+                    if name == "transfer"
+                    else f"{int((tr.groupby(level='draw').mean() > by_draw).sum())}/{len(by_draw)}"
+                )
+                rows.append(
+                    {
+                        "base slides": b,
+                        "target slides": t,
+                        "method": name,
+                        "mean": s.mean(),
+                        "sd": s.std(),
+                        "by draw": " / ".join(f"{v:.3f}" for v in by_draw),
+                        "transfer wins (runs)": wins,
+                        "transfer wins (draw means)": draw_wins,
+                    }
+                )
+        table = pd.DataFrame(rows)
+        parts.append(table.to_markdown(index=False, floatfmt=".3f"))
+        routes = trans.assign(chosen=[json.loads(r).get("chosen") for r in trans["route"]])
+        counts = routes.groupby([base_col, tgt_col])["chosen"].value_counts().unstack(fill_value=0)
+        parts.append("\nRoutes chosen by validation (runs):\n\n" + counts.to_markdown())
+    RESULTS.write_text("\n".join(parts) + "\n")
+    print(RESULTS.read_text())
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("mode", choices=("run", "report"))
+    p.add_argument("--draws", default="7,8,9")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--bases", default="20,40,80")
+    p.add_argument("--spot-targets", default="1,3")
+    p.add_argument("--bulk-targets", default="4,16")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--full-seeds", default="0", help="seeds that run every base and target size")
+    p.add_argument("--cache", default=os.environ.get("BITRO_TRANSFER_CACHE", "/tmp/bitro_transfer"))
+    p.add_argument("--out", default=None, help="CSV of scores (report: several, comma-separated)")
+    p.add_argument("--command", default="see the header of benchmarks/bench_transfer.py")
+    p.add_argument("--epochs-note", default="at most 30 epochs (early stopping)")
+    args = p.parse_args()
+    args.out = args.out or str(Path(args.cache) / "scores.csv")
+    run(args) if args.mode == "run" else report(args)
+
+
+if __name__ == "__main__":
+    main()
