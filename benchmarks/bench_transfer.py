@@ -95,10 +95,16 @@ def run(args: argparse.Namespace) -> None:
     bulk_targets = [int(v) for v in args.bulk_targets.split(",")]
     for draw in [int(v) for v in args.draws.split(",")]:
         bulk, spots = draw_slides(draw, Path(args.cache), t0)
-        for seed in seeds:
-            _run_seed(
-                bs, ad, writer, handle, args, draw, seed, bulk, spots, bases, spot_targets, bulk_targets, t0
+        memo: dict[str, Any] = {}
+        full = [int(v) for v in args.full_seeds.split(",")]
+        # the core grid first (every seed), then the other sizes for the --full-seeds
+        for seed, core in [*[(sd_, True) for sd_ in seeds], *[(sd_, False) for sd_ in full]]:
+            sizes = (
+                ([40], [1], [4])
+                if core
+                else ([b for b in bases if b != 40], spot_targets[1:], bulk_targets[1:])
             )
+            _run_seed(bs, ad, writer, handle, args, draw, seed, bulk, spots, *sizes, memo, t0)
     handle.close()
 
 
@@ -115,13 +121,13 @@ def _run_seed(
     bases: list[int],
     spot_targets: list[int],
     bulk_targets: list[int],
+    memo: dict[str, Any],
     t0: float,
 ) -> None:
-    """Every score of one draw and model seed, one CSV row each (bases other than 40 slides and
-    targets other than 1 spot / 4 bulk slides only for the seeds in ``--full-seeds``)."""
-    if seed not in [int(v) for v in args.full_seeds.split(",")]:
-        bases = [b for b in bases if b == 40] or bases[:1]
-        spot_targets, bulk_targets = spot_targets[:1], bulk_targets[:1]
+    """Scores of one draw and model seed, one CSV row each. The core call (base 40, 1 spot slide,
+    4 bulk slides) keeps its bases in ``memo``; a later call for the other sizes runs the other
+    bases with 1 spot slide, the larger spot targets with the 40-slide base, the larger bulk
+    targets with the same spot base."""
     genes = bs.pp.highly_variable_genes([spots[0].tables["table"]], n_top=50)
     tests, held = spots[3:], bulk[-TEST_BULK:]
 
@@ -168,6 +174,7 @@ def _run_seed(
         handle.flush()
         return model
 
+    core = f"{seed}" not in memo
     for k in spot_targets:
         row("bulk->spot", 0, k, "scratch", spots[:k])
     for n in bases:
@@ -175,11 +182,19 @@ def _run_seed(
             bulk[:n], level="bulk", epochs=args.epochs, seed=seed, progress=False, genes=genes
         )
         row("bulk->spot", n, 0, "zero-shot", None, base=base)
-        for k in spot_targets:
+        for k in spot_targets if core else [1]:
             row("bulk->spot", n, k, "transfer", spots[:k], transfer="bulk", base=base)
+        if core:
+            memo[f"{seed}"] = {"base40": base}
         _log(f"draw {draw} seed {seed}: bulk -> spot, base {n} done", t0)
-    spot_base = bs.tl.fit_bitro(spots[:3], epochs=args.epochs, seed=seed, progress=False, genes=genes)
-    row("spot->bulk", 3, 0, "zero-shot", None, base=spot_base)
+    if core:
+        spot_base = bs.tl.fit_bitro(spots[:3], epochs=args.epochs, seed=seed, progress=False, genes=genes)
+        memo[f"{seed}"]["spot"] = spot_base
+        row("spot->bulk", 3, 0, "zero-shot", None, base=spot_base)
+    else:
+        for k in spot_targets:
+            row("bulk->spot", 40, k, "transfer", spots[:k], transfer="bulk", base=memo[f"{seed}"]["base40"])
+        spot_base = memo[f"{seed}"]["spot"]
     for n in bulk_targets:
         row("spot->bulk", 0, n, "scratch", bulk[:n], level="bulk")
         row("spot->bulk", 3, n, "transfer", bulk[:n], transfer="spatial", base=spot_base)
@@ -187,6 +202,100 @@ def _run_seed(
 
 
 # ----------------------------------------------------------------------------------------------
+def her2st(args: argparse.Namespace) -> None:
+    """Spot -> pseudo-bulk -> spot round trip on the HER2ST sections C2-C5 (one patient)."""
+    import spatialdata as sd
+    import torch
+
+    import bitro_sc as bs
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    names = ("C2", "C3", "C4", "C5")
+    folder = Path(args.cache) / "her2st"
+    if (folder / "DONE").exists():
+        slides = [sd.read_zarr(folder / f"{n}.zarr") for n in names]
+    else:
+        from bench_accuracy import her2st_slides, prepare
+
+        found = her2st_slides()
+        if found is None:
+            raise SystemExit("HER2ST data not found ($BITRO_SC_DATA or ../shared/data).")
+        slides = found
+        prepare(slides)
+        folder.mkdir(parents=True, exist_ok=True)
+        for s, n in zip(slides, names, strict=True):
+            s.write(folder / f"{n}.zarr", overwrite=True)
+        (folder / "DONE").write_text("prepared\n")
+    for s, n in zip(slides, names, strict=True):  # pseudo-bulk: the section's spots summed
+        spots = s.tables["table"]
+        x = np.asarray(spots.X.sum(axis=0)).reshape(1, -1)
+        s.tables["bulk"] = bs.io.read_bulk(pd.DataFrame(x, index=[n], columns=spots.var_names))
+    _log("HER2ST sections loaded, pseudo-bulk tables added", t0)
+    genes = bs.pp.highly_variable_genes([s.tables["table"] for s in slides[:2]], n_top=50)
+    test = slides[3]
+
+    def spot_score(model: Any) -> float:
+        light = bs.tl.prediction_table(model, test, key_added="x")
+        return float(
+            bs.tl.evaluate(light, layer="x", genes=genes, top_hvg=None, store=False)["pearson"].mean()
+        )
+
+    def bulk_fit(model: Any) -> tuple[float, float]:
+        """(Pearson across genes, mean |log1p error|) of the held-out section's pseudo-bulk."""
+        pred = bs.tl.prediction_table(model, test, level="bulk", key_added="x")
+        p = np.log1p(np.asarray(pred[:, genes].layers["x"], dtype=float).ravel())
+        t = test.tables["bulk"][:, genes].X
+        t = np.asarray(t, dtype=float).ravel()
+        t = np.log1p(t / test.tables["bulk"].X.sum() * 1e4)
+        return float(np.corrcoef(p, t)[0, 1]), float(np.abs(p - t).mean())
+
+    rows = []
+    for seed in [int(v) for v in args.seeds.split(",")]:
+        kw = {"epochs": args.epochs, "seed": seed, "progress": False, "genes": genes}
+        base = bs.tl.fit_bitro(slides[:2], **kw)
+        rows.append({"seed": seed, "step": "spot base (C2, C3)", "C5 spots": spot_score(base)})
+        rows[-1].update(
+            zip(("C5 pseudo-bulk r (genes)", "C5 pseudo-bulk |log1p err|"), bulk_fit(base), strict=True)
+        )
+        pb = bs.tl.fit_bitro(slides[:3], transfer="spatial", base=base, **kw)
+        route = pb.record["route"]
+        rows.append({"seed": seed, "step": f"-> pseudo-bulk C2-C4 ({route['chosen']}, {route['epochs']} ep)"})
+        rows[-1].update(
+            zip(("C5 pseudo-bulk r (genes)", "C5 pseudo-bulk |log1p err|"), bulk_fit(pb), strict=True)
+        )
+        rows[-1]["C5 spots"] = spot_score(pb)
+        scratch_pb = bs.tl.fit_bitro(slides[:3], level="bulk", **kw)
+        rows.append({"seed": seed, "step": "pseudo-bulk scratch (C2-C4)", "C5 spots": spot_score(scratch_pb)})
+        rows[-1].update(
+            zip(("C5 pseudo-bulk r (genes)", "C5 pseudo-bulk |log1p err|"), bulk_fit(scratch_pb), strict=True)
+        )
+        back = bs.tl.fit_bitro(slides[2], transfer="bulk", base=pb, **kw)
+        route = back.record["route"]
+        rows.append(
+            {
+                "seed": seed,
+                "step": f"-> spots C4 ({route['chosen']}, {route['epochs']} ep)",
+                "C5 spots": spot_score(back),
+            }
+        )
+        scratch = bs.tl.fit_bitro(slides[2], **kw)
+        rows.append({"seed": seed, "step": "spot scratch (C4 only)", "C5 spots": spot_score(scratch)})
+        _log(f"HER2ST round trip, seed {seed} done", t0)
+    table = pd.DataFrame(rows)
+    text = (
+        "\n## HER2ST round trip: spots → pseudo-bulk → spots\n\n"
+        f"`{args.command}`. Sections C2-C5 (one patient, legacy ST); pseudo-bulk = the section's spots "
+        "summed, paired with all cells of the section image. C5 is held out; `C5 spots`: mean "
+        "per-gene Pearson over 50 HVGs of C2-C3 on C5's spots; pseudo-bulk: Pearson across the 50 "
+        "genes of C5's predicted vs true log1p profile, and the mean absolute log1p error.\n\n"
+        + table.to_markdown(index=False, floatfmt=".3f")
+        + "\n"
+    )
+    (Path(args.cache) / "her2st.md").write_text(text)
+    print(text)
+
+
 def report(args: argparse.Namespace) -> None:
     df = pd.concat([pd.read_csv(p) for p in args.out.split(",")], ignore_index=True)
     parts = [
@@ -246,6 +355,9 @@ def report(args: argparse.Namespace) -> None:
         routes = trans.assign(chosen=[json.loads(r).get("chosen") for r in trans["route"]])
         counts = routes.groupby([base_col, tgt_col])["chosen"].value_counts().unstack(fill_value=0)
         parts.append("\nRoutes chosen by validation (runs):\n\n" + counts.to_markdown())
+    extra = Path(args.cache) / "her2st.md"
+    if extra.exists():
+        parts.append(extra.read_text())
     RESULTS.write_text("\n".join(parts) + "\n")
     print(RESULTS.read_text())
 
@@ -253,7 +365,7 @@ def report(args: argparse.Namespace) -> None:
 def main() -> None:
     warnings.filterwarnings("ignore")
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("mode", choices=("run", "report"))
+    p.add_argument("mode", choices=("run", "report", "her2st"))
     p.add_argument("--draws", default="7,8,9")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--bases", default="20,40,80")
@@ -267,7 +379,7 @@ def main() -> None:
     p.add_argument("--epochs-note", default="at most 30 epochs (early stopping)")
     args = p.parse_args()
     args.out = args.out or str(Path(args.cache) / "scores.csv")
-    run(args) if args.mode == "run" else report(args)
+    {"run": run, "report": report, "her2st": her2st}[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -203,6 +203,8 @@ def fit(
         "n_frozen": int(n_frozen),
         **start.record(report, chosen),
     }
+    if base is not None and "base" not in record:  # the route chosen was training from scratch
+        record["base"] = {"policy": "scratch", "base_level": base.level, "base_genes": len(base.genes)}
     cells0 = cells_table(slides[0], keys)
     meta = {
         "features": _sdata.jsonable(dict(cells0.uns.get(keys.features_params, {}))),
