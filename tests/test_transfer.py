@@ -29,6 +29,7 @@ def _slides(n: int, *, grid: int = 4, start: int = 0) -> list:
 
 def _fake_training(monkeypatch: pytest.MonkeyPatch, curves: dict[str, list[float]], zero: float) -> None:
     """Replace training and evaluation in route selection by fixed validation curves per route."""
+
     def evaluate_loss(net: Any, val: Any, **kw: Any) -> float:
         return zero
 
@@ -140,7 +141,8 @@ def test_auto_transfer_records_the_route_chosen_by_validation() -> None:
     base = bs.tl.fit_bitro(slides[1:], level="bulk", epochs=2, model=TINY, genes=MARKERS[:8], progress=False)
     model = bs.tl.fit_bitro(slides[0], transfer="bulk", base=base, epochs=3, progress=False)
     route = model.record["route"]
-    assert route["selected"] and route["validation"] == "held-out bags"
+    assert route["selected"]
+    assert route["validation"] == "held-out bags"
     names = {r.name for r in _route.AUTO_ROUTES} | {"zero-shot"}
     assert set(route["scores"]) == names
     assert route["chosen"] == min(route["scores"], key=route["scores"].get)
@@ -159,7 +161,8 @@ def test_few_bulk_slides_are_validated_leave_one_slide_out() -> None:
     base = bs.tl.fit_bitro(slides[:2], epochs=1, model=TINY, genes=MARKERS[:6], progress=False)
     model = bs.tl.fit_bitro(slides, transfer="spatial", base=base, epochs=2, policy="head", progress=False)
     route = model.record["route"]
-    assert route["n_folds"] == 3 and route["validation"].startswith("leave-one-slide-out")
+    assert route["n_folds"] == 3
+    assert route["validation"].startswith("leave-one-slide-out")
     assert set(route["scores"]) == {"head", "zero-shot"}
     assert model.record["n_bags_train"] == 3
     # without validation nothing is chosen: the policy trains for the given epochs
@@ -184,6 +187,7 @@ def test_history_plot_shows_a_zero_shot_route_without_epochs() -> None:
     ax = bs.pl.history(record)
     assert ax.get_title() == "route: zero-shot (0 epochs)"
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert "zero-shot: 0.3 (chosen)" in labels and "head: 0.4" in labels
+    assert "zero-shot: 0.3 (chosen)" in labels
+    assert "head: 0.4" in labels
     with pytest.raises(ValueError, match="empty"):
         bs.pl.history({"history": {"epoch": [], "train_loss": []}})
