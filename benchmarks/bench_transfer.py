@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> None:
     for draw in [int(v) for v in args.draws.split(",")]:
         bulk, spots = draw_slides(draw, Path(args.cache), t0)
         memo: dict[str, Any] = {}
-        full = [int(v) for v in args.full_seeds.split(",")]
+        full = [int(v) for v in args.full_seeds.split(",") if v]
         # the core grid first (every seed), then the other sizes for the --full-seeds
         for seed, core in [*[(sd_, True) for sd_ in seeds], *[(sd_, False) for sd_ in full]]:
             sizes = (
@@ -175,6 +175,11 @@ def _run_seed(
         return model
 
     core = f"{seed}" not in memo
+    if args.transfer_only:  # spot -> bulk transfer rows only (a re-run after a method change)
+        spot_base = bs.tl.fit_bitro(spots[:3], epochs=args.epochs, seed=seed, progress=False, genes=genes)
+        for n in bulk_targets:
+            row("spot->bulk", 3, n, "transfer", bulk[:n], transfer="spatial", base=spot_base)
+        return
     for k in spot_targets:
         row("bulk->spot", 0, k, "scratch", spots[:k])
     for n in bases:
@@ -196,7 +201,8 @@ def _run_seed(
             row("bulk->spot", 40, k, "transfer", spots[:k], transfer="bulk", base=memo[f"{seed}"]["base40"])
         spot_base = memo[f"{seed}"]["spot"]
     for n in bulk_targets:
-        row("spot->bulk", 0, n, "scratch", bulk[:n], level="bulk")
+        if not args.transfer_only:
+            row("spot->bulk", 0, n, "scratch", bulk[:n], level="bulk")
         row("spot->bulk", 3, n, "transfer", bulk[:n], transfer="spatial", base=spot_base)
     _log(f"draw {draw} seed {seed}: spot -> bulk done", t0)
 
@@ -373,6 +379,7 @@ def main() -> None:
     p.add_argument("--bulk-targets", default="4,16")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--full-seeds", default="0", help="seeds that run every base and target size")
+    p.add_argument("--transfer-only", action="store_true", help="only spot -> bulk transfer rows")
     p.add_argument("--cache", default=os.environ.get("BITRO_TRANSFER_CACHE", "/tmp/bitro_transfer"))
     p.add_argument("--out", default=None, help="CSV of scores (report: several, comma-separated)")
     p.add_argument("--command", default="see the header of benchmarks/bench_transfer.py")

@@ -313,7 +313,14 @@ def _transfer(
 
     if folds(routes[0]):
         sel = select_route(
-            routes, folds=folds, begin=begin_route, tp=tp_user, device=dev, seed=seed, progress=progress
+            routes,
+            folds=folds,
+            begin=begin_route,
+            tp=tp_user,
+            device=dev,
+            seed=seed,
+            progress=progress,
+            cross_pearson=loo and len(folds(routes[0])) >= 3,
         )
         route = route_by_name(routes, sel["chosen"])
         epochs = int(sel["epochs"])
