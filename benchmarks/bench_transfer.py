@@ -41,6 +41,18 @@ N_BULK, N_SPOT, TEST_BULK = 80, 5, 24
 FIELDS = ("draw", "seed", "direction", "base_n", "target_n", "method", "score", "route", "seconds")
 
 
+def _md(df: pd.DataFrame, *, index: bool = False) -> str:
+    """A pipe table of ``df`` (floats with 3 decimals), without the optional ``tabulate``."""
+    if index:
+        df = df.reset_index()
+    cells = [
+        [f"{v:.3f}" if isinstance(v, float) else str(v) for v in row] for row in df.itertuples(index=False)
+    ]
+    head = [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in cells])
+
+
 def _log(msg: str, t0: float) -> None:
     print(f"[{time.perf_counter() - t0:7.1f} s] {msg}", flush=True)
 
@@ -295,7 +307,7 @@ def her2st(args: argparse.Namespace) -> None:
         "summed, paired with all cells of the section image. C5 is held out; `C5 spots`: mean "
         "per-gene Pearson over 50 HVGs of C2-C3 on C5's spots; pseudo-bulk: Pearson across the 50 "
         "genes of C5's predicted vs true log1p profile, and the mean absolute log1p error.\n\n"
-        + table.to_markdown(index=False, floatfmt=".3f")
+        + _md(table)
         + "\n"
     )
     (Path(args.cache) / "her2st.md").write_text(text)
@@ -304,6 +316,13 @@ def her2st(args: argparse.Namespace) -> None:
 
 def report(args: argparse.Namespace) -> None:
     df = pd.concat([pd.read_csv(p) for p in args.out.split(",")], ignore_index=True)
+    old = "transfer (route by val. loss)"
+    if args.rerun:  # newer transfer rows replace the older ones, which stay for comparison
+        new = pd.concat([pd.read_csv(p) for p in args.rerun.split(",")], ignore_index=True)
+        key = ["draw", "seed", "direction", "base_n", "target_n", "method"]
+        hit = df.set_index(key).index.isin(new.set_index(key).index)
+        df.loc[hit, "method"] = old
+        df = pd.concat([df, new], ignore_index=True)
     parts = [
         "# Transfer with scarce targets (issue 17)\n",
         f"Written by `python benchmarks/bench_transfer.py report` from `{args.out}`, produced by\n"
@@ -335,6 +354,10 @@ def report(args: argparse.Namespace) -> None:
                     ["draw", "seed"]
                 )["score"],
             }
+            if (sub["method"] == old).any():
+                prev = sub[(sub["method"] == old) & (sub[base_col] == b) & (sub[tgt_col] == t)]
+                if len(prev):
+                    comps[old] = prev.set_index(["draw", "seed"])["score"]
             for name, s in comps.items():
                 s = s.reindex(tr.index)
                 by_draw = s.groupby(level="draw").mean()
@@ -357,10 +380,10 @@ def report(args: argparse.Namespace) -> None:
                     }
                 )
         table = pd.DataFrame(rows)
-        parts.append(table.to_markdown(index=False, floatfmt=".3f"))
+        parts.append(_md(table))
         routes = trans.assign(chosen=[json.loads(r).get("chosen") for r in trans["route"]])
         counts = routes.groupby([base_col, tgt_col])["chosen"].value_counts().unstack(fill_value=0)
-        parts.append("\nRoutes chosen by validation (runs):\n\n" + counts.to_markdown())
+        parts.append("\nRoutes chosen by validation (runs):\n\n" + _md(counts, index=True))
     extra = Path(args.cache) / "her2st.md"
     if extra.exists():
         parts.append(extra.read_text())
@@ -379,6 +402,7 @@ def main() -> None:
     p.add_argument("--bulk-targets", default="4,16")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--full-seeds", default="0", help="seeds that run every base and target size")
+    p.add_argument("--rerun", default="", help="report: CSVs of re-run transfer rows (replace older)")
     p.add_argument("--transfer-only", action="store_true", help="only spot -> bulk transfer rows")
     p.add_argument("--cache", default=os.environ.get("BITRO_TRANSFER_CACHE", "/tmp/bitro_transfer"))
     p.add_argument("--out", default=None, help="CSV of scores (report: several, comma-separated)")

@@ -79,6 +79,16 @@ def test_folds_are_averaged_epoch_by_epoch() -> None:
     assert len(_route.loo_folds(list(range(9)))) == _route.MAX_FOLDS
 
 
+def test_cross_validated_pearson_is_per_gene_across_folds() -> None:
+    truth = [np.array([[1.0, 5.0, 2.0]]), np.array([[2.0, 5.0, 4.0]]), np.array([[3.0, 5.0, 8.0]])]
+    same = [np.expm1(np.log1p(t) * 2.0) for t in truth]  # monotone in log1p: r = 1 per gene
+    flipped = [same[2], same[1], same[0]]
+    assert _route.cv_pearson(same, truth) == pytest.approx(1.0)  # gene 1 is constant: skipped
+    assert _route.cv_pearson(flipped, truth) < -0.9
+    # one fold holding out several slides is the same as one fold per slide
+    assert _route.cv_pearson([np.concatenate(flipped)], [np.concatenate(truth)]) < -0.9
+
+
 def test_route_params_use_the_routes_learning_rate_unless_one_is_given() -> None:
     lora = _route.Route("lora r4", "lora", 1e-3, 4)
     assert _route.route_params(TrainParams(), lora).lr == 1e-3
@@ -164,6 +174,9 @@ def test_few_bulk_slides_are_validated_leave_one_slide_out() -> None:
     assert route["n_folds"] == 3
     assert route["validation"].startswith("leave-one-slide-out")
     assert set(route["scores"]) == {"head", "zero-shot"}
+    # on 3+ single-slide folds the route is the one with the best cross-validated Pearson
+    assert set(route["cv_pearson"]) == {"head", "zero-shot"}
+    assert route["chosen"] == max(route["cv_pearson"], key=route["cv_pearson"].get)
     assert model.record["n_bags_train"] == 3
     # without validation nothing is chosen: the policy trains for the given epochs
     plain = bs.tl.fit_bitro(

@@ -320,7 +320,7 @@ def _transfer(
             device=dev,
             seed=seed,
             progress=progress,
-            cross_pearson=loo and len(folds(routes[0])) >= 3,
+            cross_pearson=level == "bulk" and sum(len(va) for _, va in folds(routes[0])) >= 3,
         )
         route = route_by_name(routes, sel["chosen"])
         epochs = int(sel["epochs"])

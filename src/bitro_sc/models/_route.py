@@ -92,12 +92,13 @@ def select_route(
     route's best mean validation loss and epochs, the mean curves (index 0: before training) and the
     chosen route's mean training / validation history.
 
-    ``cross_pearson`` (leave-one-bag-out folds): the route is chosen by the cross-validated
-    per-gene Pearson instead, i.e. the held-out bag of every fold predicted by that fold's network
-    (at its early-stopped epoch), correlated across the folds gene by gene (``log1p``), averaged
-    over genes. On a few bulk slides the validation loss is dominated by each gene's offset, which
-    a network trained from scratch fits well while it ranks the slides no better than chance; the
-    cross-validated Pearson measures what a bulk model is for: ranking slides gene by gene.
+    ``cross_pearson`` (bulk slides, 3 or more held out in all): the route is chosen by the
+    cross-validated per-gene Pearson instead, i.e. the held-out slides of every fold predicted by
+    that fold's network (at its early-stopped epoch), correlated across all held-out slides gene
+    by gene (``log1p``), averaged over genes. On a few bulk slides the validation loss is
+    dominated by each gene's offset, which a network trained from scratch fits well while it
+    ranks the slides no better than chance; the cross-validated Pearson measures what a bulk
+    model is for: ranking slides gene by gene.
     """
     scores: dict[str, float] = {}
     epochs: dict[str, int] = {}
@@ -119,7 +120,7 @@ def select_route(
                 if cross_pearson:
                     held.setdefault(ZERO_SHOT.name, []).append(_held_out(net, val, device))
             if cross_pearson and len(truth) <= k:
-                truth.append(bag_targets(val, net.n_genes)[0])
+                truth.append(bag_targets(val, net.n_genes))
             hist, _ = train_loop(
                 net,
                 train,
@@ -168,14 +169,16 @@ def select_route(
 
 
 def _held_out(net: Any, val: list[Any], device: torch.device) -> np.ndarray:
-    """Prediction of the single validation bag ``val`` (genes,)."""
-    return bag_predictions(net, val, device=device)[0]
+    """Predictions of the validation bags ``val`` (bags × genes)."""
+    return bag_predictions(net, val, device=device)
 
 
 def cv_pearson(preds: list[np.ndarray], truth: list[np.ndarray]) -> float:
-    """Mean over genes of the Pearson correlation across folds of ``log1p`` held-out predictions and
-    targets (genes constant on either side are skipped; NaN when none is left)."""
-    p, t = np.log1p(np.stack(preds)), np.log1p(np.stack(truth).astype(np.float64))
+    """Mean over genes of the Pearson correlation across all held-out bags of all folds (arrays of
+    bags × genes, one per fold) of ``log1p`` predictions and targets (genes constant on either side
+    are skipped; NaN when none is left)."""
+    p = np.log1p(np.concatenate(preds))
+    t = np.log1p(np.concatenate(truth).astype(np.float64))
     p, t = p - p.mean(axis=0), t - t.mean(axis=0)
     den = np.sqrt((p**2).sum(axis=0) * (t**2).sum(axis=0))
     ok = den > 1e-12
