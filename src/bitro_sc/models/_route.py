@@ -80,7 +80,7 @@ def select_route(
     routes: Sequence[Route],
     *,
     folds: Callable[[Route], list[tuple[list[Any], list[Any]]]],
-    begin: Callable[[Route, list[Any]], torch.nn.Module],
+    begin: Callable[[Route, list[Any]], Any],
     tp: TrainParams,
     device: torch.device,
     seed: int,
