@@ -276,7 +276,7 @@ def her2st(args: argparse.Namespace) -> None:
         rows[-1].update(
             zip(("C5 pseudo-bulk r (genes)", "C5 pseudo-bulk |log1p err|"), bulk_fit(base), strict=True)
         )
-        pb = bs.tl.fit_bitro(slides[:3], transfer="spatial", base=base, **kw)
+        pb = bs.tl.fit_bitro(slides[:3], transfer="spatial", base=base, policy=args.policy, **kw)
         route = pb.record["route"]
         rows.append({"seed": seed, "step": f"-> pseudo-bulk C2-C4 ({route['chosen']}, {route['epochs']} ep)"})
         rows[-1].update(
@@ -288,7 +288,7 @@ def her2st(args: argparse.Namespace) -> None:
         rows[-1].update(
             zip(("C5 pseudo-bulk r (genes)", "C5 pseudo-bulk |log1p err|"), bulk_fit(scratch_pb), strict=True)
         )
-        back = bs.tl.fit_bitro(slides[2], transfer="bulk", base=pb, **kw)
+        back = bs.tl.fit_bitro(slides[2], transfer="bulk", base=pb, policy=args.policy, **kw)
         route = back.record["route"]
         rows.append(
             {
@@ -402,6 +402,7 @@ def main() -> None:
     p.add_argument("--bulk-targets", default="4,16")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--full-seeds", default="0", help="seeds that run every base and target size")
+    p.add_argument("--policy", default="auto", help="her2st: transfer policy (auto, lora, head, full)")
     p.add_argument("--rerun", default="", help="report: CSVs of re-run transfer rows (replace older)")
     p.add_argument("--transfer-only", action="store_true", help="only spot -> bulk transfer rows")
     p.add_argument("--cache", default=os.environ.get("BITRO_TRANSFER_CACHE", "/tmp/bitro_transfer"))
