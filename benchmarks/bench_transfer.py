@@ -384,6 +384,8 @@ def report(args: argparse.Namespace) -> None:
         routes = trans.assign(chosen=[json.loads(r).get("chosen") for r in trans["route"]])
         counts = routes.groupby([base_col, tgt_col])["chosen"].value_counts().unstack(fill_value=0)
         parts.append("\nRoutes chosen by validation (runs):\n\n" + _md(counts, index=True))
+    if args.notes:
+        parts.append("\n" + Path(args.notes).read_text())
     extra = Path(args.cache) / "her2st.md"
     if extra.exists():
         parts.append(extra.read_text())
@@ -403,6 +405,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--full-seeds", default="0", help="seeds that run every base and target size")
     p.add_argument("--policy", default="auto", help="her2st: transfer policy (auto, lora, head, full)")
+    p.add_argument("--notes", default="", help="report: a markdown file to include")
     p.add_argument("--rerun", default="", help="report: CSVs of re-run transfer rows (replace older)")
     p.add_argument("--transfer-only", action="store_true", help="only spot -> bulk transfer rows")
     p.add_argument("--cache", default=os.environ.get("BITRO_TRANSFER_CACHE", "/tmp/bitro_transfer"))
