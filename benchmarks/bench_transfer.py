@@ -116,6 +116,8 @@ def run(args: argparse.Namespace) -> None:
                 if core
                 else ([b for b in bases if b != 40], spot_targets[1:], bulk_targets[1:])
             )
+            if args.transfer_only:
+                sizes = ([], [], bulk_targets)
             _run_seed(bs, ad, writer, handle, args, draw, seed, bulk, spots, *sizes, memo, t0)
     handle.close()
 
