@@ -183,7 +183,8 @@ def test_few_bulk_slides_are_validated_leave_one_slide_out() -> None:
         slides, transfer="spatial", base=base, epochs=2, validation=None, progress=False, overwrite=True
     )
     assert plain.record["route"]["selected"] is False
-    assert plain.record["route"]["chosen"] == "head"  # the first route of policy="auto"
+    assert plain.record["route"]["chosen"] == "lora r8 lr 3e-3"  # policy="auto" falls back to LoRA
+    assert plain.lora is not None
     assert len(plain.record["history"]["train_loss"]) == 2
 
 

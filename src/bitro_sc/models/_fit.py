@@ -294,7 +294,7 @@ def _transfer(
 ) -> tuple[Any, ...]:
     """Choose the route by validation (:func:`._route.select_route`) and train it on all bags for the
     chosen epochs. Without validation bags (``validation=None``, a single bulk slide) the first
-    route is trained for ``epochs`` without a choice (``policy="auto"``: LoRA)."""
+    route is trained for ``epochs`` without a choice (``policy="auto"``: LoRA rank 8)."""
 
     def start_of(route: Route) -> Start:
         if route.policy == "scratch":
@@ -328,7 +328,8 @@ def _transfer(
         how = f"leave-one-slide-out ({sel['n_folds']} folds)" if loo else "held-out bags"
         route_record = {**sel, "policy": route.policy, "selected": True, "validation": how}
     else:
-        route, epochs, hist = routes[0], tp_user.epochs, {}
+        route = next((r for r in routes if r.policy == "lora"), routes[0])
+        epochs, hist = tp_user.epochs, {}
         route_record = {
             "chosen": route.name,
             "policy": route.policy,
