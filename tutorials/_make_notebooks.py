@@ -659,9 +659,7 @@ This notebook, on simulated slides:
 
 1. trains a base model on **bulk** slides (`fit_bitro(level="bulk")`);
 2. adapts it to **one** spatial slide (`transfer="bulk"`, `base=`), against training from
-   scratch on that slide, scored on held-out spatial slides; by default (`policy="auto"`) the
-   way of adapting (zero-shot, head only, LoRA, full fine-tuning or scratch) and the number of
-   epochs are chosen on held-out target bags alone, so transfer does not make things worse;
+   scratch on that slide, scored on held-out spatial slides;
 3. goes **back**: adapts a spot-trained model to a few bulk slides (`transfer="spatial"`),
    scored on held-out bulk slides.
 
@@ -743,30 +741,22 @@ plt.show()
         md(r"""
 ## 3. Bulk → spatial: adapt to one spatial slide
 
-Five ways to get a spot model from one slide of spots:
+Four ways to get a spot model from one slide of spots:
 
 - **scratch**: `fit_bitro` on the slide alone;
-- **auto** (`transfer="bulk", base=base`, default `policy="auto"`): the 20 % of the slide's
-  spots with the largest x are held out; every route (the base as is with its per-gene scale
-  matched to the spots, head only, LoRA at rank 8 / lr 3e-3 and rank 4 / lr 1e-3, full
-  fine-tuning, scratch) is trained with early stopping on the rest, the route and epochs with
-  the lowest validation loss win and are trained again on all spots;
-- **LoRA** (`policy="lora"`): the base weights, GAT included, are frozen; LoRA adapters and
-  the gene head are trained;
+- **LoRA** (`transfer="bulk", base=base`, default `policy="lora"`): the base weights, GAT
+  included, are frozen; LoRA adapters and the gene head are trained;
 - **head**: only the gene head is trained (`policy="head"`);
 - **full**: all weights fine-tuned starting from the base (`policy="full"`).
 
 Genes are matched by name between the base and the spatial table; the record says what was
-matched, added and frozen. All five are scored on the held-out spatial slides over the same
+matched, added and frozen. All four are scored on the held-out spatial slides over the same
 genes: the top-50 highly variable genes of the spatial training slide.
 """),
         code(r"""
 models = {
     "scratch": bs.tl.fit_bitro(spatial_train, genes=genes, epochs=EPOCHS, seed=0, progress=False),
-    "auto": bs.tl.fit_bitro(spatial_train, transfer="bulk", base=base, epochs=EPOCHS, seed=0, progress=False),
-    "LoRA": bs.tl.fit_bitro(
-        spatial_train, transfer="bulk", base=base, policy="lora", epochs=EPOCHS, seed=0, progress=False
-    ),
+    "LoRA": bs.tl.fit_bitro(spatial_train, transfer="bulk", base=base, epochs=EPOCHS, seed=0, progress=False),
     "head": bs.tl.fit_bitro(
         spatial_train, transfer="bulk", base=base, policy="head", epochs=EPOCHS, seed=0, progress=False
     ),
@@ -800,19 +790,8 @@ diagonal = better after transfer):
 """),
         code(r"""
 bs.pl.gene_correlation(
-    {name: evals[name][0] for name in ["auto", "LoRA", "scratch", "head", "full"]}, pair=("scratch", "auto")
+    {name: evals[name][0] for name in ["LoRA", "scratch", "head", "full"]}, pair=("scratch", "LoRA")
 )
-plt.show()
-"""),
-        md(r"""
-The route `auto` chose, with every route's validation loss (the mean curves start at epoch -1,
-before training: the base as is), is in the run record and in `bs.pl.history`:
-"""),
-        code(r"""
-route = models["auto"].record["route"]
-print("chosen:", route["chosen"], "for", route["epochs"], "epochs;", route["validation"])
-print({name: round(v, 4) for name, v in route["scores"].items()})
-bs.pl.history(models["auto"])
 plt.show()
 """),
         code(r"""
@@ -838,8 +817,7 @@ plt.show()
 
 Now the opposite situation: a model trained on spots (all three spatial slides), and only a
 few bulk slides of a new cohort. The spot model is adapted to four bulk slides
-(`transfer="spatial"`; with fewer than 5 slides the route is chosen leave-one-slide-out) and
-compared with a bulk model trained from scratch on the same
+(`transfer="spatial"`, LoRA) and compared with a bulk model trained from scratch on the same
 four slides and with the spot model used as is (a bulk profile is just the sum over all cells).
 Scores: per-gene Pearson **across** the remaining bulk slides (`bs.tl.evaluate(level="bulk")`),
 over all genes.
@@ -853,19 +831,8 @@ back = {
     "scratch (4 bulk slides)": bs.tl.fit_bitro(
         bulk_train, level="bulk", genes=genes, epochs=EPOCHS, seed=0, progress=False, overwrite=True
     ),
-    "spot model, auto route": bs.tl.fit_bitro(
-        bulk_train, transfer="spatial", base=spot_model, epochs=EPOCHS, seed=0, progress=False, overwrite=True
-    ),
     "spot model + LoRA": bs.tl.fit_bitro(
-        bulk_train,
-        transfer="spatial",
-        base=spot_model,
-        policy="lora",
-        validation=None,
-        epochs=EPOCHS,
-        seed=0,
-        progress=False,
-        overwrite=True,
+        bulk_train, transfer="spatial", base=spot_model, epochs=EPOCHS, seed=0, progress=False, overwrite=True
     ),
 }
 rows = {}
