@@ -276,19 +276,29 @@ def her2st(args: argparse.Namespace) -> None:
         base = bs.tl.fit_bitro(slides[:2], **kw)
         rows.append({"seed": seed, "step": "spot base (C2, C3)", "C5 spots": spot_score(base)})
         rows[-1].update(
-            zip(("C5 pseudo-bulk r (genes)", "C5 pseudo-bulk mean abs log1p error"), bulk_fit(base), strict=True)
+            zip(
+                ("C5 pseudo-bulk r (genes)", "C5 pseudo-bulk mean abs log1p error"),
+                bulk_fit(base),
+                strict=True,
+            )
         )
         pb = bs.tl.fit_bitro(slides[:3], transfer="spatial", base=base, policy=args.policy, **kw)
         route = pb.record["route"]
         rows.append({"seed": seed, "step": f"-> pseudo-bulk C2-C4 ({route['chosen']}, {route['epochs']} ep)"})
         rows[-1].update(
-            zip(("C5 pseudo-bulk r (genes)", "C5 pseudo-bulk mean abs log1p error"), bulk_fit(pb), strict=True)
+            zip(
+                ("C5 pseudo-bulk r (genes)", "C5 pseudo-bulk mean abs log1p error"), bulk_fit(pb), strict=True
+            )
         )
         rows[-1]["C5 spots"] = spot_score(pb)
         scratch_pb = bs.tl.fit_bitro(slides[:3], level="bulk", **kw)
         rows.append({"seed": seed, "step": "pseudo-bulk scratch (C2-C4)", "C5 spots": spot_score(scratch_pb)})
         rows[-1].update(
-            zip(("C5 pseudo-bulk r (genes)", "C5 pseudo-bulk mean abs log1p error"), bulk_fit(scratch_pb), strict=True)
+            zip(
+                ("C5 pseudo-bulk r (genes)", "C5 pseudo-bulk mean abs log1p error"),
+                bulk_fit(scratch_pb),
+                strict=True,
+            )
         )
         back = bs.tl.fit_bitro(slides[2], transfer="bulk", base=pb, policy=args.policy, **kw)
         route = back.record["route"]
