@@ -312,7 +312,16 @@ def test_lora_transfer_trains_adapters_and_leaves_the_base_untouched(tmp_path: P
     base = bs.tl.fit_bitro(slides, level="bulk", epochs=1, model=TINY, genes=MARKERS[:10], progress=False)
     before = {k: v.clone() for k, v in base.net.state_dict().items()}
     genes = MARKERS[5:14]  # 5 shared with the base, 4 new
-    model = bs.tl.fit_bitro(slides[0], transfer="bulk", base=base, genes=genes, epochs=2, progress=False)
+    model = bs.tl.fit_bitro(
+        slides[0],
+        transfer="bulk",
+        base=base,
+        genes=genes,
+        epochs=2,
+        policy="lora",
+        validation=None,
+        progress=False,
+    )
     assert all(torch.equal(before[k], v) for k, v in base.net.state_dict().items())
     rec = model.record
     assert rec["matched_genes"] == MARKERS[5:10]
@@ -393,7 +402,7 @@ def test_transfer_without_base_trains_one_on_the_bulk_tables() -> None:
 def test_spatial_transfer_adapts_a_spot_model_to_bulk() -> None:
     slides = _slides(3, grid=4)
     base = bs.tl.fit_bitro(slides[:2], epochs=1, model=TINY, genes=MARKERS[:6], progress=False)
-    model = bs.tl.fit_bitro(slides, transfer="spatial", base=base, epochs=1, progress=False)
+    model = bs.tl.fit_bitro(slides, transfer="spatial", base=base, epochs=1, policy="lora", progress=False)
     assert model.level == "bulk"
     assert model.lora is not None
     assert set(MARKERS[:6]) <= set(model.genes)

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,8 +25,9 @@ from ._data import build_data, cells_table
 from ._model import BiTroModel, resolve_device
 from ._params import DataKeys, ModelParams, TrainParams
 from ._preprocess import Preprocessing
+from ._route import Route, loo_folds, route_by_name, route_params, routes_for, select_route
 from ._split import slide_groups, split_slides, training_hvgs
-from ._start import ScratchStart, Start
+from ._start import Inputs, ScratchStart, Start
 from ._train import bag_targets, mean_log_rna
 from ._train import train as train_loop
 from ._transfer import TransferStart
@@ -44,7 +45,7 @@ def fit(
     model: ModelParams | Mapping[str, Any] | None = None,
     train: TrainParams | Mapping[str, Any] | None = None,
     base: BiTroModel | None = None,
-    policy: str = "lora",
+    policy: str = "auto",
     seed: int = 0,
     device: str | torch.device | None = None,
     validation: float | str | Sequence[str] | None = "auto",
@@ -65,8 +66,11 @@ def fit(
     slides = _sdata.as_slides(slides, what="training slide")
     level = _sdata.check_level(level, K.FIT_LEVELS)
     keys = DataKeys.coerce(keys)
-    start: Start = ScratchStart(ModelParams.coerce(model)) if base is None else TransferStart(base, policy)
-    tp = TrainParams.coerce(train).resolved(lora=start.lora)
+    routes = routes_for(policy) if base is not None else ()
+    scratch = ScratchStart(ModelParams.coerce(model))
+    start: Start = scratch if base is None else TransferStart(base, "lora" if policy == "auto" else policy)
+    tp_user = TrainParams.coerce(train)
+    tp = tp_user.resolved(lora=start.lora)
     tables = _check_slides(slides, keys, level, key_added, overwrite)
     samples, groups, by = slide_groups(slides, keys.table_key if level == "spot" else None)
     train_idx, val_idx, spot_frac = split_slides(groups, samples, validation, level, seed)
@@ -80,73 +84,102 @@ def fit(
     # bags -------------------------------------------------------------------------------------
     dev = resolve_device(device)
     torch.manual_seed(seed)
-    inputs = start.inputs(slides, train_idx, keys, level)
-    params = inputs.params
-    prep = _preprocessing(slides, keys, base)
-    need_phen = _uses_phenotypes(params)
-    if need_phen and not inputs.phenotypes and (prep.phenotypes is None):
-        raise KeyError(
-            f"The training slides have no cell phenotypes (obs[{keys.phenotype_key!r}] of the cells table), "
-            "and the model uses them: run `bs.tl.phenotypes(slides)` on all training slides together first "
-            "(`bs.tl.fit_bitro` runs it for you when every slide lacks them), or train without phenotypes: "
-            "`model={'phenotype_dim': 0}`."
+    bags: dict[int, tuple[Inputs, list[Any], list[Any]]] = {}  # by start kind: scratch, transfer
+    preps: dict[int, Preprocessing] = {}  # the preprocessing each start kind's bags were built with
+
+    def data_of(st: Start) -> tuple[Inputs, list[Any], list[Any]]:
+        """Inputs, training and validation bags under the feature scaling of start ``st``."""
+        kind = 0 if isinstance(st, ScratchStart) else 1
+        if kind not in bags:
+            inp = st.inputs(slides, train_idx, keys, level)
+            prep = _preprocessing(slides, keys, base if kind == 1 else None)
+            need_phen = _uses_phenotypes(inp.params)
+            if need_phen and not inp.phenotypes and prep.phenotypes is None:
+                raise KeyError(
+                    f"The training slides have no cell phenotypes (obs[{keys.phenotype_key!r}] of the cells "
+                    "table), and the model uses them: run `bs.tl.phenotypes(slides)` on all training slides "
+                    "together first (`bs.tl.fit_bitro` runs it for you when every slide lacks them), or "
+                    "train without phenotypes: `model={'phenotype_dim': 0}`."
+                )
+            preps[kind] = prep
+            tr, va, _ = build_data(
+                slides,
+                train_idx,
+                val_idx,
+                spot_frac,
+                level=level,
+                genes=chosen,
+                stats=inp.stats,
+                phenotypes=inp.phenotypes,
+                need_graph=inp.params.gat_layers > 0,
+                chunk_cells=tp.chunk_cells,
+                keys=keys,
+                prep=prep,
+                need_phenotypes=need_phen,
+            )
+            bags[kind] = (inp, tr, va)
+        return bags[kind]
+
+    inputs, train_data, val_data = data_of(start)
+
+    def begin(
+        st: Start, data: list[Any], inp: Inputs, scale: list[Any] | None = None
+    ) -> tuple[Any, Any, dict[str, Any]]:
+        """The network of start ``st`` before its first step on ``data`` (head bias from the
+        targets of ``scale``, default ``data``)."""
+        torch.manual_seed(seed)
+        per_cell, cells = start_scale(data if scale is None else scale, tp.loss, inp.params, len(chosen))
+        return st.net(
+            data, inputs=inp, genes=chosen, per_cell=per_cell, bag_cells=cells, level=level, device=dev
         )
-    train_data, val_data, bag_sizes = build_data(
-        slides,
-        train_idx,
-        val_idx,
-        spot_frac,
-        level=level,
-        genes=chosen,
-        stats=inputs.stats,
-        phenotypes=inputs.phenotypes,
-        need_graph=params.gat_layers > 0,
-        chunk_cells=tp.chunk_cells,
-        keys=keys,
-        prep=prep,
-        need_phenotypes=need_phen,
-    )
-    bag_cells = float(np.mean(bag_sizes))
-    # The head starts at the loss-optimal constant: for the log1p MSE that is the mean of log1p
-    # targets (sparse spots make it far below log1p of the mean), for Poisson the mean itself.
-    targets = bag_targets(train_data, len(chosen))
-    if tp.loss == "mse":
-        target_mean = np.expm1(np.log1p(targets.astype(np.float64)).mean(axis=0))
-    else:
-        target_mean = targets.mean(axis=0)
-    # per-cell profile: the bag profile itself when bags are (RNA-weighted) means of their cells
-    per_cell = target_mean / (1.0 if params.pooling == "mean" or params.normalized else bag_cells)
 
     # training ---------------------------------------------------------------------------------
-    def begin(data: list[Any]) -> tuple[Any, Any, dict[str, Any]]:
-        """The network before its first step on ``data``."""
-        torch.manual_seed(seed)
-        return start.net(
-            data, inputs=inputs, genes=chosen, per_cell=per_cell, bag_cells=bag_cells, level=level, device=dev
-        )
-
-    net, lora, report = begin(train_data)
-    n_trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    n_frozen = sum(p.numel() for p in net.parameters() if not p.requires_grad)
-    history, best_epoch = train_loop(
-        net, train_data, val_data, params=tp, device=dev, seed=seed, progress=progress
-    )
+    route_record: dict[str, Any] | None = None
     refit_record = None
-    if tp.refit and val_data:
-        # the validation bags chose the number of epochs; train again from the start on all bags
-        epochs = best_epoch + 1
-        all_bags: list[Any] = [*train_data, *val_data]
-        net, lora, report = begin(all_bags)
-        refit_history, _ = train_loop(
-            net,
-            all_bags,
-            [],
-            params=dataclasses.replace(tp, epochs=epochs),
-            device=dev,
+    if base is not None:
+        route_record, start, inputs, net, lora, report, hist, best_epoch, refit_record = _transfer(
+            base=base,
+            routes=routes,
+            scratch=scratch,
+            data_of=data_of,
+            begin=begin,
+            tp_user=tp_user,
+            level=level,
+            loo=not val_data and validation is not None and level == "bulk" and len(train_data) >= 2,
+            dev=dev,
             seed=seed,
             progress=progress,
         )
-        refit_record = {"epochs": epochs, "train_loss": [row["train_loss"] for row in refit_history]}
+        tp = route_params(tp_user, route_by_name(routes, route_record["chosen"]))
+        _, tr, va = data_of(start)  # the chosen route's bags (scratch has its own feature scaling)
+        n_bags = (sum(_n_bags(d) for d in tr), sum(_n_bags(d) for d in va))
+        train_data = [*tr, *va]  # the final network saw every bag
+    else:
+        net, lora, report = begin(start, train_data, inputs)
+        history, best_epoch = train_loop(
+            net, train_data, val_data, params=tp, device=dev, seed=seed, progress=progress
+        )
+        hist = _columns(history)
+        if tp.refit and val_data:
+            # the validation bags chose the number of epochs; train again from the start on all bags
+            epochs = best_epoch + 1
+            all_bags: list[Any] = [*train_data, *val_data]
+            net, lora, report = begin(start, all_bags, inputs, scale=train_data)
+            refit_history, _ = train_loop(
+                net,
+                all_bags,
+                [],
+                params=dataclasses.replace(tp, epochs=epochs),
+                device=dev,
+                seed=seed,
+                progress=progress,
+            )
+            refit_record = {"epochs": epochs, "train_loss": [row["train_loss"] for row in refit_history]}
+        n_bags = (sum(_n_bags(d) for d in train_data), sum(_n_bags(d) for d in val_data))
+    params = inputs.params
+    bag_cells = start_scale(train_data, tp.loss, params, len(chosen))[1]
+    n_trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    n_frozen = sum(p.numel() for p in net.parameters() if not p.requires_grad)
     if net.rna_head is not None:
         # Bag profiles do not change when every cell's RNA content is scaled alike: fix that scale so
         # the training cells' geometric-mean RNA content is 1 (cell values = counts per 10k of a
@@ -155,15 +188,12 @@ def fit(
             net.rna_head.bias.sub_(mean_log_rna(net, train_data, device=dev))
 
     # record -----------------------------------------------------------------------------------
-    hist: dict[str, list[float]] = {}
-    for row in history:
-        for k, v in row.items():
-            hist.setdefault(k, []).append(v)
     record: dict[str, Any] = {
         "method": "bitro",
         "level": level,
-        "transfer": start.transfer,
-        "policy": start.policy,
+        "transfer": start.transfer if base is None else ("bulk" if base.level == "bulk" else "spatial"),
+        "policy": start.policy if route_record is None else route_record["policy"],
+        "route": route_record,
         "seed": seed,
         "device": str(dev),
         "genes": chosen,
@@ -177,8 +207,8 @@ def fit(
             "validation": [samples[i] for i in val_idx],
             "validation_spot_fraction": spot_frac,
         },
-        "n_bags_train": int(sum(_n_bags(d) for d in train_data)),
-        "n_bags_validation": int(sum(_n_bags(d) for d in val_data)),
+        "n_bags_train": int(n_bags[0]),
+        "n_bags_validation": int(n_bags[1]),
         "cells_per_bag": bag_cells,
         "history": hist,
         "best_epoch": int(best_epoch),
@@ -187,6 +217,8 @@ def fit(
         "n_frozen": int(n_frozen),
         **start.record(report, chosen),
     }
+    if base is not None and "base" not in record:  # the route chosen was training from scratch
+        record["base"] = {"policy": "scratch", "base_level": base.level, "base_genes": len(base.genes)}
     cells0 = cells_table(slides[0], keys)
     meta = {
         "features": _sdata.jsonable(dict(cells0.uns.get(keys.features_params, {}))),
@@ -205,7 +237,7 @@ def fit(
         lora=lora,
         meta=meta,
         record=record,
-        preprocessing=prep,
+        preprocessing=preps[0 if isinstance(start, ScratchStart) else 1],
     )
     for t in tables:
         t.uns[key_added] = _sdata.to_uns(record)
@@ -244,6 +276,107 @@ def _preprocessing(slides: list[SpatialData], keys: DataKeys, base: BiTroModel |
     if base is not None and base.preprocessing is not None:
         return base.preprocessing
     return Preprocessing.from_slides(slides, keys)
+
+
+def start_scale(data: list[Any], loss: str, params: ModelParams, n_genes: int) -> tuple[np.ndarray, float]:
+    """(per-cell start profile, mean cells per bag) of the bags ``data``. The head starts at the
+    loss-optimal constant: for the log1p MSE the mean of log1p targets (sparse spots make it far
+    below log1p of the mean), for Poisson the mean itself; per cell, the bag profile itself when
+    bags are (RNA-weighted) means of their cells."""
+    sizes = [
+        np.asarray(d.part.sizes()[d.rows], dtype=np.float64)
+        if isinstance(d, SpotSet)
+        else np.array([d.slide.n_cells], dtype=np.float64)
+        for d in data
+    ]
+    bag_cells = float(np.concatenate(sizes).mean())
+    targets = bag_targets(data, n_genes)
+    if loss == "mse":
+        target_mean = np.expm1(np.log1p(targets.astype(np.float64)).mean(axis=0))
+    else:
+        target_mean = targets.mean(axis=0)
+    return target_mean / (1.0 if params.pooling == "mean" or params.normalized else bag_cells), bag_cells
+
+
+def _columns(history: list[dict[str, float]]) -> dict[str, list[float]]:
+    hist: dict[str, list[float]] = {}
+    for row in history:
+        for k, v in row.items():
+            hist.setdefault(k, []).append(v)
+    return hist
+
+
+def _transfer(
+    *,
+    base: BiTroModel,
+    routes: tuple[Route, ...],
+    scratch: ScratchStart,
+    data_of: Callable[[Start], tuple[Inputs, list[Any], list[Any]]],
+    begin: Callable[..., tuple[Any, Any, dict[str, Any]]],
+    tp_user: TrainParams,
+    level: str,
+    loo: bool,
+    dev: torch.device,
+    seed: int,
+    progress: bool,
+) -> tuple[Any, ...]:
+    """Choose the route by validation (:func:`._route.select_route`) and train it on all bags for the
+    chosen epochs. Without validation bags (``validation=None``, a single bulk slide) the first
+    route is trained for ``epochs`` without a choice (``policy="auto"``: LoRA rank 8)."""
+
+    def start_of(route: Route) -> Start:
+        if route.policy == "scratch":
+            return scratch
+        if route.policy == "zero-shot":  # the common start of the transfer routes, untrained
+            route = next((r for r in routes if r.policy != "scratch"), Route("head", "head"))
+        return TransferStart(base, route.policy, rank=route.rank)
+
+    def folds(route: Route) -> list[tuple[list[Any], list[Any]]]:
+        _, tr, va = data_of(start_of(route))
+        return loo_folds(tr) if loo else ([(tr, va)] if va else [])
+
+    def begin_route(route: Route, data: list[Any]) -> Any:
+        st = start_of(route)
+        return begin(st, data, data_of(st)[0])[0]
+
+    if folds(routes[0]):
+        sel = select_route(
+            routes,
+            folds=folds,
+            begin=begin_route,
+            tp=tp_user,
+            device=dev,
+            seed=seed,
+            progress=progress,
+            cross_pearson=level == "bulk" and sum(len(va) for _, va in folds(routes[0])) >= 3,
+        )
+        route = route_by_name(routes, sel["chosen"])
+        epochs = int(sel["epochs"])
+        hist = sel.pop("history")
+        how = f"leave-one-slide-out ({sel['n_folds']} folds)" if loo else "held-out bags"
+        route_record = {**sel, "policy": route.policy, "selected": True, "validation": how}
+    else:
+        route = next((r for r in routes if r.policy == "lora"), routes[0])
+        epochs, hist = tp_user.epochs, {}
+        route_record = {
+            "chosen": route.name,
+            "policy": route.policy,
+            "epochs": epochs,
+            "selected": False,
+            "validation": "none: no validation bags (validation=None or a single bulk slide)",
+        }
+    st = start_of(route)
+    inputs, tr, va = data_of(st)
+    all_bags = [*tr, *va]
+    net, lora, report = begin(st, all_bags, inputs)
+    refit = None
+    if epochs > 0:
+        tp = dataclasses.replace(route_params(tp_user, route), epochs=epochs)
+        rows, _ = train_loop(net, all_bags, [], params=tp, device=dev, seed=seed, progress=progress)
+        refit = {"epochs": epochs, "train_loss": [row["train_loss"] for row in rows]}
+        if not route_record["selected"]:
+            hist = _columns(rows)
+    return route_record, st, inputs, net, lora, report, hist, epochs - 1, refit
 
 
 def _n_bags(item: Any) -> int:

@@ -99,7 +99,10 @@ def history(
     Returns
     -------
     The Axes. The best epoch is ``record["best_epoch"]`` when recorded, else the epoch of the
-    lowest validation loss; without a validation loss, no epoch is marked.
+    lowest validation loss; without a validation loss, no epoch is marked. A transfer run
+    (``record["route"]``, ``policy="auto"``) also shows every route's mean validation curve (thin
+    lines; epoch -1 = before training, the zero-shot start) with its best score, and the chosen
+    route and epochs in the title.
 
     Examples
     --------
@@ -118,21 +121,25 @@ def history(
         raise ValueError(
             "The training history must be a table of per-epoch records (epoch, train_loss, val_loss)."
         ) from err
-    if "train_loss" not in df.columns and "val_loss" not in df.columns:
+    route = record.get("route") if isinstance(record, Mapping) else None
+    route = route if isinstance(route, Mapping) and route.get("curves") else None
+    if "train_loss" not in df.columns and "val_loss" not in df.columns and not (route and df.empty):
         raise KeyError(
             f"The training history has no 'train_loss' / 'val_loss' column (columns: {list(df.columns)})."
         )
-    if df.empty:
+    if df.empty and route is None:
         raise ValueError("The training history is empty (no epoch was run).")
     epochs = df["epoch"].to_numpy() if "epoch" in df.columns else np.arange(len(df))
     if ax is None:
         fig, ax = plt.subplots(figsize=figsize, layout="constrained")
     else:
         fig = U.figure_of(ax)
-    if "train_loss" in df.columns:
+    if route is not None:
+        _route_curves(ax, route)
+    if "train_loss" in df.columns and not df.empty:
         ax.plot(epochs, df["train_loss"].to_numpy(dtype=float), marker=".", label="training")
     best = _find(record, "best_epoch")
-    if "val_loss" in df.columns:
+    if "val_loss" in df.columns and not df.empty:
         val = df["val_loss"].to_numpy(dtype=float)
         ax.plot(epochs, val, marker=".", label="validation")
         if best is None and np.isfinite(val).any():
@@ -157,7 +164,28 @@ def history(
     ax.set_ylabel(f"loss ({loss_name})" if isinstance(loss_name, str) else "loss")
     if log_scale:
         ax.set_yscale("log")
-    ax.set_title(title if title is not None else "training history")
+    if title is None:
+        title = "training history"
+        if route is not None:
+            title = f"route: {route.get('chosen')} ({route.get('epochs')} epochs)"
+    ax.set_title(title)
     ax.legend(frameon=False)
     U.save_figure(fig, save)
     return ax
+
+
+def _route_curves(ax: Axes, route: Mapping[str, Any]) -> None:
+    """Every route's mean validation curve (epoch -1: the common start, i.e. zero-shot), labelled
+    with its best score; the chosen route's label is marked."""
+    scores = route.get("scores") or {}
+    chosen = route.get("chosen")
+    zero = scores.get("zero-shot")
+    for name, curve in route["curves"].items():
+        vals = np.asarray(curve, dtype=float)
+        mark = " (chosen)" if name == chosen else ""
+        score = scores.get(name)
+        label = f"{name}: {score:.3g}{mark}" if score is not None else name
+        ax.plot(np.arange(len(vals)) - 1, vals, lw=0.8, alpha=0.6, ls=":", label=label)
+    if zero is not None:
+        mark = " (chosen)" if chosen == "zero-shot" else ""
+        ax.scatter([-1], [zero], marker="D", color="k", s=30, zorder=4, label=f"zero-shot: {zero:.3g}{mark}")

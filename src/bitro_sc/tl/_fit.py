@@ -36,7 +36,7 @@ def fit_bitro(
     validation: float | str | Sequence[str] | None = "auto",
     train: TrainParams | Mapping[str, Any] | None = None,
     model: ModelParams | Mapping[str, Any] | None = None,
-    policy: Literal["lora", "full", "head"] = "lora",
+    policy: Literal["auto", "lora", "full", "head"] = "auto",
     n_top_genes: int = 250,
     progress: bool = True,
     table_key: str = K.TABLE,
@@ -103,9 +103,14 @@ def fit_bitro(
     train, model
         :class:`~bitro_sc.models.TrainParams` / :class:`~bitro_sc.models.ModelParams` or dicts.
     policy
-        For transfer: ``"lora"`` (LoRA adapters on the input projection, attention q/v/out and
-        feed-forward layers + gene head; all base weights frozen, GAT included), ``"full"``
-        (everything trainable) or ``"head"`` (gene head only).
+        For transfer: ``"auto"`` (default) chooses the route by the validation loss of held-out
+        target bags alone (spots, or leave-one-slide-out on fewer than 5 bulk slides): zero-shot
+        (the base with its per-gene scale matched to the targets), head only, LoRA (two ranks /
+        learning rates), full fine-tuning or training from scratch, and the number of epochs; the
+        choice and every route's score are in ``record["route"]`` (see ``bs.pl.history``).
+        ``"lora"`` (LoRA adapters on the input projection, attention q/v/out and feed-forward
+        layers + gene head; all base weights frozen, GAT included), ``"full"`` (everything
+        trainable) or ``"head"`` (gene head only) choose only the epochs (0: zero-shot).
     n_top_genes
         Number of HVGs when ``genes`` is ``None``.
     table_key, bulk_key, cells_key
@@ -157,7 +162,7 @@ def fit_bitro(
     """
     slides = _sdata.as_slides(sdata_or_list, what="training slide")
     _validate.check_choice(transfer, _TRANSFERS, "transfer")
-    _validate.check_choice(policy, ("lora", "full", "head"), "policy")
+    _validate.check_choice(policy, ("auto", "lora", "full", "head"), "policy")
     genes = _validate.check_genes(genes)
     _validate.check_device(device)
     _validate.check_positive_int(n_top_genes, "n_top_genes")

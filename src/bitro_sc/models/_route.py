@@ -1,0 +1,190 @@
+"""Route selection for transfer: which way of adapting a base model (zero-shot, head only, LoRA at
+a rank and learning rate, full fine-tuning, or training from scratch) and how many epochs, chosen
+by the validation loss of held-out target bags alone.
+
+Every route starts from the same point (the base network, its gene head matched to the target's
+scale, :func:`~._transfer.match_scale`), so "zero-shot" is the 0-epoch end of every transfer route.
+With several validation folds (leave-one-slide-out on a few bulk slides) the folds' validation
+curves are averaged epoch by epoch, and the route and epoch count minimising the mean curve win.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._params import TrainParams
+from ._train import bag_predictions, bag_targets, evaluate_loss
+from ._train import train as train_loop
+
+#: Policies accepted by :func:`bitro_sc.models.fit` with a base model.
+POLICIES_AUTO = ("auto", "lora", "full", "head")
+#: Leave-one-slide-out folds are used for bulk targets with fewer than 5 slides (at most this many).
+MAX_FOLDS = 4
+
+
+@dataclass(frozen=True)
+class Route:
+    """One way of adapting a base: ``policy`` ``"head"`` / ``"lora"`` / ``"full"`` / ``"scratch"``,
+    its learning rate (``None``: the default of :class:`~._params.TrainParams`) and LoRA rank."""
+
+    name: str
+    policy: str
+    lr: float | None = None
+    rank: int | None = None
+
+
+#: Candidates of ``policy="auto"`` (zero-shot is the 0-epoch end of each transfer route).
+AUTO_ROUTES = (
+    Route("head", "head", 1e-3),
+    Route("lora r8 lr 3e-3", "lora", 3e-3, 8),
+    Route("lora r4 lr 1e-3", "lora", 1e-3, 4),
+    Route("full lr 1e-3", "full", 1e-3),
+    Route("scratch", "scratch"),
+)
+ZERO_SHOT = Route("zero-shot", "zero-shot")
+
+
+def routes_for(policy: str) -> tuple[Route, ...]:
+    """Candidate routes of ``policy`` (``"auto"``: all of :data:`AUTO_ROUTES`; else that policy)."""
+    if policy not in POLICIES_AUTO:
+        raise ValueError(f"`policy` must be one of {list(POLICIES_AUTO)}, got {policy!r}.")
+    return AUTO_ROUTES if policy == "auto" else (Route(policy, policy),)
+
+
+def route_params(tp: TrainParams, route: Route) -> TrainParams:
+    """Training parameters of ``route``: its learning rate unless ``tp`` names one."""
+    if route.lr is not None and tp.lr is None:
+        return dataclasses.replace(tp, lr=route.lr)
+    return tp.resolved(lora=route.policy == "lora")
+
+
+def loo_folds(data: Sequence[Any]) -> list[tuple[list[Any], list[Any]]]:
+    """Leave-one-bag-out folds over the first :data:`MAX_FOLDS` bags of ``data`` (bulk slides)."""
+    return [([d for j, d in enumerate(data) if j != i], [data[i]]) for i in range(min(len(data), MAX_FOLDS))]
+
+
+def _mean_curve(curves: list[list[float]]) -> np.ndarray:
+    """Epoch-wise mean of curves of unequal length (a stopped fold keeps its last value)."""
+    n = max(len(c) for c in curves)
+    return np.array([c + [c[-1]] * (n - len(c)) for c in curves], dtype=np.float64).mean(axis=0)
+
+
+def select_route(
+    routes: Sequence[Route],
+    *,
+    folds: Callable[[Route], list[tuple[list[Any], list[Any]]]],
+    begin: Callable[[Route, list[Any]], Any],
+    tp: TrainParams,
+    device: torch.device,
+    seed: int,
+    progress: bool,
+    cross_pearson: bool = False,
+) -> dict[str, Any]:
+    """Train every route on every fold with early stopping; return the selection record: the chosen
+    route (``"zero-shot"`` when no trained route lowers the mean validation loss), its epochs, each
+    route's best mean validation loss and epochs, the mean curves (index 0: before training) and the
+    chosen route's mean training / validation history.
+
+    ``cross_pearson`` (bulk slides, 3 or more held out in all): the route is chosen by the
+    cross-validated per-gene Pearson instead, i.e. the held-out slides of every fold predicted by
+    that fold's network (at its early-stopped epoch), correlated across all held-out slides gene
+    by gene (``log1p``), averaged over genes. On a few bulk slides the validation loss is
+    dominated by each gene's offset, which a network trained from scratch fits well while it
+    ranks the slides no better than chance; the cross-validated Pearson measures what a bulk
+    model is for: ranking slides gene by gene.
+    """
+    scores: dict[str, float] = {}
+    epochs: dict[str, int] = {}
+    curves: dict[str, list[float]] = {}
+    train_curves: dict[str, list[float]] = {}
+    zero: list[float] = []
+    n_folds = 0
+    held: dict[str, list[np.ndarray]] = {}  # held-out predictions per route, one per fold
+    truth: list[np.ndarray] = []
+    for route in routes:
+        val_c: list[list[float]] = []
+        train_c: list[list[float]] = []
+        first_transfer = route.policy != "scratch" and not zero
+        for k, (train, val) in enumerate(folds(route)):
+            net = begin(route, train)
+            v0 = evaluate_loss(net, val, loss=tp.loss, device=device, chunk_cells=tp.chunk_cells)
+            if first_transfer:  # every transfer route starts from the same network: zero-shot
+                zero.append(v0)
+                if cross_pearson:
+                    held.setdefault(ZERO_SHOT.name, []).append(_held_out(net, val, device))
+            if cross_pearson and len(truth) <= k:
+                truth.append(bag_targets(val, net.n_genes))
+            hist, _ = train_loop(
+                net,
+                train,
+                val,
+                params=route_params(tp, route),
+                device=device,
+                seed=seed + k,
+                progress=progress,
+            )
+            val_c.append([v0] + [h["val_loss"] for h in hist])
+            if cross_pearson:
+                held.setdefault(route.name, []).append(_held_out(net, val, device))
+            train_c.append([math.nan] + [h["train_loss"] for h in hist])
+            n_folds = max(n_folds, k + 1)
+        mean = _mean_curve(val_c)
+        best = 1 + int(np.argmin(mean[1:]))  # at least one epoch: 0 epochs is zero-shot
+        scores[route.name], epochs[route.name] = float(mean[best]), best
+        curves[route.name] = mean.tolist()
+        train_curves[route.name] = _mean_curve(train_c).tolist()
+    candidates = dict(scores)
+    if zero:
+        candidates[ZERO_SHOT.name] = float(np.mean(zero))
+        epochs[ZERO_SHOT.name] = 0
+    chosen = min(candidates, key=lambda name: candidates[name])
+    pearson = {name: cv_pearson(preds, truth) for name, preds in held.items()} if cross_pearson else {}
+    if pearson:
+        chosen = max(pearson, key=lambda name: pearson[name])
+    if chosen == ZERO_SHOT.name:
+        history: dict[str, list[float]] = {"epoch": [], "train_loss": [], "val_loss": []}
+    else:
+        history = {
+            "epoch": list(range(len(curves[chosen]) - 1)),
+            "train_loss": train_curves[chosen][1:],
+            "val_loss": curves[chosen][1:],
+        }
+    return {
+        "chosen": chosen,
+        "epochs": int(epochs[chosen]),
+        "scores": candidates,
+        "cv_pearson": pearson or None,
+        "epochs_by_route": epochs,
+        "curves": curves,
+        "n_folds": n_folds,
+        "history": history,
+    }
+
+
+def _held_out(net: Any, val: list[Any], device: torch.device) -> np.ndarray:
+    """Predictions of the validation bags ``val`` (bags × genes)."""
+    return bag_predictions(net, val, device=device)
+
+
+def cv_pearson(preds: list[np.ndarray], truth: list[np.ndarray]) -> float:
+    """Mean over genes of the Pearson correlation across all held-out bags of all folds (arrays of
+    bags × genes, one per fold) of ``log1p`` predictions and targets (genes constant on either side
+    are skipped; NaN when none is left)."""
+    p = np.log1p(np.concatenate(preds))
+    t = np.log1p(np.concatenate(truth).astype(np.float64))
+    p, t = p - p.mean(axis=0), t - t.mean(axis=0)
+    den = np.sqrt((p**2).sum(axis=0) * (t**2).sum(axis=0))
+    ok = den > 1e-12
+    return float(((p * t).sum(axis=0)[ok] / den[ok]).mean()) if ok.any() else math.nan
+
+
+def route_by_name(routes: Sequence[Route], name: str) -> Route:
+    """The route called ``name`` (``"zero-shot"`` included)."""
+    return next((r for r in routes if r.name == name), ZERO_SHOT)
