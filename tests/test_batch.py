@@ -116,7 +116,10 @@ def test_batch_interrupted_and_resumed_gives_the_same_stores(tmp_path, slide_fol
     with pytest.raises(KeyboardInterrupt):
         cli.main(["run", str(cfg)])
     assert len(list(stores.glob("*.zarr"))) == 7
-    assert sorted(p.name for p in (stores / ".slide07.partial").iterdir()) == ["0_segment.pkl", "1_cell_features.pkl"]
+    assert sorted(p.name for p in (stores / ".slide07.partial").iterdir()) == [
+        "0_segment.pkl",
+        "1_cell_features.pkl",
+    ]
 
     faults.kill_at = None
     faults.fail_at = ("slide12", "cell_features")  # a slide that fails does not stop the run
@@ -168,8 +171,13 @@ def test_batch_config_is_validated(tmp_path, slide_folder):
     with pytest.raises(cli.ConfigError, match="predict needs a \\[batch\\] table"):
         cli.validate_config({"data": {"reader": "synthetic"}, "steps": ["segment", "predict"]})
     with pytest.raises(cli.ConfigError, match="matches pattern"):
-        cli.validate_config({"data": {"reader": "read_wsi", "folder": str(slide_folder), "pattern": "*.svs"},
-                             "batch": {}, "steps": ["segment"]})
+        cli.validate_config(
+            {
+                "data": {"reader": "read_wsi", "folder": str(slide_folder), "pattern": "*.svs"},
+                "batch": {},
+                "steps": ["segment"],
+            }
+        )
 
 
 def test_run_batch_rejects_bad_steps_and_duplicate_names(tmp_path):

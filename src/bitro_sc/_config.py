@@ -25,7 +25,15 @@ STEPS = PREP_STEPS + ANALYSIS_STEPS
 METHODS = ("bitro", "ridge", "mean")
 SCHEDULERS = ("local", "distributed")
 _TOP_KEYS = {"out", "seed", "data", "steps", "params", "progress", "batch"}
-_BATCH_KEYS = {"stores", "write_image", "scheduler", "address", "n_workers", "threads_per_worker", "max_parallel"}
+_BATCH_KEYS = {
+    "stores",
+    "write_image",
+    "scheduler",
+    "address",
+    "n_workers",
+    "threads_per_worker",
+    "max_parallel",
+}
 #: readers whose slide is one `path` (file or folder): `[data] folder = ...` lists them
 _PATH_READERS = ("read_wsi", "read_visium")
 _PATH_ARGS = {"image", "counts", "spots", "path", "root", "fullres_image"}
@@ -192,7 +200,9 @@ def _folder_slides(
 ) -> list[dict[str, Any]]:
     """``[data] folder = ..., pattern = ...``: one slide per matching entry, named by its stem."""
     if reader not in _PATH_READERS:
-        problems.append(f"data.folder works with the readers {list(_PATH_READERS)}; use data.slides with {reader}")
+        problems.append(
+            f"data.folder works with the readers {list(_PATH_READERS)}; use data.slides with {reader}"
+        )
         return []
     folder = Path(str(data["folder"]))
     folder = folder if folder.is_absolute() else base / folder

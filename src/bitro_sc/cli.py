@@ -288,7 +288,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``bitro-sc``; returns the exit status (1 when a batch slide failed, 2 for a bad config)."""
+    """Entry point of ``bitro-sc``; the exit status: 1 when a batch slide failed, 2 for a bad config."""
     args = _parser().parse_args(argv)
     try:
         if args.command == "demo":

@@ -21,8 +21,8 @@ import os
 import pickle
 import shutil
 import time
-import warnings
 import traceback
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,7 +87,11 @@ def _run_step(sdata: SpatialData, step: str, params: Mapping[str, Any]) -> None:
 
 
 def _elements(sdata: SpatialData, *, images: bool) -> dict[str, dict[str, Any]]:
-    kinds = ("images", "labels", "shapes", "points", "tables") if images else ("labels", "shapes", "points", "tables")
+    kinds = (
+        ("images", "labels", "shapes", "points", "tables")
+        if images
+        else ("labels", "shapes", "points", "tables")
+    )
     return {k: dict(getattr(sdata, k)) for k in kinds}
 
 
@@ -98,7 +102,9 @@ def _write(path: Path, elements: Mapping[str, Mapping[str, Any]], attrs: Mapping
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    with warnings.catch_warnings():  # zarr's notice about a future default, and tables of slides without cells
+    with (
+        warnings.catch_warnings()
+    ):  # zarr's notice about a future default, and tables of slides without cells
         warnings.filterwarnings("ignore", message=".*autosharding.*")
         warnings.filterwarnings("ignore", message="The table is annotating.*not present")
         SpatialData(**{k: dict(v) for k, v in elements.items()}, attrs=dict(attrs)).write(tmp)
@@ -185,7 +191,9 @@ def process_slide(
         for step in steps:
             if step in done:
                 continue
-            before = {n: id(e) for kind in ("labels", "shapes", "points") for n, e in getattr(sdata, kind).items()}
+            before = {
+                n: id(e) for kind in ("labels", "shapes", "points") for n, e in getattr(sdata, kind).items()
+            }
             _run_step(sdata, step, params.get(step, {}))
             ran.append(step)
             elements = _elements(sdata, images=False)
@@ -332,7 +340,9 @@ def _run_on_client(
     pending = list(jobs)
 
     def submit(job: SlideJob) -> Any:
-        return client.submit(_on_worker, job, key=f"bitro-slide-{job.name}-{time.time_ns()}", pure=False, **kw)
+        return client.submit(
+            _on_worker, job, key=f"bitro-slide-{job.name}-{time.time_ns()}", pure=False, **kw
+        )
 
     futures = as_completed([submit(pending.pop(0)) for _ in range(min(max_parallel, len(pending)))])
     for future in futures:
@@ -352,7 +362,9 @@ def _job(entry: Mapping[str, Any], reader: str | Callable[..., SpatialData]) -> 
     return SlideJob(str(name), reader, kwargs)
 
 
-def _resolve_params(steps: Sequence[str], params: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+def _resolve_params(
+    steps: Sequence[str], params: Mapping[str, Mapping[str, Any]]
+) -> dict[str, dict[str, Any]]:
     """Load what every slide shares once: the model of ``predict``, a store path given as ``scaler``."""
     out = {k: dict(v) for k, v in params.items()}
     extra = sorted(set(out) - set(steps))
@@ -361,7 +373,9 @@ def _resolve_params(steps: Sequence[str], params: Mapping[str, Mapping[str, Any]
     if "predict" in steps:
         model = out.get("predict", {}).get("model")
         if model is None:
-            raise ValueError("The predict step needs params['predict']['model'] (a model or a saved model path).")
+            raise ValueError(
+                "The predict step needs params['predict']['model'] (a model or a saved model path)."
+            )
         if isinstance(model, str | Path):
             from ..models import BiTroModel
 
@@ -376,4 +390,3 @@ def _resolve_params(steps: Sequence[str], params: Mapping[str, Mapping[str, Any]
         ref = read_zarr(scaler, selection=("tables",))
         out["cell_features"]["scaler"] = FeatureScaler.from_any(ref, cells_key=cells_key)
     return out
-
