@@ -142,7 +142,7 @@ def _stored_steps(store: Path) -> list[str]:
     import zarr
 
     try:
-        attrs = dict(zarr.open_group(str(store), mode="r").attrs)
+        attrs: dict[str, Any] = dict(zarr.open_group(str(store), mode="r").attrs)
     except (FileNotFoundError, ValueError, KeyError) as err:
         raise ValueError(
             f"{store} is not a readable zarr store ({err}); delete it so that the slide is redone."
@@ -164,6 +164,7 @@ def process_slide(
     and other non-``Exception`` exits propagate, leaving the finished steps checkpointed.
     """
     t0 = time.perf_counter()
+    started = time.time()
     params = params or {}
     stores = Path(stores)
     final = stores / f"{job.name}.zarr"
@@ -214,6 +215,7 @@ def process_slide(
     row["steps_run"] = ",".join(ran)
     row["steps_skipped"] = ",".join(s for s in steps if s in done)
     row["seconds"] = time.perf_counter() - t0
+    row["started"], row["finished"] = started, time.time()
     return row
 
 
@@ -224,7 +226,7 @@ def _reader_name(job: SlideJob) -> str:
 def _n_cells(store: Path) -> int | None:
     import zarr
 
-    group = zarr.open_group(str(store), mode="r")
+    group: Any = zarr.open_group(str(store), mode="r")
     if "tables" not in group or K.CELLS not in group["tables"]:
         return None
     obs = group["tables"][K.CELLS]["obs"]
@@ -292,7 +294,8 @@ def run_batch(
     Returns
     -------
     One row per slide: ``slide``, ``status`` (``done``, ``skipped`` or ``failed``), ``steps_run``,
-    ``steps_skipped``, ``n_cells``, ``seconds``, ``error`` (and ``traceback`` of failures).
+    ``steps_skipped``, ``n_cells``, ``seconds``, ``error`` (and ``traceback`` of failures), ``started`` /
+    ``finished`` (wall-clock seconds since the epoch; skipped slides have none).
     """
     import pandas as pd
     from tqdm.auto import tqdm
@@ -306,7 +309,7 @@ def run_batch(
     params = _resolve_params(steps, params or {})
     stores = Path(stores)
     stores.mkdir(parents=True, exist_ok=True)
-    kw = {"stores": stores, "steps": steps, "params": params, "write_image": write_image}
+    kw: dict[str, Any] = {"stores": stores, "steps": steps, "params": params, "write_image": write_image}
     rows: list[dict[str, Any]] = []
     with tqdm(total=len(jobs), desc="slides", unit="slide", disable=not progress) as bar:
 
