@@ -93,12 +93,12 @@ def fit_cohort(
         raise ValueError(f"`strategy` must be one of {list(STRATEGIES)}, got {strategy!r}.")
     if strategy == "ddp" and int(world_size) < 1:
         raise ValueError(f"`world_size` must be a positive number of processes, got {world_size!r}.")
-    stores = [str(s) for s in stores]
+    paths = [str(s) for s in stores]
     keys = DataKeys.coerce(keys)
     tp = TrainParams.coerce(train).resolved(lora=False)
     params = ModelParams.coerce(model).resolved("bulk")
-    cohort = scan(stores, genes=genes, bulk=bulk, keys=keys)
-    job = _Job(stores, cohort, params, tp, keys, seed, str(device) if device is not None else None, amp)
+    cohort = scan(paths, genes=genes, bulk=bulk, keys=keys)
+    job = _Job(paths, cohort, params, tp, keys, seed, str(device) if device is not None else None, amp)
     import torch.distributed as dist
 
     if strategy == "single" or (dist.is_available() and dist.is_initialized()):
@@ -227,17 +227,18 @@ def _all_reduce(params: list[torch.nn.Parameter], loss: float, device: torch.dev
     """Sum the gradients (and the loss) of all ranks, in one flat buffer."""
     import torch.distributed as dist
 
+    grads = []
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    flat = torch.cat(
-        [p.grad.reshape(-1) for p in params] + [torch.tensor([loss], device=device, dtype=params[0].dtype)]
-    )
+        grads.append(p.grad)
+    loss_t = torch.tensor([loss], device=device, dtype=params[0].dtype)
+    flat = torch.cat([g.reshape(-1) for g in grads] + [loss_t])
     dist.all_reduce(flat)
     offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad.copy_(flat[offset : offset + n].view_as(p))
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset : offset + n].view_as(g))
         offset += n
     return float(flat[-1])
 

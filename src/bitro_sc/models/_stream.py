@@ -10,6 +10,7 @@ slide) one slide at a time. The training loop itself is in :mod:`._ddp` (one pro
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,9 @@ def read_tables(store: str | Path) -> SpatialData:
             f"{str(path)!r} is not a slide store with tables; write one per slide with "
             "`bitro-sc run` ([batch]) or `bs.tl.run_batch`."
         )
-    return read_zarr(path, selection=("tables",))
+    with warnings.catch_warnings():  # only the tables are read: the shapes they annotate are not
+        warnings.filterwarnings("ignore", message="The table is annotating.*not present")
+        return read_zarr(path, selection=("tables",))
 
 
 @dataclass
@@ -71,7 +74,7 @@ def _bulk_target(sdata: SpatialData, bulk: AnnData | None, keys: DataKeys, i: in
     hit = np.flatnonzero(np.asarray(ids) == sid)
     if hit.size != 1:
         raise KeyError(
-            f"`bulk` has {hit.size} rows for sample {sid!r} (obs['sample_id']); it needs exactly one per slide."
+            f"`bulk` has {hit.size} rows for sample {sid!r} (obs['sample_id']); it needs one per slide."
         )
     return bulk[int(hit[0]) : int(hit[0]) + 1], sid
 
@@ -121,7 +124,7 @@ def scan(
             raise ValueError(f"Slide {sid!r} has no cells or an empty bulk profile; drop its store.")
         rows.append((counts[0] / lib[0] * TARGET_SUM, float(lib[0])))
         n_cells.append(n)
-        per_slide_codes.append(cells.obs[keys.phenotype_key] if keys.phenotype_key in cells.obs else None)
+        per_slide_codes.append(cells.obs.get(keys.phenotype_key))
         sample_ids.append(sid)
         if i == 0:
             meta = {
