@@ -230,7 +230,12 @@ def _run_batch(cfg: dict[str, Any], *, t0: float) -> pd.DataFrame:
         "progress": cfg["progress"],
     }
     if batch["scheduler"] == "distributed":
-        from distributed import Client, LocalCluster
+        try:
+            from distributed import Client, LocalCluster
+        except ImportError as err:
+            raise ConfigError(
+                "batch.scheduler = 'distributed' needs dask.distributed: `pip install bitro-sc[distributed]`."
+            ) from err
 
         if batch["address"] is not None:
             with Client(batch["address"]) as client:

@@ -154,7 +154,8 @@ def _device(job: _Job, rank: int, world: int) -> torch.device:
 
     dev = resolve_device(job.device)
     if dev.type == "cuda" and world > 1 and dev.index is None:
-        dev = torch.device("cuda", rank % max(torch.cuda.device_count(), 1))
+        local = int(os.environ.get("LOCAL_RANK", rank))  # torchrun sets it per machine
+        dev = torch.device("cuda", local % max(torch.cuda.device_count(), 1))
     return dev
 
 
