@@ -189,3 +189,28 @@ def test_run_batch_rejects_bad_steps_and_duplicate_names(tmp_path):
         _batch.run_batch([{"path": "a/x.tif"}, {"path": "b/x.tif"}], stores=tmp_path)
     with pytest.raises(ValueError, match="needs params\\['predict'\\]\\['model'\\]"):
         _batch.run_batch([{"path": "a.tif"}], stores=tmp_path, steps=["segment", "predict"])
+
+
+@pytest.mark.slow
+def test_batch_predict_step_writes_cell_level_predictions(tmp_path, slide_folder):
+    import bitro_sc as bs
+
+    train = bs.datasets.synthetic(kind="visium", size_um=300, seed=1, n_genes=20)
+    bs.tl.segment(train, progress=False)
+    bs.tl.cell_features(train, progress=False)
+    bs.tl.assign_cells(train)
+    bs.tl.cell_graph(train)
+    model = bs.tl.fit_bitro(train, epochs=1, validation=None, progress=False)
+    model.save(tmp_path / "model")
+    slides = [{"path": str(slide_folder / f"slide0{i}.tif"), "mpp": 0.5} for i in range(2)]
+    steps = ["segment", "cell_features", "cell_graph", "predict"]
+    params = {"segment": {"tissue": False}, "predict": {"model": str(tmp_path / "model")}}
+    table = bs.tl.run_batch(slides, stores=tmp_path / "stores", steps=steps, params=params, progress=False)
+    assert list(table["status"]) == ["done", "done"], table["error"].tolist()
+    from spatialdata import read_zarr
+
+    cells = read_zarr(tmp_path / "stores" / "slide00.zarr").tables["cells"]
+    pred = np.asarray(cells.layers["bitro"])
+    assert pred.shape == (cells.n_obs, len(model.genes))
+    assert np.isfinite(pred).all()
+    assert (pred >= 0).all()
