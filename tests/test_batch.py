@@ -214,3 +214,29 @@ def test_batch_predict_step_writes_cell_level_predictions(tmp_path, slide_folder
     assert pred.shape == (cells.n_obs, len(model.genes))
     assert np.isfinite(pred).all()
     assert (pred >= 0).all()
+
+
+@pytest.mark.slow
+def test_distributed_scheduler_in_a_config_runs_slides_on_worker_processes(tmp_path, slide_folder):
+    pytest.importorskip("distributed")
+    folder = tmp_path / "three"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"slide0{i}.tif").write_bytes((slide_folder / f"slide0{i}.tif").read_bytes())
+    cfg = _config(tmp_path, folder, "dist", scheduler="distributed", n_workers=2, write_image=True)
+    assert cli.main(["run", str(cfg)]) == 0
+    summary = pd.read_csv(tmp_path / "dist" / "batch_summary.csv")
+    assert list(summary["status"]) == ["done"] * 3
+    local = _config(tmp_path, folder, "local")
+    assert cli.main(["run", str(local)]) == 0
+    from spatialdata import read_zarr
+
+    for i in range(3):
+        name = f"slide0{i}.zarr"
+        a = _read(tmp_path / "local" / "stores" / name)
+        b = _read(tmp_path / "dist" / "stores" / name)
+        pd.testing.assert_frame_equal(a["obs"], b["obs"])
+        np.testing.assert_array_equal(a["X"], b["X"])
+        with_image = read_zarr(tmp_path / "dist" / "stores" / name)
+        assert "he" in with_image.images  # write_image = true copies the image into the store
+        assert "he" not in read_zarr(tmp_path / "local" / "stores" / name).images
