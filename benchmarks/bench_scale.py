@@ -138,7 +138,7 @@ def main() -> None:
     print(f"{len(pieces)} tissue tiles of {TILE} px", flush=True)
     with tempfile.TemporaryDirectory(prefix="bitro_scale_") as tmp:
         for mp in args.sizes:
-            side = round(np.sqrt(mp * 1e6) / TILE) * TILE
+            side = max(1, round(np.sqrt(mp * 1e6) / (8 * TILE))) * 8 * TILE  # whole tiles on every level
             path = Path(tmp) / f"mosaic_{mp}mp.tif"
             t0 = time.perf_counter()
             write_mosaic(path, side, pieces)
