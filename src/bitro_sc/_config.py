@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import datasets, io, tl
+from .tl._batch import BATCH_STEPS
 
 if TYPE_CHECKING:  # pragma: no cover
     from spatialdata import SpatialData
@@ -22,7 +23,19 @@ PREP_STEPS = ("segment", "cell_features", "phenotypes", "assign_cells", "cell_gr
 ANALYSIS_STEPS = ("cross_validate", "holdout")
 STEPS = PREP_STEPS + ANALYSIS_STEPS
 METHODS = ("bitro", "ridge", "mean")
-_TOP_KEYS = {"out", "seed", "data", "steps", "params", "progress"}
+SCHEDULERS = ("local", "distributed")
+_TOP_KEYS = {"out", "seed", "data", "steps", "params", "progress", "batch"}
+_BATCH_KEYS = {
+    "stores",
+    "write_image",
+    "scheduler",
+    "address",
+    "n_workers",
+    "threads_per_worker",
+    "max_parallel",
+}
+#: readers whose slide is one `path` (file or folder): `[data] folder = ...` lists them
+_PATH_READERS = ("read_wsi", "read_visium")
 _PATH_ARGS = {"image", "counts", "spots", "path", "root", "fullres_image"}
 _HOLDOUT_KEYS = {"test", "methods", "level", "top_hvg", "fit_kwargs", "genes", "cell_level"}
 
@@ -102,16 +115,23 @@ def validate_config(raw: Any, *, base_dir: str | Path = ".") -> dict[str, Any]:
         if "slides" in data:
             problems.append("data.slides is not used with reader = 'synthetic'; use n_slides = N")
     elif reader in READERS:
-        slides = data.get("slides")
-        extra = set(data) - {"reader", "slides"}
+        extra = set(data) - {"reader", "slides", "folder", "pattern", "options"}
         if extra:
             problems.append(f"unknown key(s) in [data]: {sorted(extra)} (use `slides = [{{...}}, ...]`)")
+        slides = data.get("slides") if "folder" not in data else _folder_slides(data, base, reader, problems)
+        if "folder" in data and "slides" in data:
+            problems.append("give either data.slides (a list) or data.folder, not both")
         if not isinstance(slides, list) or not slides or not all(isinstance(s, Mapping) for s in slides):
-            problems.append("data.slides must be a non-empty list of tables of reader arguments")
+            if "folder" not in data:
+                problems.append("data.slides must be a non-empty list of tables of reader arguments")
             slides = []
+        options = data.get("options", {})
+        if not isinstance(options, Mapping):
+            problems.append("data.options must be a table of reader arguments shared by every slide")
+            options = {}
         norm_slides = []
         for i, s in enumerate(slides):
-            entry = dict(s)
+            entry = {**options, **s}
             for k in _PATH_ARGS & set(entry):
                 p = Path(str(entry[k]))
                 p = p if p.is_absolute() else (base / p)
@@ -121,27 +141,34 @@ def validate_config(raw: Any, *, base_dir: str | Path = ".") -> dict[str, Any]:
             norm_slides.append(entry)
         norm_data["slides"] = norm_slides
     cfg["data"] = norm_data
+    cfg["batch"] = _batch_table(raw.get("batch"), reader, problems)
+    known = BATCH_STEPS if cfg["batch"] is not None else STEPS
 
     steps_tbl = raw.get("steps", {})
     steps = steps_tbl.get("run") if isinstance(steps_tbl, Mapping) else steps_tbl
     if not isinstance(steps, list) or not steps:
-        problems.append(f"steps.run must be a non-empty list of step names from {list(STEPS)}")
+        problems.append(f"steps.run must be a non-empty list of step names from {list(known)}")
         steps = []
-    bad = [s for s in steps if s not in STEPS]
-    if bad:
-        problems.append(f"unknown step(s) {bad}; known: {list(STEPS)}")
-    order = [STEPS.index(s) for s in steps if s in STEPS]
+    bad = [s for s in steps if s not in known]
+    if bad and cfg["batch"] is not None:
+        problems.append(
+            f"step(s) {bad} cannot run in a batch run ([batch]); its per-slide steps are {list(BATCH_STEPS)} "
+            "(phenotypes, cross_validate and holdout pool all slides: run them in a config without [batch])"
+        )
+    elif bad:
+        problems.append(f"unknown step(s) {bad}; known: {list(STEPS)} (predict needs a [batch] table)")
+    order = [known.index(s) for s in steps if s in known]
     if order != sorted(order) or len(set(order)) != len(order):
-        problems.append(f"steps must appear once each, in the order {list(STEPS)}")
-    cfg["steps"] = [s for s in steps if s in STEPS]
+        problems.append(f"steps must appear once each, in the order {list(known)}")
+    cfg["steps"] = [s for s in steps if s in known]
 
     params = raw.get("params", {})
     if not isinstance(params, Mapping):
         problems.append("[params] must be a table of per-step tables")
         params = {}
     for name, p in params.items():
-        if name not in STEPS:
-            problems.append(f"params.{name}: not a step; known: {list(STEPS)}")
+        if name not in known:
+            problems.append(f"params.{name}: not a step; known: {list(known)}")
         elif name not in cfg["steps"]:
             problems.append(f"params.{name} is given but {name!r} is not in steps.run")
         if not isinstance(p, Mapping):
@@ -162,9 +189,82 @@ def validate_config(raw: Any, *, base_dir: str | Path = ".") -> dict[str, Any]:
         test = hold.get("test")
         if not isinstance(test, list) or not test:
             problems.append("the holdout step needs params.holdout.test = [sample ids held out for testing]")
+    _batch_params(cfg, base, problems)
     if problems:
         raise ConfigError("Invalid config:\n  - " + "\n  - ".join(problems))
     return cfg
+
+
+def _folder_slides(
+    data: Mapping[str, Any], base: Path, reader: str, problems: list[str]
+) -> list[dict[str, Any]]:
+    """``[data] folder = ..., pattern = ...``: one slide per matching entry, named by its stem."""
+    if reader not in _PATH_READERS:
+        problems.append(
+            f"data.folder works with the readers {list(_PATH_READERS)}; use data.slides with {reader}"
+        )
+        return []
+    folder = Path(str(data["folder"]))
+    folder = folder if folder.is_absolute() else base / folder
+    pattern = str(data.get("pattern", "*"))
+    if not folder.is_dir():
+        problems.append(f"data.folder: {str(folder)!r} is not a folder")
+        return []
+    found = sorted(p for p in folder.glob(pattern) if not p.name.startswith("."))
+    if not found:
+        problems.append(f"data.folder: nothing in {str(folder)!r} matches pattern {pattern!r}")
+    return [{"path": str(p), "sample_id": p.name.split(".")[0]} for p in found]
+
+
+def _batch_table(batch: Any, reader: Any, problems: list[str]) -> dict[str, Any] | None:
+    """The normalised ``[batch]`` table (``None`` without one: all slides in memory, as before)."""
+    if batch is None:
+        return None
+    if not isinstance(batch, Mapping):
+        problems.append("[batch] must be a table (it may be empty: `[batch]`)")
+        return None
+    extra = set(batch) - _BATCH_KEYS
+    if extra:
+        problems.append(f"unknown key(s) in [batch]: {sorted(extra)}; allowed: {sorted(_BATCH_KEYS)}")
+    if reader == "synthetic":
+        problems.append("a batch run reads slide files: use a file reader, not reader = 'synthetic'")
+    out = {
+        "stores": str(batch.get("stores", "slides")),
+        "write_image": bool(batch.get("write_image", False)),
+        "scheduler": batch.get("scheduler", "local"),
+        "address": batch.get("address"),
+        "n_workers": batch.get("n_workers", 2),
+        "threads_per_worker": batch.get("threads_per_worker", 1),
+        "max_parallel": batch.get("max_parallel"),
+    }
+    if out["scheduler"] not in SCHEDULERS:
+        problems.append(f"batch.scheduler must be one of {list(SCHEDULERS)}, got {out['scheduler']!r}")
+    if out["address"] is not None and out["scheduler"] != "distributed":
+        problems.append("batch.address is only used with batch.scheduler = 'distributed'")
+    for key in ("n_workers", "threads_per_worker", "max_parallel"):
+        v = out[key]
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            problems.append(f"batch.{key} must be a positive integer, got {v!r}")
+    return out
+
+
+def _batch_params(cfg: dict[str, Any], base: Path, problems: list[str]) -> None:
+    """Resolve the paths of a batch run: the stores folder, the predict model, a reference scaler store."""
+    if cfg["batch"] is None:
+        return
+    stores = Path(cfg["batch"]["stores"])
+    cfg["batch"]["stores"] = str(stores if stores.is_absolute() else Path(cfg["out"]) / stores)
+    for step, key in (("predict", "model"), ("cell_features", "scaler")):
+        value = cfg["params"].get(step, {}).get(key)
+        if value is None:
+            if step == "predict" and step in cfg["steps"]:
+                problems.append("the predict step needs params.predict.model = path of a saved model")
+            continue
+        p = Path(str(value))
+        p = p if p.is_absolute() else base / p
+        if not p.exists():
+            problems.append(f"params.{step}.{key}: {str(p)!r} does not exist")
+        cfg["params"][step][key] = str(p)
 
 
 # ----------------------------------------------------------------------------------------------

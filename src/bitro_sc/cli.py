@@ -27,6 +27,28 @@ With ``reader = "synthetic"``, ``[data]`` holds the arguments of ``bs.datasets.s
 instead of ``slides``. The ``holdout`` step (``bs.tl.holdout``) fits on all slides but those
 listed in ``[params.holdout] test = [...]`` and predicts and evaluates on those.
 
+Batch runs (a ``[batch]`` table) prepare each slide on its own, one zarr store per slide, and can
+be interrupted and resumed::
+
+    out = "cohort_out"
+    [data]
+    reader = "read_wsi"
+    folder = "slides"                  # every file matching `pattern` (or `slides = [...]`)
+    pattern = "*.svs"
+    options = { mpp = 0.25 }           # reader arguments shared by every slide
+    [batch]
+    stores = "stores"                  # one `<sample_id>.zarr` per slide (relative to `out`)
+    scheduler = "local"                # or "distributed": slides in parallel on a dask cluster,
+    # address = "tcp://10.0.0.1:8786"  # at this scheduler address (else a LocalCluster of n_workers)
+    [steps]
+    run = ["segment", "cell_features", "cell_graph", "predict"]
+    [params.predict]
+    model = "bitro_model"              # a saved BiTroModel; level = "cell" by default
+
+Finished slides and steps are skipped on a re-run, an interrupted slide goes on from its last
+finished step, and a slide that fails is reported (``batch_summary.csv``, ``batch_errors.txt``)
+without stopping the others; the exit status is then 1. See :func:`bitro_sc.tl.run_batch`.
+
 The commands only read the config and call the public API; configs are read and checked by
 :func:`load_config` / :func:`validate_config`.
 """
@@ -60,6 +82,13 @@ config (TOML / JSON / YAML; relative paths are read relative to the config file)
   [steps]           run = [segment, cell_features, phenotypes, assign_cells, cell_graph,
                            cross_validate | holdout]   (in this order)
   [params.<step>]   keyword arguments of bs.tl.<step>, e.g. [params.holdout] test = ["C3"]
+batch run (one zarr store per slide, resumable; slides may fail without stopping the run):
+  [data]            folder = "slides"   pattern = "*.tif"   options = { mpp = 0.5 }   (or slides = [...])
+  [batch]           stores = "stores"   scheduler = local | distributed   address = "tcp://host:8786"
+                    n_workers = 2   threads_per_worker = 1   max_parallel = N   write_image = false
+  [steps]           run = [segment, cell_features, assign_cells, cell_graph, predict]   (in this order)
+  [params.predict]  model = "saved_model_dir"   level = "cell"
+  exit status: 0 all slides done, 1 some slide failed (see <out>/batch_summary.csv), 2 bad config
 see `python -c "import bitro_sc.cli; help(bitro_sc.cli)"` for a full example.
 """
 
@@ -159,6 +188,8 @@ def run(config: str | Path, *, out: str | Path | None = None, dry_run: bool = Fa
         print(json.dumps(cfg, indent=2))
         return cfg
     t0 = time.perf_counter()
+    if cfg.get("batch") is not None:
+        return {"batch": _run_batch(cfg, t0=t0)}
     slides, truths = read_slides(cfg)
     log(f"read {len(slides)} slide(s) with {cfg['data']['reader']}", t0=t0)
     if "holdout" in cfg["steps"]:  # before the (long) preparation, not after it
@@ -184,6 +215,57 @@ def run(config: str | Path, *, out: str | Path | None = None, dry_run: bool = Fa
         results["holdout"] = _write_holdout(res, out_dir, name="holdout", extra={"config": str(config)})
     log(f"results in {out_dir}", t0=t0)
     return results
+
+
+def _run_batch(cfg: dict[str, Any], *, t0: float) -> pd.DataFrame:
+    """The ``[batch]`` form of ``run``: one store per slide, resumable, locally or on a dask cluster."""
+    from .tl import run_batch
+
+    batch = cfg["batch"]
+    out_dir = Path(cfg["out"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slides = cfg["data"]["slides"]
+    log(f"batch of {len(slides)} slide(s) with {cfg['data']['reader']}, stores in {batch['stores']}", t0=t0)
+    kwargs = {
+        "stores": batch["stores"],
+        "steps": cfg["steps"],
+        "params": cfg["params"],
+        "reader": cfg["data"]["reader"],
+        "write_image": batch["write_image"],
+        "max_parallel": batch["max_parallel"],
+        "progress": cfg["progress"],
+    }
+    if batch["scheduler"] == "distributed":
+        try:
+            from distributed import Client, LocalCluster
+        except ImportError as err:
+            raise ConfigError(
+                "batch.scheduler = 'distributed' needs dask.distributed: `pip install bitro-sc[distributed]`."
+            ) from err
+
+        if batch["address"] is not None:
+            with Client(batch["address"]) as client:
+                table = run_batch(slides, client=client, **kwargs)
+        else:
+            with (
+                LocalCluster(
+                    n_workers=batch["n_workers"], threads_per_worker=batch["threads_per_worker"]
+                ) as cluster,
+                Client(cluster) as client,
+            ):
+                table = run_batch(slides, client=client, **kwargs)
+    else:
+        table = run_batch(slides, **kwargs)
+    errors = table[table["status"] == "failed"]
+    table.drop(columns=["traceback"], errors="ignore").to_csv(out_dir / "batch_summary.csv", index=False)
+    if len(errors):
+        text = "\n\n".join(f"== {r.slide}\n{r.traceback}" for r in errors.itertuples())
+        (out_dir / "batch_errors.txt").write_text(text)
+    shown = table[["slide", "status", "steps_run", "steps_skipped", "n_cells", "seconds", "error"]]
+    _print_table(shown.set_index("slide"))
+    counts = table["status"].value_counts().to_dict()
+    log(f"batch: {counts}; summary in {out_dir / 'batch_summary.csv'}", t0=t0)
+    return table
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -221,7 +303,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``bitro-sc``; returns the exit status (2 for a bad config)."""
+    """Entry point of ``bitro-sc``; the exit status: 1 when a batch slide failed, 2 for a bad config."""
     args = _parser().parse_args(argv)
     try:
         if args.command == "demo":
@@ -235,7 +317,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 progress=not args.no_progress,
             )
         else:
-            run(args.config, out=args.out, dry_run=args.dry_run)
+            results = run(args.config, out=args.out, dry_run=args.dry_run)
+            batch = results.get("batch") if not args.dry_run else None
+            if batch is not None and (batch["status"] == "failed").any():
+                failed = ", ".join(batch.loc[batch["status"] == "failed", "slide"])
+                print(f"bitro-sc: slide(s) failed: {failed}; re-run to retry them", file=sys.stderr)
+                return 1
     except ConfigError as err:
         print(f"bitro-sc: {err}", file=sys.stderr)
         return 2

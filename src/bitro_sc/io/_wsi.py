@@ -178,21 +178,47 @@ def read_image_file(path: Path) -> Any:
 
 
 def tiff_levels(path: Path, *, chunk_px: int = CHUNK_PX, series: int = 0) -> list[Any]:
-    """Pyramid levels of a TIFF as lazy (y, x, c) dask arrays (finest first); nothing is read."""
+    """Pyramid levels of a TIFF as lazy (y, x, c) dask arrays (finest first); nothing is read.
+
+    The arrays hold the file's path, not an open handle, so their tasks can be sent to the worker
+    processes of a dask cluster (each process opens the file when it first reads a chunk).
+    """
     import dask.array as da
     import tifffile
-    import zarr
 
-    tif = tifffile.TiffFile(path)
-    s = tif.series[series]
-    group = zarr.open(s.aszarr(), mode="r")
-    arrays = [group] if isinstance(group, zarr.Array) else [group[str(i)] for i in range(len(s.levels))]
-    axes = s.axes
+    with tifffile.TiffFile(path) as tif:
+        s = tif.series[series]
+        axes = s.axes
+        shapes = [(tuple(lv.shape), lv.dtype) for lv in s.levels]
+    stat = Path(path).stat()
     out = []
-    for arr in arrays:
+    for i, (shape, dtype) in enumerate(shapes):
+        arr = _TiffLevel(str(path), series, i, shape, dtype)
         chunks = tuple(chunk_px if a in "YX" else -1 for a in axes)
-        out.append(_to_yxc(da.from_zarr(arr, chunks=chunks), axes, path))
+        name = f"tiff-{Path(path).name}-{stat.st_size}-{stat.st_mtime_ns}-{series}-{i}"
+        out.append(_to_yxc(da.from_array(arr, chunks=chunks, name=name, asarray=False), axes, path))
     return out
+
+
+class _TiffLevel:
+    """Array-like view of one level of a TIFF series, read region by region; picklable (path only)."""
+
+    def __init__(self, path: str, series: int, level: int, shape: tuple[int, ...], dtype: Any) -> None:
+        self.path, self.series, self.level = path, series, level
+        self.shape, self.dtype, self.ndim = shape, np.dtype(dtype), len(shape)
+        self._zarr: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_zarr": None}
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        if self._zarr is None:
+            import tifffile
+            import zarr
+
+            store = tifffile.TiffFile(self.path).series[self.series].aszarr(level=self.level)
+            self._zarr = zarr.open(store, mode="r")
+        return np.asarray(self._zarr[index])
 
 
 def _to_yxc(arr: Any, axes: str, path: Path) -> Any:

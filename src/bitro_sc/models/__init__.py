@@ -4,6 +4,8 @@ the HEST-style baselines, behind one protocol.
 Public names load lazily (``import bitro_sc.models`` does not import torch):
 
 - :func:`fit` — train a :class:`BiTroModel` (the algorithm behind ``bs.tl.fit_bitro``);
+- :func:`fit_cohort` — bulk training on slides streamed from their zarr stores, in one process or
+  data-parallel over several (``strategy="ddp"``);
 - :class:`BiTroModel` — a fitted model (``save`` / ``load``, ``predict_frame``);
 - :class:`BaselineModel`, :func:`fit_baseline` — ridge / mean baselines (``bs.tl.fit_baseline``);
 - :class:`ModelParams`, :class:`TrainParams` — architecture and training knobs;
@@ -28,6 +30,7 @@ from .._lazy import attach
 
 _EXPORTS = {
     "fit": "_fit",
+    "fit_cohort": "_ddp",
     "BiTroModel": "_model",
     "BaselineModel": "_baseline",
     "fit_baseline": "_baseline",

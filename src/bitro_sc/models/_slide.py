@@ -171,18 +171,29 @@ def slide_step(
     seed: int,
     scale: float = 1.0,
     cells_per_batch: int = CELLS_PER_BATCH,
+    amp: bool = False,
 ) -> float:
     """Accumulate into ``.grad`` the exact gradient of ``scale * loss(slide profile)``; return the loss.
 
     Two passes over the chunks (see the module docstring); peak memory is one batch of chunks.
+    ``amp``: the network's forward passes run under bfloat16 autocast (CPU and CUDA, no loss
+    scaling needed); the chunk terms, the pooled profile and the loss stay float32.
     """
     batches = chunk_batches(item.part, cells_per_batch)
     n = int(item.part.order.size)
     acc = None
+
+    def forward(
+        groups: list[int], shift: torch.Tensor | None
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out, m = _terms(net, item.slide, item.part, groups, device, shift)
+        return [t.float() for t in out], (None if m is None else m.float())
+
     with torch.no_grad():
         for bi, groups in enumerate(batches):
             with seeded(seed + bi, device):
-                acc = _combine(acc, _terms(net, item.slide, item.part, groups, device, None))
+                acc = _combine(acc, forward(groups, None))
     if acc is None:
         raise ValueError("The slide has no cells: run `bs.tl.segment` on it (or drop it).")
     terms, shift = acc
@@ -198,7 +209,7 @@ def slide_step(
     grads = grads[: len(leaves)]
     for bi, groups in enumerate(batches):
         with seeded(seed + bi, device):
-            chunk_terms, _ = _terms(net, item.slide, item.part, groups, device, shift)
+            chunk_terms, _ = forward(groups, shift)
         torch.autograd.backward(chunk_terms, list(grads))
     return float(value.detach()) / scale
 

@@ -19,6 +19,8 @@ _EXPORTS = {
     "prediction_table": "_holdout",
     "fit_baseline": "_baseline",
     "evaluate": "_evaluate",
+    "run_batch": "_batch",
+    "SlideJob": "_batch",
 }
 
 __getattr__, __dir__, __all__ = attach(__name__, _EXPORTS)

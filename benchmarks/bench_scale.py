@@ -1,0 +1,179 @@
+"""Real slide files end to end: pyramidal tiled JPEG TIFFs built from HER2ST H&E, read -> tissue mask ->
+segment -> features -> graph, streaming from the file, at several sizes.
+
+The TIFF is a mosaic of the 512 px tiles of the four HER2ST sections that are ≥ 90% tissue (a dense
+slide: every tile is tissue), written tile by tile to a temporary folder (never into the data
+folder); each size runs in its own process so that its peak RSS is its own.
+
+    nice -n 5 python benchmarks/bench_scale.py --sizes 64 256 1024 --out benchmarks/results/scale.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HER2ST_MPP = 0.69
+SECTIONS = ("C2", "C3", "C4", "C5")
+TILE = 512
+
+
+def data_dir() -> Path:
+    env = os.environ.get("BITRO_SC_DATA")
+    root = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    if not (root / "her2st").is_dir():
+        sys.exit(f"HER2ST data not found under {root}; set $BITRO_SC_DATA.")
+    return root / "her2st"
+
+
+def tissue_tiles() -> list[np.ndarray]:
+    """The 512 px tiles of the HER2ST sections that are at least 90% tissue (dense slides)."""
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = None
+    out = []
+    for s in SECTIONS:
+        full = np.asarray(Image.open(data_dir() / f"{s}_HE.jpg").convert("RGB"))
+        for y in range(0, full.shape[0] - TILE + 1, TILE):
+            for x in range(0, full.shape[1] - TILE + 1, TILE):
+                tile = full[y : y + TILE, x : x + TILE]
+                if (tile[::8, ::8].mean(-1) < 215).mean() >= 0.9:
+                    out.append(np.ascontiguousarray(tile))
+        del full
+    return out
+
+
+def write_mosaic(path: Path, side: int, pieces: list[np.ndarray]) -> None:
+    """A ``side``² px pyramidal tiled JPEG TIFF of tissue tiles (levels /2 down to < 2048 px)."""
+    import tifffile
+
+    levels = [1]
+    while side // (2 * levels[-1]) >= 2048:
+        levels.append(2 * levels[-1])
+    n0 = side // TILE  # level-0 tiles per side
+
+    def piece(ty: int, tx: int) -> np.ndarray:
+        return pieces[(ty * n0 + tx * 7) % len(pieces)]
+
+    def tiles(factor: int):
+        n = n0 // factor  # output tiles per side at this level
+        sub = TILE // factor
+        for oy in range(n):
+            for ox in range(n):
+                out = np.empty((TILE, TILE, 3), np.uint8)
+                for dy in range(factor):
+                    for dx in range(factor):
+                        p = piece(oy * factor + dy, ox * factor + dx).astype(np.float32)
+                        small = p.reshape(sub, factor, sub, factor, 3).mean((1, 3)) if factor > 1 else p
+                        out[dy * sub : (dy + 1) * sub, dx * sub : (dx + 1) * sub] = small.round()
+                yield out
+
+    res = 1e4 / HER2ST_MPP  # px per cm
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        for i, factor in enumerate(levels):
+            n = side // factor
+            tif.write(
+                tiles(factor),
+                shape=(n, n, 3),
+                dtype=np.uint8,
+                tile=(TILE, TILE),
+                photometric="rgb",
+                compression="jpeg",
+                compressionargs={"level": 90},
+                subifds=len(levels) - 1 if i == 0 else None,
+                subfiletype=1 if i else 0,
+                resolution=(res / factor, res / factor),
+                resolutionunit="CENTIMETER",
+            )
+
+
+def run_one(path: Path) -> dict:
+    """read -> segment (tissue tiles only) -> features -> graph on one file; stage times, peak RSS."""
+    import torch
+
+    import bitro_sc as bs
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    t = {}
+    t0 = time.perf_counter()
+    sdata = bs.io.read_wsi(path)
+    t["read_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    bs.tl.segment(sdata, progress=False)
+    t["segment_s"] = time.perf_counter() - t0  # includes the tissue mask
+    t0 = time.perf_counter()
+    bs.tl.cell_features(sdata, progress=False)
+    t["features_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    bs.tl.cell_graph(sdata)
+    t["graph_s"] = time.perf_counter() - t0
+    t["n_cells"] = int(sdata.tables["cells"].n_obs)
+    t["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return t
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--sizes", type=int, nargs="+", default=[64, 256, 1024], help="megapixels")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scale.md")
+    p.add_argument("--one", type=Path, help=argparse.SUPPRESS)  # child: run one file, print JSON
+    args = p.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(run_one(args.one)))
+        return
+    import bitro_sc
+
+    rows = []
+    pieces = tissue_tiles()
+    print(f"{len(pieces)} tissue tiles of {TILE} px", flush=True)
+    with tempfile.TemporaryDirectory(prefix="bitro_scale_") as tmp:
+        for mp in args.sizes:
+            side = max(1, round(np.sqrt(mp * 1e6) / (8 * TILE))) * 8 * TILE  # whole tiles on every level
+            path = Path(tmp) / f"mosaic_{mp}mp.tif"
+            t0 = time.perf_counter()
+            write_mosaic(path, side, pieces)
+            write_s = time.perf_counter() - t0
+            out = subprocess.run(
+                [sys.executable, __file__, "--one", str(path)], capture_output=True, text=True, check=True
+            )
+            res = json.loads(next(line[7:] for line in out.stdout.splitlines() if line.startswith("RESULT ")))
+            res.update(
+                mp=side * side / 1e6, side_px=side, file_gib=path.stat().st_size / 2**30, write_s=write_s
+            )
+            res["total_s"] = res["read_s"] + res["segment_s"] + res["features_s"] + res["graph_s"]
+            rows.append(res)
+            path.unlink()
+            print(json.dumps(res), flush=True)
+    cols = ["mp", "n_cells", "segment_s", "features_s", "graph_s", "total_s", "peak_rss_gib", "file_gib"]
+    lines = [
+        "# Real slide files end to end (bench_scale.py)",
+        "",
+        f"Command: `nice -n 5 python benchmarks/bench_scale.py --sizes {' '.join(map(str, args.sizes))}`",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores (shared with other jobs), Python "
+        f"{platform.python_version()}, bitro_sc {bitro_sc.__version__}, {platform.platform()}",
+        "Files: pyramidal tiled (512 px) JPEG TIFFs, mosaics of the ≥ 90%-tissue 512 px tiles of HER2ST "
+        f"C2–C5 at {HER2ST_MPP} µm/px; "
+        "stages: read (lazy) → tissue mask + segment (tissue tiles) → morphology features → kNN graph.",
+        "",
+        "| " + " | ".join(cols) + " | s per MP |",
+        "|" + "---|" * (len(cols) + 1),
+    ]
+    for r in rows:
+        vals = [f"{r[c]:.0f}" if c == "n_cells" else f"{r[c]:.2f}" for c in cols]
+        lines.append("| " + " | ".join(vals) + f" | {r['total_s'] / r['mp']:.3f} |")
+    args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
