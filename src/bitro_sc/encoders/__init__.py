@@ -31,6 +31,7 @@ from ._scaler import FeatureScaler
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._hf import HFEncoder
+    from ._learned import LearnedEncoder, load_encoder
     from ._torch import TimmEncoder, TorchEncoder
 
 __all__ = [
@@ -41,10 +42,12 @@ __all__ = [
     "ContextEncoder",
     "FeatureScaler",
     "HFEncoder",
+    "LearnedEncoder",
     "MorphologyEncoder",
     "TimmEncoder",
     "TorchEncoder",
     "get_encoder",
+    "load_encoder",
 ]
 
 ENCODERS: Registry[Any] = Registry("cell encoder")
@@ -60,6 +63,7 @@ def _timm_factory(name: str) -> Any:
 
 def _hf_factory(name: str) -> Any:
     from ._hf import HFEncoder
+    from ._learned import LearnedEncoder, load_encoder
 
     return HFEncoder(name)
 
@@ -108,6 +112,10 @@ def __getattr__(name: str) -> Any:
         from . import _torch
 
         return getattr(_torch, name)
+    if name in ("LearnedEncoder", "load_encoder"):
+        from . import _learned
+
+        return getattr(_learned, name)
     if name == "HFEncoder":
         from . import _hf
 
