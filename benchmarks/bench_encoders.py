@@ -117,8 +117,16 @@ def bench_her2st(args: argparse.Namespace, t0: float) -> str:
     assert ids == ["C2", "C3", "C4", "C5"], ids
     _log(f"HER2ST loaded: {[s.tables['cells'].n_obs for s in slides]} cells", t0)
     sets = [s.strip() for s in args.sets.split(",") if s.strip()]
-    parts = {p for s in sets for p in s.split("+")}
-    encoders: dict[str, Any] = {p: Cached(p, cache, p) for p in parts if p != "ssl"}
+    parts = {p for s in sets for p in s.partition(":")[0].split("+")}
+    encoders: dict[str, Any] = {p: Cached(p, cache, p) for p in parts if p not in ("ssl", "random", "pixels")}
+    if "random" in parts:  # baseline: the same CNN, randomly initialised (no training)
+        rnd = bs.tl.train_encoder(slides, n_cells=256, epochs=0, seed=0, progress=False)
+        encoders["random"] = Cached(rnd, cache, "random_cnn")
+    if "pixels" in parts:  # baseline: the raw crop (12 x 12 px over the same field of view), PCA
+        import torch
+
+        pix = bs.encoders.TorchEncoder(torch.nn.Flatten(), input_size=12, mean=(0, 0, 0), std=(1, 1, 1))
+        encoders["pixels"] = Cached(pix, cache, "pixels12")
     ssl_info = ""
     if "ssl" in parts:
         enc_path = cache / f"ssl_{args.ssl_cells}_{args.ssl_epochs}.pt"
@@ -139,11 +147,12 @@ def bench_her2st(args: argparse.Namespace, t0: float) -> str:
         expressed = set.intersection(*(set(s.tables["table"].var_names) for s in train))
         markers = [g for g in MARKERS if g in expressed]
         hvgs: list[str] | None = None
-        for fset in sets:
+        for spec in sets:
+            fset, _, only = spec.partition(":")  # "name:ridge" fits ridge only
             enc = bs.encoders.CombinedEncoder(
                 [encoders[p] for p in fset.split("+")],
                 n_components=args.n_components,
-                reduce=[p == "ssl" for p in fset.split("+")],
+                reduce=[p in ("ssl", "random", "pixels") for p in fset.split("+")],
             )
             featurise_fold(train, test, enc, fov_um=args.fov_um)
             if hvgs is None:  # the fold's top-50 training HVGs (the "mean" baseline fits in no time)
@@ -151,6 +160,10 @@ def bench_her2st(args: argparse.Namespace, t0: float) -> str:
             genes = list(dict.fromkeys([*hvgs, *markers]))
             for seed in range(args.seeds):
                 methods = ("bitro", "ridge") if seed == 0 else ("bitro",)
+                if only:
+                    methods = tuple(m for m in methods if m == only)
+                if not methods:
+                    continue
                 res = bs.tl.holdout(
                     slides,
                     test=[held],

@@ -281,9 +281,11 @@ class TimmEncoder:
     """A ``timm`` model with **local** weights (``"timm:<name>"`` in ``bs.tl.cell_features``).
 
     The model is built with ``timm.create_model(name, pretrained=False, num_classes=0, **create_kwargs)``
-    (nothing is downloaded), the weights file is loaded into it strictly (a classifier head in the
-    file is dropped), and the input size and mean / std come from the model's ``timm`` data config
-    unless given. Needs the ``timm`` extra: ``pip install 'bitro-sc[timm]'``.
+    (nothing is downloaded); the weights come from ``weights=`` or, when not given, from timm's copy in
+    the local Hugging Face cache (``timm/<name>``, e.g. after ``huggingface-cli download timm/<name>``),
+    and are loaded strictly (a classifier head in the file is dropped). The input size, mean / std
+    and interpolation come from the model's pretrained ``timm`` data config unless given. Needs the
+    ``timm`` extra: ``pip install 'bitro-sc[timm]'``.
 
     Foundation models plug in the same way, from their local files:
 
@@ -342,16 +344,64 @@ class TimmEncoder:
             **self.create_kwargs,
         )
 
+    @property
+    def params(self) -> dict[str, Any]:
+        """Model name, weights file and resolved preprocessing (JSON-serialisable)."""
+        enc = self._encoder
+        return {
+            "model": self.model_name,
+            "weights": None if self.weights is None else str(self.weights),
+            "input_size": enc.input_size if enc else self.input_size,
+            "mean": list(enc.mean) if enc else self.mean,
+            "std": list(enc.std) if enc else self.std,
+            "interpolation": enc.interpolation if enc else None,
+            "tile_um": self.tile_um,
+            "create_kwargs": {k: v for k, v in self.create_kwargs.items() if isinstance(v, int | float | str | bool)},
+        }
+
+    def cached_weights(self) -> Path:
+        """The weights of ``timm/<model_name>`` in the local Hugging Face cache (timm's hub copies).
+
+        Raises with the exact steps to get them when they are not there (nothing is downloaded).
+        """
+        repo = f"timm/{self.model_name}"
+        folder = None
+        try:
+            from huggingface_hub import snapshot_download
+            from huggingface_hub.errors import LocalEntryNotFoundError
+
+            try:
+                folder = Path(snapshot_download(repo, local_files_only=True))
+            except LocalEntryNotFoundError:
+                folder = None
+        except ImportError:  # huggingface_hub missing: only an explicit file can work
+            folder = None
+        files = []
+        if folder is not None:
+            files = [folder / f for f in ("model.safetensors", "pytorch_model.bin") if (folder / f).is_file()]
+        if not files:
+            raise FileNotFoundError(
+                f"Encoder {self.name!r} needs local weights and none were found: pass `weights=` (path to a "
+                f".safetensors / .pth file), or put timm's copy in the Hugging Face cache. Nothing is "
+                f"downloaded, and a randomly initialised network gives meaningless features. On a machine "
+                f"with internet access: for a gated model accept its terms on https://huggingface.co/{repo} "
+                f"and log in with `huggingface-cli login` (or `hf auth login`); then "
+                f"`huggingface-cli download {repo}` (or `hf download {repo}`); on an offline cluster copy "
+                "~/.cache/huggingface/hub (or $HF_HOME/hub) and set HF_HOME."
+            )
+        return files[0]
+
     def build(self) -> TorchEncoder:
-        """Create the model and load the weights (checks the path first, then that timm is installed)."""
+        """Create the model and load the weights (checks the weights first, then that timm is installed).
+
+        Weights: ``weights=`` if given, else timm's copy in the local Hugging Face cache
+        (``timm/<model_name>``). Preprocessing: the model's pretrained configuration
+        (``timm.data.resolve_data_config``: input size, mean / std, interpolation) unless overridden.
+        """
         if self._encoder is not None:
             return self._encoder
-        if self.weights is None:
-            raise ValueError(
-                f"Encoder {self.name!r} needs local weights: pass `weights=` (path to a .safetensors / .pth "
-                "file). Nothing is downloaded, and a randomly initialised network gives meaningless features."
-            )
-        state = load_state_dict(self.weights)
+        weights = self.weights if self.weights is not None else self.cached_weights()
+        state = load_state_dict(weights)
         try:
             import timm
         except ImportError as err:
@@ -365,19 +415,22 @@ class TimmEncoder:
         result = model.load_state_dict(state, strict=False)
         if result.missing_keys or result.unexpected_keys:
             raise ValueError(
-                f"Weights {str(self.weights)!r} do not match timm model {self.model_name!r}: "
+                f"Weights {str(weights)!r} do not match timm model {self.model_name!r}: "
                 f"missing {list(result.missing_keys)[:5]}, unexpected {list(result.unexpected_keys)[:5]}. "
                 "Check the model name and the `create_kwargs` used to train it."
             )
-        cfg = timm.data.resolve_data_config({}, model=model)
+        cfg = timm.data.resolve_data_config({}, model=model)  # the model's pretrained config
+        interp = str(cfg.get("interpolation", "bilinear"))
         self._encoder = TorchEncoder(
             model,
             input_size=self.input_size or int(cfg["input_size"][-1]),
             mean=self.mean or tuple(cfg["mean"]),
             std=self.std or tuple(cfg["std"]),
+            interpolation=interp if interp in ("bilinear", "bicubic", "nearest") else "bilinear",
             tile_um=self.tile_um,
             name=self.name,
         )
+        self.weights = weights
         return self._encoder
 
     def encode(self, image: xr.DataArray, cells: pd.DataFrame, **kwargs: Any) -> tuple[np.ndarray, list[str]]:
