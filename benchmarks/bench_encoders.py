@@ -170,7 +170,9 @@ def bench_her2st(args: argparse.Namespace, t0: float) -> str:
                     methods=methods,
                     top_hvg=50,
                     genes=genes,
-                    fit_kwargs={"bitro": {"epochs": args.epochs, "seed": seed, "progress": False}},
+                    fit_kwargs={"bitro": {"epochs": args.epochs, "seed": seed, "progress": False}}
+                    if "bitro" in methods
+                    else None,
                     progress=False,
                 )
                 sc = res.scores
@@ -208,6 +210,77 @@ def bench_her2st(args: argparse.Namespace, t0: float) -> str:
     )
 
 
+def _speed_model(kind: str, folder: Path) -> str:
+    """A randomly initialised model of a realistic size saved with ``save_pretrained`` (no download)."""
+    import torch
+    from transformers import Dinov2Config, Dinov2Model, ResNetConfig, ResNetModel
+
+    path = folder / kind
+    if not path.is_dir():
+        torch.manual_seed(0)
+        if kind == "vit_s16":  # ViT-S/16 (DINOv2 layout): 384 wide, 12 blocks, 6 heads, 224 px
+            cfg = Dinov2Config(
+                hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
+                patch_size=16, image_size=224,
+            )
+            Dinov2Model(cfg).save_pretrained(path)
+        else:  # ResNet-18 layout, 224 px
+            cfg = ResNetConfig(
+                embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2], layer_type="basic"
+            )
+            ResNetModel(cfg).save_pretrained(path)
+    return f"hf:{path}"
+
+
+def speed_one(spec: str, n: int, cache: Path) -> dict[str, Any]:
+    """Encode ``n`` cells of one HER2ST section with ``spec``; cells/s and peak RSS of this process."""
+    import resource
+
+    import spatialdata
+    import spatialdata as sd
+
+    import bitro_sc as bs
+
+    slide = sd.read_zarr(cache / "C3.zarr")
+    obs = slide.tables["cells"].obs.iloc[:n]
+    key = next(iter(slide.images))
+    image = spatialdata.get_pyramid_levels(slide.images[key], n=0)
+    mpp = bs.get_mpp(slide, key)
+    if spec in ("vit_s16", "resnet18"):
+        enc = bs.encoders.get_encoder(_speed_model(spec, cache))
+    elif spec == "learned":
+        enc = bs.encoders.load_encoder(sorted(cache.glob("ssl_*.pt"))[0])
+    else:
+        enc = bs.encoders.get_encoder(spec)
+    if hasattr(enc, "build"):
+        enc.build()
+    start = time.perf_counter()
+    x, _ = enc.encode(image, obs, mpp=mpp, fov_um=48.0, batch_size=64, device="cpu", progress=False)
+    sec = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"encoder": spec, "cells": n, "dim": x.shape[1], "seconds": sec, "cells_per_s": n / sec, "peak_rss_mb": peak}
+
+
+def bench_speed(args: argparse.Namespace, t0: float) -> str:
+    import json
+    import subprocess
+
+    rows = []
+    for spec, n in (("morphology", 22257), ("context", 22257), ("learned", 4000), ("resnet18", 128), ("vit_s16", 64)):
+        cmd = [sys.executable, __file__, "--speed-one", f"{spec}:{n}", "--cache", args.cache]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=os.environ)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        _log(str(rows[-1]), t0)
+    df = pd.DataFrame(rows)
+    return (
+        "### CPU throughput and peak memory (one process, "
+        f"{os.environ.get('OMP_NUM_THREADS', 'default')} thread(s), shared machine)\n\n"
+        "Cells of HER2ST section C3 (0.69 µm/px), each encoder in a fresh process; `peak_rss_mb` is the "
+        "whole process (Python, torch, the slide's lazily read image included).\n\n"
+        f"{_md(df)}\n"
+    )
+
+
 def _md(df: pd.DataFrame) -> str:
     try:
         return df.to_markdown(index=False, floatfmt=".3f")
@@ -229,7 +302,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--cache", default="benchmarks/.cache/encoders")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--append", action="store_true")
+    p.add_argument("--speed-one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.speed_one:  # child process of the speed section
+        import json
+
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        spec, _, n = args.speed_one.rpartition(":")
+        print(json.dumps(speed_one(spec, int(n), Path(args.cache))))
+        return 0
     if args.ssl:
         args.sets += ",ssl,morphology+ssl,morphology+context+ssl"
     import torch
@@ -243,8 +326,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name == "her2st":
             text = bench_her2st(args, t0)
         elif name == "speed":
-            from bench_encoder_speed import bench_speed
-
             text = bench_speed(args, t0)
         else:
             p.error(f"unknown section {name!r}")

@@ -97,7 +97,12 @@ def augment(
     k = torch.randint(0, 4, (b,), generator=gen)
     flip = u(b) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    x = torch.stack([torch.rot90(x[i], int(k[i]), dims=(1, 2)) for i in range(b)])
+    rotated = x.clone()
+    for turns in (1, 2, 3):
+        sel = k == turns
+        if sel.any():
+            rotated[sel] = torch.rot90(x[sel], turns, dims=(2, 3))
+    x = rotated
     # stain jitter in HED space (optical density, linear in the stains)
     hed_from_rgb, rgb_from_hed = _hed_matrices()
     od = -torch.log(x.clamp(1 / 255, 1.0))  # (B, 3, H, W)
