@@ -38,9 +38,27 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULTS = ROOT / "benchmarks" / "results" / "encoders.md"
-MARKERS = (
-    "EPCAM KRT19 KRT8 KRT18 ERBB2 GRB7 MUC1 SCGB2A2 CD74 PTPRC IGKC IGHG3 FN1 COL1A1 COL1A2 COL3A1 DCN LUM MGP"
-).split()
+MARKERS = [
+    "EPCAM",
+    "KRT19",
+    "KRT8",
+    "KRT18",
+    "ERBB2",
+    "GRB7",
+    "MUC1",
+    "SCGB2A2",
+    "CD74",
+    "PTPRC",
+    "IGKC",
+    "IGHG3",
+    "FN1",
+    "COL1A1",
+    "COL1A2",
+    "COL3A1",
+    "DCN",
+    "LUM",
+    "MGP",
+]
 SETS = ("morphology", "context", "morphology+context")
 
 
@@ -78,9 +96,9 @@ class Cached:
 def load_her2st(cache: Path) -> list:
     """HER2ST C2-C5, segmented, cells assigned, cell graph (segmentation cached as zarr)."""
     import spatialdata as sd
+    from bench_accuracy import her2st_slides
 
     import bitro_sc as bs
-    from bench_accuracy import her2st_slides
 
     names = ("C2", "C3", "C4", "C5")
     if all((cache / f"{n}.zarr").is_dir() for n in names):
@@ -156,7 +174,9 @@ def bench_her2st(args: argparse.Namespace, t0: float) -> str:
             )
             featurise_fold(train, test, enc, fov_um=args.fov_um)
             if hvgs is None:  # the fold's top-50 training HVGs (the "mean" baseline fits in no time)
-                hvgs = list(bs.tl.holdout(slides, test=[held], methods=("mean",), top_hvg=50, progress=False).genes)
+                hvgs = list(
+                    bs.tl.holdout(slides, test=[held], methods=("mean",), top_hvg=50, progress=False).genes
+                )
             genes = list(dict.fromkeys([*hvgs, *markers]))
             for seed in range(args.seeds):
                 methods = ("bitro", "ridge") if seed == 0 else ("bitro",)
@@ -201,7 +221,8 @@ def bench_her2st(args: argparse.Namespace, t0: float) -> str:
     summ = summ.join(nfeat, on="features")
     folds = df.pivot_table(index=["features", "method"], columns="test", values="hest_score", aggfunc="mean")
     return (
-        f"### HER2ST leave-one-section-out (C2-C5; BiTro {args.epochs} epochs, {args.seeds} model seed(s))\n\n"
+        "### HER2ST leave-one-section-out "
+        f"(C2-C5; BiTro {args.epochs} epochs, {args.seeds} model seed(s))\n\n"
         "Mean over the 4 held-out sections (min / max over BiTro model seeds); `hest_score` = mean "
         "Pearson over the fold's top-50 training HVGs, `markers` = mean Pearson over the marker panel "
         f"genes expressed in the training sections.\n\n{_md(summ.reset_index())}\n\n"
@@ -220,8 +241,12 @@ def _speed_model(kind: str, folder: Path) -> str:
         torch.manual_seed(0)
         if kind == "vit_s16":  # ViT-S/16 (DINOv2 layout): 384 wide, 12 blocks, 6 heads, 224 px
             cfg = Dinov2Config(
-                hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
-                patch_size=16, image_size=224,
+                hidden_size=384,
+                num_hidden_layers=12,
+                num_attention_heads=6,
+                intermediate_size=1536,
+                patch_size=16,
+                image_size=224,
             )
             Dinov2Model(cfg).save_pretrained(path)
         else:  # ResNet-18 layout, 224 px
@@ -258,7 +283,14 @@ def speed_one(spec: str, n: int, cache: Path) -> dict[str, Any]:
     x, _ = enc.encode(image, obs, mpp=mpp, fov_um=48.0, batch_size=64, device="cpu", progress=False)
     sec = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"encoder": spec, "cells": n, "dim": x.shape[1], "seconds": sec, "cells_per_s": n / sec, "peak_rss_mb": peak}
+    return {
+        "encoder": spec,
+        "cells": n,
+        "dim": x.shape[1],
+        "seconds": sec,
+        "cells_per_s": n / sec,
+        "peak_rss_mb": peak,
+    }
 
 
 def bench_speed(args: argparse.Namespace, t0: float) -> str:
@@ -266,7 +298,13 @@ def bench_speed(args: argparse.Namespace, t0: float) -> str:
     import subprocess
 
     rows = []
-    for spec, n in (("morphology", 22257), ("context", 22257), ("learned", 4000), ("resnet18", 128), ("vit_s16", 64)):
+    for spec, n in (
+        ("morphology", 22257),
+        ("context", 22257),
+        ("learned", 4000),
+        ("resnet18", 128),
+        ("vit_s16", 64),
+    ):
         cmd = [sys.executable, __file__, "--speed-one", f"{spec}:{n}", "--cache", args.cache]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=os.environ)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -292,7 +330,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sections", default="her2st")
     p.add_argument("--sets", default=",".join(SETS), help="feature sets (encoder names joined by '+')")
-    p.add_argument("--ssl", action="store_true", help="add the self-supervised sets (ssl, morphology+ssl, ...)")
+    p.add_argument(
+        "--ssl", action="store_true", help="add the self-supervised sets (ssl, morphology+ssl, ...)"
+    )
     p.add_argument("--ssl-cells", type=int, default=20000)
     p.add_argument("--ssl-epochs", type=int, default=10)
     p.add_argument("--n-components", type=int, default=16, help="PCA components of learned embeddings")

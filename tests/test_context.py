@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -30,14 +31,16 @@ def test_context_features_are_named_finite_and_physical(toy):
     enc = ContextEncoder(scales_um=(40.0,))
     obs = toy.tables[K.CELLS].obs
     x, names = enc.encode(toy.images[K.IMAGE], obs, mpp=0.5, progress=False)
-    assert names == feature_names((40.0,)) and x.shape == (len(obs), len(names))
+    assert names == feature_names((40.0,))
+    assert x.shape == (len(obs), len(names))
     raw = pd.DataFrame(x, columns=names)
     assert np.isfinite(x).all()
     # cells on a 14 µm grid: ≈ 1e6 / 14² per mm² for a window well inside the slide
     inner = (obs[K.X_UM].between(40, 80) & obs[K.Y_UM].between(40, 80)).to_numpy()
     assert inner.sum() >= 4
     assert np.median(raw.loc[inner, "ctx40_density_per_mm2"]) == pytest.approx(1e6 / 14**2, rel=0.2)
-    assert raw["ctx40_tissue_frac"].between(0, 1).all() and raw["ctx40_hema_frac"].between(0, 1).all()
+    assert raw["ctx40_tissue_frac"].between(0, 1).all()
+    assert raw["ctx40_hema_frac"].between(0, 1).all()
     # the nucleus area statistics of the window are those of the table
     area = obs[K.AREA_UM2].to_numpy()
     assert raw["ctx40_nuc_area_mean_um2"].between(area.min(), area.max()).all()
@@ -87,7 +90,7 @@ class _Embedding:
     """A fake learned encoder: a fixed random projection of (x, y) plus noise dimensions."""
 
     name = "emb"
-    params = {"dim": 10}
+    params: ClassVar[dict[str, int]] = {"dim": 10}
 
     def encode(self, image, cells, **kw):
         rng = np.random.default_rng(0)
@@ -103,7 +106,9 @@ def test_pca_of_the_embedding_is_fitted_on_training_slides_only():
     enc = CombinedEncoder(["morphology", _Embedding()], n_components=2)
     assert enc.reduce == [False, True]
     with pytest.raises(ValueError, match="has not been fitted"):
-        bs.tl.cell_features(test, encoder=enc, scaler=FeatureScaler(np.zeros(1), np.ones(1), ['a']), progress=False)
+        bs.tl.cell_features(
+            test, encoder=enc, scaler=FeatureScaler(np.zeros(1), np.ones(1), ["a"]), progress=False
+        )
     bs.tl.cell_features(train, encoder=enc, progress=False)
     names = list(train[0].tables[K.CELLS].uns[K.FEATURES_PARAMS]["feature_names"])
     assert names == [*MORPHOLOGY_FEATURES, "emb_pc0", "emb_pc1"]

@@ -30,7 +30,12 @@ def vit_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("models") / "tiny-vit"
     torch.manual_seed(0)
     cfg = Dinov2Config(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=8, image_size=32
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        patch_size=8,
+        image_size=32,
     )
     Dinov2Model(cfg).save_pretrained(path)
     BitImageProcessor(
@@ -51,13 +56,15 @@ def cnn_dir(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("models") / "tiny-resnet"
     torch.manual_seed(0)
-    cfg = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 32], depths=[2, 2, 2, 2], layer_type="basic")
+    cfg = ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16, 16, 32], depths=[2, 2, 2, 2], layer_type="basic"
+    )
     ResNetModel(cfg).save_pretrained(path)
     return path
 
 
 def _slides(n=2, seed=0):
-    slides = bs.datasets.synthetic(n, kind="visium", size_um=200, seed=seed, n_genes=12)
+    slides = bs.datasets.synthetic(n, kind="visium", size_um=250, seed=seed, n_genes=12)
     slides = list(slides) if isinstance(slides, list | tuple) else [slides]
     for s in slides:
         bs.tl.segment(s, progress=False)
@@ -71,12 +78,15 @@ def test_hf_vit_preprocessing_comes_from_its_processor_config(vit_dir):
     assert isinstance(enc, HFEncoder)
     enc.build()
     p = enc.params
-    assert p["input_size"] == 32 and p["interpolation"] == "bicubic"
-    assert p["mean"] == pytest.approx([0.5, 0.4, 0.6]) and p["std"] == pytest.approx([0.2, 0.25, 0.3])
+    assert p["input_size"] == 32
+    assert p["interpolation"] == "bicubic"
+    assert p["mean"] == pytest.approx([0.5, 0.4, 0.6])
+    assert p["std"] == pytest.approx([0.2, 0.25, 0.3])
     json.dumps(p)
     over = HFEncoder(str(vit_dir), input_size=16, interpolation="bilinear")
     over.build()
-    assert over.params["input_size"] == 16 and over.params["interpolation"] == "bilinear"
+    assert over.params["input_size"] == 16
+    assert over.params["interpolation"] == "bilinear"
 
 
 @pytest.mark.parametrize(("token", "dim"), [("cls", 32), ("mean", 32), ("cls+mean", 64)])
@@ -85,7 +95,9 @@ def test_hf_vit_token_choice(vit_dir, token, dim):
     obs = slide.tables[K.CELLS].obs
     enc = HFEncoder(str(vit_dir), token=token)
     x, names = enc.encode(slide.images[K.IMAGE], obs, mpp=0.5, fov_um=24, progress=False)
-    assert x.shape == (len(obs), dim) and np.isfinite(x).all() and len(names) == dim
+    assert x.shape == (len(obs), dim)
+    assert np.isfinite(x).all()
+    assert len(names) == dim
     # the class token and the patch mean are different summaries of the same forward pass
     if token == "cls+mean":
         cls_x, _ = HFEncoder(str(vit_dir), token="cls").encode(
@@ -106,17 +118,24 @@ def test_hf_encoders_end_to_end_with_a_saved_and_reloaded_model(vit_dir, cnn_dir
         assert test.tables[K.CELLS].obsm[K.FEATURES].shape[1] == 32
         bs.tl.phenotypes([*train, test], n_clusters=3, overwrite=True)
         model = bs.tl.fit_bitro(
-            train, genes=list(train[0].tables["table"].var_names[:6]), epochs=2, validation=None, progress=False
+            train,
+            genes=list(train[0].tables["table"].var_names[:6]),
+            epochs=2,
+            validation=None,
+            progress=False,
         )
         saved = model.save(tmp_path / f"{name}.bitro")
         again = type(model).load(saved)
         a, b = model.predict_frame(test, level="cell"), again.predict_frame(test, level="cell")
-        assert a.shape == (test.tables[K.CELLS].n_obs, 6) and np.isfinite(a.to_numpy()).all()
+        assert a.shape == (test.tables[K.CELLS].n_obs, 6)
+        assert np.isfinite(a.to_numpy()).all()
         np.testing.assert_allclose(a.to_numpy(), b.to_numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_hf_model_missing_from_the_cache_says_how_to_get_it():
-    with pytest.raises(FileNotFoundError, match=r"huggingface-cli login.*\n.*huggingface-cli download org/model"):
+    with pytest.raises(
+        FileNotFoundError, match=r"huggingface-cli login.*\n.*huggingface-cli download org/model"
+    ):
         get_encoder("hf:org/model").build()
     with pytest.raises(FileNotFoundError, match="does not exist"):
         get_encoder("hf:/no/such/folder").build()
@@ -144,5 +163,6 @@ def test_timm_models_with_local_weights_end_to_end(tmp_path):
         bs.tl.cell_features(slide, encoder=enc, fov_um=24, overwrite=True, progress=False)
         assert slide.tables[K.CELLS].obsm[K.FEATURES].shape[1] == dim
         p = enc.params
-        assert p["input_size"] == 224 and p["interpolation"] in ("bilinear", "bicubic")
+        assert p["input_size"] == 224
+        assert p["interpolation"] in ("bilinear", "bicubic")
         json.dumps(p)

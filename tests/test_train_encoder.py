@@ -30,7 +30,8 @@ def test_training_is_deterministic_per_seed_and_changes_the_network(slide, train
     untrained = bs.tl.train_encoder(slide, n_cells=48, epochs=0, batch_size=16, seed=3, progress=False)
     w0 = untrained.network[0].weight
     assert not torch.equal(w0, trained.network[0].weight)  # the optimiser moved it
-    assert untrained.params["name"] == "random_cnn" and untrained.params["final_loss"] is None
+    assert untrained.params["name"] == "random_cnn"
+    assert untrained.params["final_loss"] is None
     other = bs.tl.train_encoder(slide, n_cells=48, epochs=2, batch_size=16, seed=4, progress=False)
     assert not torch.equal(other.network[0].weight, trained.network[0].weight)
     json.dumps(trained.params)
@@ -49,7 +50,8 @@ def test_saved_encoder_reloads_and_featurises_a_new_slide(trained, tmp_path):
     a, _ = trained.encode(img, t.obs, mpp=0.5, progress=False)
     b, _ = reloaded.encode(img, t.obs, mpp=0.5, fov_um=99.0, progress=False)  # its own field of view
     np.testing.assert_array_equal(a, b)
-    assert np.isfinite(a).all() and a.std(0).max() > 0
+    assert np.isfinite(a).all()
+    assert a.std(0).max() > 0
 
 
 def test_augmentations_keep_the_crop_a_valid_image():
@@ -58,7 +60,9 @@ def test_augmentations_keep_the_crop_a_valid_image():
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(8, 3, 20, 20, generator=gen)
     y = augment(x, size=16, gen=gen, blur_p=1.0)
-    assert y.shape == (8, 3, 16, 16) and float(y.min()) >= 0 and float(y.max()) <= 1
+    assert y.shape == (8, 3, 16, 16)
+    assert float(y.min()) >= 0
+    assert float(y.max()) <= 1
     # a white crop stays (nearly) white under stain jitter, flips, rotations and blur
     w = augment(torch.ones(4, 3, 20, 20), size=16, gen=gen, stain_jitter=0.0)
     assert float(w.min()) > 0.99

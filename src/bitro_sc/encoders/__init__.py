@@ -63,7 +63,6 @@ def _timm_factory(name: str) -> Any:
 
 def _hf_factory(name: str) -> Any:
     from ._hf import HFEncoder
-    from ._learned import LearnedEncoder, load_encoder
 
     return HFEncoder(name)
 

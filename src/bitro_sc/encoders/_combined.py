@@ -57,7 +57,9 @@ class CombinedEncoder:
             raise ValueError(f"`reduce` needs one bool per part ({len(self.parts)}), got {len(reduce)}.")
         self.reduce = [bool(r) and self.n_components is not None for r in reduce]
         self.name = "+".join(names)
-        self.stains = next((str(getattr(p, "stains", "")) for p in self.parts if getattr(p, "stains", "")), "")
+        self.stains = next(
+            (str(getattr(p, "stains", "")) for p in self.parts if getattr(p, "stains", "")), ""
+        )
         self._widths: list[int] | None = None
         self._pca: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._pca_cells = 0
@@ -85,9 +87,7 @@ class CombinedEncoder:
                 p.build()
         return self
 
-    def encode(
-        self, image: xr.DataArray, cells: pd.DataFrame, **kwargs: Any
-    ) -> tuple[np.ndarray, list[str]]:
+    def encode(self, image: xr.DataArray, cells: pd.DataFrame, **kwargs: Any) -> tuple[np.ndarray, list[str]]:
         """The raw (unreduced) features of every part, side by side."""
         mats, names = [], []
         for p in self.parts:

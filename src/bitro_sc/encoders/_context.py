@@ -93,7 +93,9 @@ class ContextEncoder:
 
     def _check(self) -> None:
         if not self.scales_um or min(float(s) for s in self.scales_um) <= 0:
-            raise ValueError(f"ContextEncoder `scales_um` must be positive sizes in µm, got {self.scales_um!r}.")
+            raise ValueError(
+                f"ContextEncoder `scales_um` must be positive sizes in µm, got {self.scales_um!r}."
+            )
         for p in ("pixel_um", "tile_um", "tissue_od"):
             if not getattr(self, p) > 0:
                 raise ValueError(f"ContextEncoder `{p}` must be positive, got {getattr(self, p)!r}.")

@@ -197,6 +197,7 @@ class HFEncoder:
         cfg = model.config
         crop = proc.get("crop_size") if proc.get("do_center_crop", False) else None
         size = crop or proc.get("size") or {}
+        side: Any
         if isinstance(size, int):
             side = size
         else:

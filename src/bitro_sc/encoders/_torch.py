@@ -183,15 +183,22 @@ class TorchEncoder:
             interpolation=self.interpolation,
         )
         with torch.inference_mode():
-            for idx, crops in tqdm(crops_iter, total=-(-n // batch_size) if n else 0,
-                                   desc=f"{self.name} features", disable=not progress):
+            for idx, crops in tqdm(
+                crops_iter,
+                total=-(-n // batch_size) if n else 0,
+                desc=f"{self.name} features",
+                disable=not progress,
+            ):
                 x = (crops - mean) / std
                 feats = _pool_output(module(x.half() if half else x)).float().cpu().numpy()
                 if out is None:
                     out = np.full((n, feats.shape[1]), np.nan, dtype=np.float32)
                 out[idx] = feats
-        if out is None:  # no cells
-            out = np.zeros((0, 0), dtype=np.float32)
+        if out is None:  # no cells: one blank crop gives the feature dimension
+            with torch.inference_mode():
+                blank = (torch.ones(1, 3, self.input_size, self.input_size, device=dev) - mean) / std
+                dim = _pool_output(module(blank.half() if half else blank)).shape[1]
+            out = np.zeros((0, dim), dtype=np.float32)
         names = [f"{self.name.split(':')[-1].split('/')[-1]}_{i}" for i in range(out.shape[1])]
         return out, names
 
@@ -219,7 +226,9 @@ def iter_crops(
     import torch.nn.functional as F
 
     if interpolation not in ("bilinear", "bicubic", "nearest"):
-        raise ValueError(f"`interpolation` must be 'bilinear', 'bicubic' or 'nearest', got {interpolation!r}.")
+        raise ValueError(
+            f"`interpolation` must be 'bilinear', 'bicubic' or 'nearest', got {interpolation!r}."
+        )
     dev = torch.device(device)
     x_px = cells[K.X_PX].to_numpy(dtype=np.float64)
     y_px = cells[K.Y_PX].to_numpy(dtype=np.float64)
@@ -356,7 +365,9 @@ class TimmEncoder:
             "std": list(enc.std) if enc else self.std,
             "interpolation": enc.interpolation if enc else None,
             "tile_um": self.tile_um,
-            "create_kwargs": {k: v for k, v in self.create_kwargs.items() if isinstance(v, int | float | str | bool)},
+            "create_kwargs": {
+                k: v for k, v in self.create_kwargs.items() if isinstance(v, int | float | str | bool)
+            },
         }
 
     def cached_weights(self) -> Path:

@@ -218,10 +218,11 @@ def cell_features(
             progress=progress,
         )
         raws.append(raw)
-    if hasattr(backend, "apply_reduction"):  # learned embeddings reduced (PCA) on the training slides only
+    reducer: Any = backend
+    if hasattr(reducer, "apply_reduction"):  # learned embeddings reduced (PCA) on the training slides only
         if fitted is None:
-            backend.fit_reduction(raws)
-        reduced = [backend.apply_reduction(raw, names) for raw in raws]
+            reducer.fit_reduction(raws)
+        reduced = [reducer.apply_reduction(raw, names) for raw in raws]
         raws, names = [r for r, _ in reduced], (reduced[0][1] if reduced else names)
     name = str(getattr(backend, "name", type(backend).__name__))
     if fitted is None:

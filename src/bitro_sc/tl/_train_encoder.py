@@ -221,7 +221,11 @@ def train_encoder(
 
     if objective != "simclr":
         raise ValueError(f"`objective` must be 'simclr', got {objective!r}.")
-    for name, value, low in (("n_cells", n_cells, 2), ("input_size", input_size, 8), ("batch_size", batch_size, 2)):
+    for name, value, low in (
+        ("n_cells", n_cells, 2),
+        ("input_size", input_size, 8),
+        ("batch_size", batch_size, 2),
+    ):
         if int(value) < low:
             raise ValueError(f"`{name}` must be at least {low}, got {value!r}.")
     if int(epochs) < 0 or not fov_um > 0 or not temperature > 0:
