@@ -178,8 +178,8 @@ def bench_her2st(args: argparse.Namespace, t0: float) -> str:
                     bs.tl.holdout(slides, test=[held], methods=("mean",), top_hvg=50, progress=False).genes
                 )
             genes = list(dict.fromkeys([*hvgs, *markers]))
-            for seed in range(args.seeds):
-                methods = ("bitro", "ridge") if seed == 0 else ("bitro",)
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
+                methods = ("bitro", "ridge") if seed == args.first_seed else ("bitro",)
                 if only:
                     methods = tuple(m for m in methods if m == only)
                 if not methods:
@@ -339,6 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--fov-um", type=float, default=48.0)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--first-seed", type=int, default=0, help="BiTro model seeds first-seed ... + seeds - 1")
     p.add_argument("--cache", default="benchmarks/.cache/encoders")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--append", action="store_true")

@@ -127,8 +127,10 @@ def test_cell_features_with_a_torch_module_and_local_weights(tmp_path):
     assert plain.tables[K.CELLS].obsm[K.FEATURES].shape[1] == 6
 
 
-def test_timm_encoder_needs_weights(slide):
-    with pytest.raises(ValueError, match=r"weights="):
+def test_timm_encoder_needs_weights(slide, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache: timm's hub copy is not there
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match=r"weights=.*huggingface-cli download timm/resnet18"):
         bs.tl.cell_features(slide, encoder="timm:resnet18", progress=False)
 
 

@@ -13,6 +13,11 @@ from bitro_sc import _keys as K
 torch = pytest.importorskip("torch")
 
 
+def _train(slide, *, epochs, seed):
+    kw = {"n_cells": 32, "batch_size": 16, "input_size": 16, "widths": (8, 16), "progress": False}
+    return bs.tl.train_encoder(slide, epochs=epochs, seed=seed, **kw)
+
+
 @pytest.fixture(scope="module")
 def slide():
     return bs.datasets.toy("nuclei", seed=0, size_px=200, labels=False)
@@ -20,19 +25,19 @@ def slide():
 
 @pytest.fixture(scope="module")
 def trained(slide):
-    return bs.tl.train_encoder(slide, n_cells=48, epochs=2, batch_size=16, seed=3, progress=False)
+    return _train(slide, epochs=1, seed=3)
 
 
 def test_training_is_deterministic_per_seed_and_changes_the_network(slide, trained):
-    again = bs.tl.train_encoder(slide, n_cells=48, epochs=2, batch_size=16, seed=3, progress=False)
+    again = _train(slide, epochs=1, seed=3)
     for a, b in zip(trained.network.state_dict().values(), again.network.state_dict().values(), strict=True):
         assert torch.equal(a, b)
-    untrained = bs.tl.train_encoder(slide, n_cells=48, epochs=0, batch_size=16, seed=3, progress=False)
+    untrained = _train(slide, epochs=0, seed=3)
     w0 = untrained.network[0].weight
     assert not torch.equal(w0, trained.network[0].weight)  # the optimiser moved it
     assert untrained.params["name"] == "random_cnn"
     assert untrained.params["final_loss"] is None
-    other = bs.tl.train_encoder(slide, n_cells=48, epochs=2, batch_size=16, seed=4, progress=False)
+    other = _train(slide, epochs=1, seed=4)
     assert not torch.equal(other.network[0].weight, trained.network[0].weight)
     json.dumps(trained.params)
 
