@@ -301,9 +301,9 @@ def bench_speed(args: argparse.Namespace, t0: float) -> str:
     for spec, n in (
         ("morphology", 22257),
         ("context", 22257),
-        ("learned", 4000),
-        ("resnet18", 128),
-        ("vit_s16", 64),
+        ("learned", 2000),
+        ("resnet18", 64),
+        ("vit_s16", 32),
     ):
         cmd = [sys.executable, __file__, "--speed-one", f"{spec}:{n}", "--cache", args.cache]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=os.environ)
