@@ -172,8 +172,9 @@ def train_encoder(
     embeddings and views of other cells distant (SimCLR's NT-Xent loss through a 2-layer projection
     head, dropped afterwards). No expression is used.
 
-    Cost: ``n_cells × epochs`` crop pairs; the defaults (20k cells, 5 epochs, 32 px) take a few minutes
-    on 2 CPU cores (``benchmarks/results/encoders.md``). Deterministic for a given ``seed`` on CPU.
+    Cost: ``n_cells × epochs`` crop pairs; the defaults (20k cells, 5 epochs, 32 px) took 21 min on one
+    thread of a busy 2-core machine (``benchmarks/results/encoders.md``), far less on a GPU.
+    Deterministic for a given ``seed`` on CPU.
 
     Parameters
     ----------
