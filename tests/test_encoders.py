@@ -127,8 +127,10 @@ def test_cell_features_with_a_torch_module_and_local_weights(tmp_path):
     assert plain.tables[K.CELLS].obsm[K.FEATURES].shape[1] == 6
 
 
-def test_timm_encoder_needs_weights(slide):
-    with pytest.raises(ValueError, match=r"weights="):
+def test_timm_encoder_needs_weights(slide, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache: timm's hub copy is not there
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match=r"weights=.*huggingface-cli download timm/resnet18"):
         bs.tl.cell_features(slide, encoder="timm:resnet18", progress=False)
 
 
@@ -154,3 +156,15 @@ def test_timm_missing_names_the_extra(slide, tmp_path):
     save_file({"w": torch.zeros(1)}, str(path))
     with pytest.raises(ImportError, match=r"bitro-sc\[timm\]"):
         bs.tl.cell_features(slide, encoder="timm:resnet18", weights=path, progress=False)
+
+
+def test_torch_encoder_on_a_slide_without_cells_keeps_the_feature_dimension(nuclei_slide):
+    from bitro_sc.segmentation import write_cells
+
+    with pytest.warns(UserWarning, match="No cells"):
+        write_cells(nuclei_slide, np.zeros((100, 100), np.uint32), mpp=0.5, overwrite=True, labels_key=None)
+    x, names = TorchEncoder(TinyCNN(), input_size=8).encode(
+        nuclei_slide.images[K.IMAGE], nuclei_slide.tables[K.CELLS].obs, mpp=0.5, fov_um=8, progress=False
+    )
+    assert x.shape == (0, 6)
+    assert names == [f"TinyCNN_{i}" for i in range(6)]

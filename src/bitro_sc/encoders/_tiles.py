@@ -42,6 +42,8 @@ def iter_tiles(
     without cells (glass) are never read.
     """
     h, w = shape_yx
+    if len(x_px) == 0:  # no cells: nothing to read
+        return
     tile_px = max(int(tile_px), 1)
     ty = np.clip(np.floor(np.asarray(y_px, dtype=np.float64)).astype(np.int64), 0, h - 1) // tile_px
     tx = np.clip(np.floor(np.asarray(x_px, dtype=np.float64)).astype(np.int64), 0, w - 1) // tile_px

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .. import _keys as K
-from ._tiles import iter_tiles, n_owning_tiles, read_rgb
+from ._tiles import iter_tiles, read_rgb
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -80,6 +80,12 @@ class TorchEncoder:
         Channel normalisation of [0, 1] RGB input (ImageNet statistics by default).
     weights
         Optional local state dict to load into ``module`` (strict).
+    tile_um
+        Side of the tiles the slide is streamed in (µm).
+    interpolation
+        Resampling of the field of view to ``input_size``: ``"bilinear"``, ``"bicubic"``, ``"nearest"``.
+    half
+        Half precision (float16); ``None``: on CUDA only.
     name
         Recorded in ``uns["bitro_features"]["encoder"]``.
     """
@@ -93,6 +99,8 @@ class TorchEncoder:
         std: Sequence[float] = IMAGENET_STD,
         weights: str | Path | None = None,
         tile_um: float = 1024.0,
+        interpolation: str = "bilinear",
+        half: bool | None = None,
         name: str | None = None,
     ) -> None:
         import torch
@@ -108,9 +116,28 @@ class TorchEncoder:
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
         self.tile_um = float(tile_um)
+        if interpolation not in ("bilinear", "bicubic", "nearest"):
+            raise ValueError(
+                f"`interpolation` must be 'bilinear', 'bicubic' or 'nearest', got {interpolation!r}."
+            )
+        self.interpolation = interpolation
+        self.half = half
         self.name = name or f"torch:{type(module).__name__}"
         if weights is not None:
             self.module.load_state_dict(load_state_dict(weights))
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """Preprocessing settings (JSON-serialisable)."""
+        return {
+            "module": type(self.module).__name__,
+            "input_size": self.input_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+            "half": self.half,
+            "tile_um": self.tile_um,
+        }
 
     def with_weights(self, weights: str | Path) -> TorchEncoder:
         """This encoder with a local state dict loaded into its module."""
@@ -133,62 +160,110 @@ class TorchEncoder:
         progress: bool = True,
     ) -> tuple[np.ndarray, list[str]]:
         import torch
-        import torch.nn.functional as F
         from tqdm.auto import tqdm
 
         dev = torch.device(resolve_device(device))
+        half = dev.type == "cuda" if self.half is None else bool(self.half)
         module = self.module.to(dev).eval()
+        if half:
+            module = module.half()
         n = len(cells)
-        x_px = cells[K.X_PX].to_numpy(dtype=np.float64)
-        y_px = cells[K.Y_PX].to_numpy(dtype=np.float64)
-        fov_px = fov_um / mpp
-        size = self.input_size
-        pool = max(int(fov_px // (2 * size)), 1)  # anti-aliasing before strong down-sampling
-        margin = math.ceil(fov_px / 2) + pool + 2
-        tile_px = max(round(self.tile_um / mpp), 64)
-        shape_yx = (int(image.sizes["y"]), int(image.sizes["x"]))
         mean = torch.tensor(self.mean, device=dev).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=dev).view(1, 3, 1, 1)
-        # output pixel offsets of a crop, in units of fov (pixel centres)
-        steps = (torch.arange(size, dtype=torch.float32, device=dev) + 0.5) / size - 0.5
         out: np.ndarray | None = None
-
-        n_tiles = n_owning_tiles(shape_yx, x_px, y_px, tile_px=tile_px)
-        tiles = iter_tiles(shape_yx, x_px, y_px, tile_px=tile_px, margin_px=margin)
+        crops_iter = iter_crops(
+            image,
+            cells,
+            mpp=mpp,
+            fov_um=fov_um,
+            size=self.input_size,
+            batch_size=batch_size,
+            tile_um=self.tile_um,
+            device=dev,
+            interpolation=self.interpolation,
+        )
         with torch.inference_mode():
-            for tile in tqdm(tiles, total=n_tiles, desc=f"{self.name} features", disable=not progress):
-                rgb = read_rgb(image, tile)
-                # inverted so that zero padding outside the slide means white
-                t = 255.0 - torch.from_numpy(rgb).to(dev).permute(2, 0, 1)[None].float()
-                if pool > 1:
-                    t = F.avg_pool2d(t, pool, ceil_mode=True)
-                th, tw = t.shape[-2:]
-                for s in range(0, len(tile.cells), batch_size):
-                    idx = tile.cells[s : s + batch_size]
-                    # crop centres in (pooled) tile pixels; pixel i covers [i - .5, i + .5] * pool
-                    cy = torch.as_tensor((y_px[idx] - tile.y0 + 0.5) / pool - 0.5, device=dev).float()
-                    cx = torch.as_tensor((x_px[idx] - tile.x0 + 0.5) / pool - 0.5, device=dev).float()
-                    span = fov_px / pool
-                    gy = cy[:, None] + steps[None, :] * span  # (B, S)
-                    gx = cx[:, None] + steps[None, :] * span
-                    ny = (2 * gy + 1) / th - 1
-                    nx = (2 * gx + 1) / tw - 1
-                    grid = torch.stack(
-                        [nx[:, None, :].expand(-1, size, -1), ny[:, :, None].expand(-1, -1, size)], dim=-1
-                    )  # (B, S, S, 2) with (x, y) order
-                    crops = F.grid_sample(
-                        t, grid.reshape(1, -1, size, 2), mode="bilinear", align_corners=False
-                    )  # (1, 3, B*S, S)
-                    crops = crops.view(3, len(idx), size, size).permute(1, 0, 2, 3)
-                    crops = ((255.0 - crops) / 255.0 - mean) / std
-                    feats = _pool_output(module(crops)).float().cpu().numpy()
-                    if out is None:
-                        out = np.full((n, feats.shape[1]), np.nan, dtype=np.float32)
-                    out[idx] = feats
-        if out is None:  # no cells
-            out = np.zeros((0, 0), dtype=np.float32)
-        names = [f"{self.name.split(':')[-1]}_{i}" for i in range(out.shape[1])]
+            for idx, crops in tqdm(
+                crops_iter,
+                total=-(-n // batch_size) if n else 0,
+                desc=f"{self.name} features",
+                disable=not progress,
+            ):
+                x = (crops - mean) / std
+                feats = _pool_output(module(x.half() if half else x)).float().cpu().numpy()
+                if out is None:
+                    out = np.full((n, feats.shape[1]), np.nan, dtype=np.float32)
+                out[idx] = feats
+        if out is None:  # no cells: one blank crop gives the feature dimension
+            with torch.inference_mode():
+                blank = (torch.ones(1, 3, self.input_size, self.input_size, device=dev) - mean) / std
+                dim = _pool_output(module(blank.half() if half else blank)).shape[1]
+            out = np.zeros((0, dim), dtype=np.float32)
+        names = [f"{self.name.split(':')[-1].split('/')[-1]}_{i}" for i in range(out.shape[1])]
         return out, names
+
+
+def iter_crops(
+    image: xr.DataArray,
+    cells: pd.DataFrame,
+    *,
+    mpp: float,
+    fov_um: float,
+    size: int,
+    batch_size: int = 256,
+    tile_um: float = 1024.0,
+    device: Any = "cpu",
+    interpolation: str = "bilinear",
+) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """Cell-centred crops of ``fov_um`` µm resampled to ``size`` px, streamed tile by tile.
+
+    Yields ``(idx, crops)``: positional cell indices and a ``(B, 3, size, size)`` float tensor of RGB
+    in [0, 1] (out-of-slide parts white). The crop is average-pooled by an integer factor first when
+    it is more than twice the output size (against aliasing), then resampled with ``interpolation``
+    (``"bilinear"``, ``"bicubic"`` or ``"nearest"``) at the output pixel centres.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if interpolation not in ("bilinear", "bicubic", "nearest"):
+        raise ValueError(
+            f"`interpolation` must be 'bilinear', 'bicubic' or 'nearest', got {interpolation!r}."
+        )
+    dev = torch.device(device)
+    x_px = cells[K.X_PX].to_numpy(dtype=np.float64)
+    y_px = cells[K.Y_PX].to_numpy(dtype=np.float64)
+    fov_px = fov_um / mpp
+    pool = max(int(fov_px // (2 * size)), 1)  # anti-aliasing before strong down-sampling
+    margin = math.ceil(fov_px / 2) + pool + 2
+    tile_px = max(round(tile_um / mpp), 64)
+    shape_yx = (int(image.sizes["y"]), int(image.sizes["x"]))
+    # output pixel offsets of a crop, in units of fov (pixel centres)
+    steps = (torch.arange(size, dtype=torch.float32, device=dev) + 0.5) / size - 0.5
+    for tile in iter_tiles(shape_yx, x_px, y_px, tile_px=tile_px, margin_px=margin):
+        rgb = read_rgb(image, tile)
+        # inverted so that zero padding outside the slide means white
+        t = 255.0 - torch.from_numpy(rgb).to(dev).permute(2, 0, 1)[None].float()
+        if pool > 1:
+            t = F.avg_pool2d(t, pool, ceil_mode=True)
+        th, tw = t.shape[-2:]
+        for s in range(0, len(tile.cells), batch_size):
+            idx = tile.cells[s : s + batch_size]
+            # crop centres in (pooled) tile pixels; pixel i covers [i - .5, i + .5] * pool
+            cy = torch.as_tensor((y_px[idx] - tile.y0 + 0.5) / pool - 0.5, device=dev).float()
+            cx = torch.as_tensor((x_px[idx] - tile.x0 + 0.5) / pool - 0.5, device=dev).float()
+            span = fov_px / pool
+            gy = cy[:, None] + steps[None, :] * span  # (B, S)
+            gx = cx[:, None] + steps[None, :] * span
+            ny = (2 * gy + 1) / th - 1
+            nx = (2 * gx + 1) / tw - 1
+            grid = torch.stack(
+                [nx[:, None, :].expand(-1, size, -1), ny[:, :, None].expand(-1, -1, size)], dim=-1
+            )  # (B, S, S, 2) with (x, y) order
+            crops = F.grid_sample(
+                t, grid.reshape(1, -1, size, 2), mode=interpolation, align_corners=False
+            )  # (1, 3, B*S, S)
+            crops = crops.view(3, len(idx), size, size).permute(1, 0, 2, 3)
+            yield idx, ((255.0 - crops) / 255.0).clamp_(0.0, 1.0)
 
 
 def _pool_output(y: Any) -> torch.Tensor:
@@ -215,9 +290,11 @@ class TimmEncoder:
     """A ``timm`` model with **local** weights (``"timm:<name>"`` in ``bs.tl.cell_features``).
 
     The model is built with ``timm.create_model(name, pretrained=False, num_classes=0, **create_kwargs)``
-    (nothing is downloaded), the weights file is loaded into it strictly (a classifier head in the
-    file is dropped), and the input size and mean / std come from the model's ``timm`` data config
-    unless given. Needs the ``timm`` extra: ``pip install 'bitro-sc[timm]'``.
+    (nothing is downloaded); the weights come from ``weights=`` or, when not given, from timm's copy in
+    the local Hugging Face cache (``timm/<name>``, e.g. after ``huggingface-cli download timm/<name>``),
+    and are loaded strictly (a classifier head in the file is dropped). The input size, mean / std
+    and interpolation come from the model's pretrained ``timm`` data config unless given. Needs the
+    ``timm`` extra: ``pip install 'bitro-sc[timm]'``.
 
     Foundation models plug in the same way, from their local files:
 
@@ -276,16 +353,66 @@ class TimmEncoder:
             **self.create_kwargs,
         )
 
+    @property
+    def params(self) -> dict[str, Any]:
+        """Model name, weights file and resolved preprocessing (JSON-serialisable)."""
+        enc = self._encoder
+        return {
+            "model": self.model_name,
+            "weights": None if self.weights is None else str(self.weights),
+            "input_size": enc.input_size if enc else self.input_size,
+            "mean": list(enc.mean) if enc else self.mean,
+            "std": list(enc.std) if enc else self.std,
+            "interpolation": enc.interpolation if enc else None,
+            "tile_um": self.tile_um,
+            "create_kwargs": {
+                k: v for k, v in self.create_kwargs.items() if isinstance(v, int | float | str | bool)
+            },
+        }
+
+    def cached_weights(self) -> Path:
+        """The weights of ``timm/<model_name>`` in the local Hugging Face cache (timm's hub copies).
+
+        Raises with the exact steps to get them when they are not there (nothing is downloaded).
+        """
+        repo = f"timm/{self.model_name}"
+        folder = None
+        try:
+            from huggingface_hub import snapshot_download
+            from huggingface_hub.errors import LocalEntryNotFoundError
+
+            try:
+                folder = Path(snapshot_download(repo, local_files_only=True))
+            except LocalEntryNotFoundError:
+                folder = None
+        except ImportError:  # huggingface_hub missing: only an explicit file can work
+            folder = None
+        files = []
+        if folder is not None:
+            files = [folder / f for f in ("model.safetensors", "pytorch_model.bin") if (folder / f).is_file()]
+        if not files:
+            raise FileNotFoundError(
+                f"Encoder {self.name!r} needs local weights and none were found: pass `weights=` (path to a "
+                f".safetensors / .pth file), or put timm's copy in the Hugging Face cache. Nothing is "
+                f"downloaded, and a randomly initialised network gives meaningless features. On a machine "
+                f"with internet access: for a gated model accept its terms on https://huggingface.co/{repo} "
+                f"and log in with `huggingface-cli login` (or `hf auth login`); then "
+                f"`huggingface-cli download {repo}` (or `hf download {repo}`); on an offline cluster copy "
+                "~/.cache/huggingface/hub (or $HF_HOME/hub) and set HF_HOME."
+            )
+        return files[0]
+
     def build(self) -> TorchEncoder:
-        """Create the model and load the weights (checks the path first, then that timm is installed)."""
+        """Create the model and load the weights (checks the weights first, then that timm is installed).
+
+        Weights: ``weights=`` if given, else timm's copy in the local Hugging Face cache
+        (``timm/<model_name>``). Preprocessing: the model's pretrained configuration
+        (``timm.data.resolve_data_config``: input size, mean / std, interpolation) unless overridden.
+        """
         if self._encoder is not None:
             return self._encoder
-        if self.weights is None:
-            raise ValueError(
-                f"Encoder {self.name!r} needs local weights: pass `weights=` (path to a .safetensors / .pth "
-                "file). Nothing is downloaded, and a randomly initialised network gives meaningless features."
-            )
-        state = load_state_dict(self.weights)
+        weights = self.weights if self.weights is not None else self.cached_weights()
+        state = load_state_dict(weights)
         try:
             import timm
         except ImportError as err:
@@ -299,19 +426,22 @@ class TimmEncoder:
         result = model.load_state_dict(state, strict=False)
         if result.missing_keys or result.unexpected_keys:
             raise ValueError(
-                f"Weights {str(self.weights)!r} do not match timm model {self.model_name!r}: "
+                f"Weights {str(weights)!r} do not match timm model {self.model_name!r}: "
                 f"missing {list(result.missing_keys)[:5]}, unexpected {list(result.unexpected_keys)[:5]}. "
                 "Check the model name and the `create_kwargs` used to train it."
             )
-        cfg = timm.data.resolve_data_config({}, model=model)
+        cfg = timm.data.resolve_data_config({}, model=model)  # the model's pretrained config
+        interp = str(cfg.get("interpolation", "bilinear"))
         self._encoder = TorchEncoder(
             model,
             input_size=self.input_size or int(cfg["input_size"][-1]),
             mean=self.mean or tuple(cfg["mean"]),
             std=self.std or tuple(cfg["std"]),
+            interpolation=interp if interp in ("bilinear", "bicubic", "nearest") else "bilinear",
             tile_um=self.tile_um,
             name=self.name,
         )
+        self.weights = weights
         return self._encoder
 
     def encode(self, image: xr.DataArray, cells: pd.DataFrame, **kwargs: Any) -> tuple[np.ndarray, list[str]]:

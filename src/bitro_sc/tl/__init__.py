@@ -8,6 +8,7 @@ from .._lazy import attach
 _EXPORTS = {
     "segment": "_segment",
     "cell_features": "_features",
+    "train_encoder": "_train_encoder",
     "phenotypes": "_phenotypes",
     "assign_cells": "_assign",
     "cell_graph": "_graph",

@@ -80,7 +80,13 @@ def cell_features(
     encoder
         ``"morphology"`` (default; nucleus shape, haematoxylin / eosin intensities in the nucleus and a
         ring around it, texture, context in the field of view, local density — see
-        :class:`bitro_sc.encoders.MorphologyEncoder`), ``"timm:<name>"`` with ``weights=``, a
+        :class:`bitro_sc.encoders.MorphologyEncoder`), ``"context"`` (the tissue around each cell at
+        the scale of a spot, :class:`bitro_sc.encoders.ContextEncoder`), a combination such as
+        ``"morphology+context"`` (:class:`bitro_sc.encoders.CombinedEncoder`, which can also reduce
+        a learned embedding by PCA fitted on the training slides), ``"hf:<org>/<repo>"`` (a
+        Hugging Face model from the local cache, :class:`bitro_sc.encoders.HFEncoder`), an encoder
+        trained by :func:`bitro_sc.tl.train_encoder` (object or saved ``.pt`` path),
+        ``"timm:<name>"`` with ``weights=``, a
         ``torch.nn.Module`` (224 px input, ImageNet normalisation; wrap it in
         :class:`bitro_sc.encoders.TorchEncoder` for other preprocessing), or any registered name in
         ``bs.encoders.ENCODERS``.
@@ -152,6 +158,12 @@ def cell_features(
     if hasattr(backend, "build"):  # deep encoders: fail on missing weights / packages before any work
         backend.build()
     fitted = None if scaler is None else FeatureScaler.from_any(scaler, cells_key=cells_key)
+    if fitted is not None and not getattr(backend, "is_fitted", True):
+        raise ValueError(
+            f"Encoder {backend.name!r} reduces its embeddings with a PCA fitted on the training slides, but "
+            "it has not been fitted: call `bs.tl.cell_features(train_slides, encoder=enc)` with the same "
+            "encoder object first, then `bs.tl.cell_features(new, encoder=enc, scaler=train_slides[0])`."
+        )
     stains = str(getattr(backend, "stains", ""))
     if fitted is not None and fitted.stains and stains and fitted.stains != stains:
         raise ValueError(
@@ -203,6 +215,12 @@ def cell_features(
             progress=progress,
         )
         raws.append(raw)
+    reducer: Any = backend
+    if hasattr(reducer, "apply_reduction"):  # learned embeddings reduced (PCA) on the training slides only
+        if fitted is None:
+            reducer.fit_reduction(raws)
+        reduced = [reducer.apply_reduction(raw, names) for raw in raws]
+        raws, names = [r for r, _ in reduced], (reduced[0][1] if reduced else names)
     name = str(getattr(backend, "name", type(backend).__name__))
     if fitted is None:
         fitted = FeatureScaler.fit(raws, feature_names=names, encoder=name, stains=stains)
