@@ -223,7 +223,8 @@ def _train_epochs(
     library = None
     if spot_level and net.params.normalized and params.library_weight > 0:
         library = (params.library_weight, library_per_cell(train_data))  # type: ignore[arg-type]
-    bar = tqdm(range(params.epochs), desc="fit_bitro", disable=not progress, leave=True)
+    desc = "fit_bitro" if val_data else "fit_bitro (all bags)"  # no validation: the refit, or no split
+    bar = tqdm(range(params.epochs), desc=desc, unit="epoch", disable=not progress, leave=True)
     for epoch in bar:
         net.train()
         order = rng.permutation(len(samples))
@@ -276,6 +277,7 @@ def _train_epochs(
         history.append(record)
         bar.set_postfix({k: round(v, 4) for k, v in record.items() if k != "epoch"})
         if val_data and params.patience and bad >= params.patience:
+            bar.set_description(f"fit_bitro: early stop, best epoch {best_epoch + 1}")
             break
     if best_state is not None:
         net.load_state_dict(best_state)
