@@ -643,11 +643,11 @@ bs.pl.expression(c5, ["ERBB2", "EPCAM", "COL1A2", "CD74"])
 plt.show()
 """),
         md(r"""
-**Cell-level super-resolution.** The cells of a spot share the spot's prediction according to
-what the model sees in each of them; cells between spots (ST spots cover only a fifth of the
-tissue) are predicted too. Over the whole section, ~24,000 cells are too many to see one by one,
-so `style="smooth"` draws the per-cell values smoothed into a field; then a 600 µm window with
-every cell at full resolution:
+**Cell-level super-resolution.** Each cell gets its own prediction from what the model sees in
+it and around it; cells between spots (ST spots cover only a fifth of the tissue) are predicted
+too. Over the whole section, ~24,000 cells are too many to see one by one, so `style="smooth"`
+draws the per-cell values smoothed into a field; then a 600 µm window with every cell at full
+resolution:
 """),
         code(r"""
 bs.pl.expression(

@@ -1,14 +1,14 @@
 """Render the ``pl_*.png`` figures of the documentation from real pipeline outputs.
 
-    python docs/_static/make_pl_figures.py [synthetic] [cv] [her2st]     # default: all three
+    python docs/_static/make_pl_figures.py [synthetic] [cv] [her2st] [segmentation]   # default: all
 
 Synthetic: three simulated Visium slides (800 µm, seed 0) → segment → features → phenotypes →
 cells to spots → graph; BiTro is fitted on two slides and predicts the third per spot and per
 cell; `cross_validate` (leave-one-slide-out) scores BiTro against the ridge and mean baselines.
 HER2ST (``../shared/data/her2st`` or ``$BITRO_SC_DATA/her2st``): section C2, measured expression
 over the whole slide, and the segmentation around the spot with the most EPCAM (a 200 µm
-view). Roughly 5–10 minutes on 2 CPU cores; most of it is the cross-validation (BiTro fitted
-three times).
+view); segmentation: the default watershed on a 400 × 400 px crop of C2. Roughly 5–10 minutes
+on 2 CPU cores; most of it is the cross-validation (BiTro fitted three times).
 """
 
 from __future__ import annotations
@@ -115,11 +115,56 @@ def her2st_figures() -> None:
     log("HER2ST cells figure")
 
 
+def segmentation_figure(y0: int = 5150, x0: int = 4600, size: int = 400) -> None:
+    """``segmentation_her2st.png``: H&E crop of HER2ST C2 and the default watershed's outlines."""
+    import geopandas as gpd
+    import numpy as np
+    from shapely.geometry import box
+    from skimage.segmentation import find_boundaries
+
+    env = os.environ.get("BITRO_SC_DATA")
+    d = (Path(env) if env else ROOT.parent / "shared" / "data") / "her2st"
+    if not d.is_dir():
+        log(f"HER2ST not found at {d}: segmentation figure skipped")
+        return
+    sdata = bs.io.read_st(d / "C2_HE.jpg", d / "C2_counts.tsv.gz", d / "C2_selection.tsv", sample_id="C2")
+    pad = 60  # segment a margin around the crop so that nuclei on its border are whole
+    region = gpd.GeoDataFrame(geometry=[box(x0 - pad, y0 - pad, x0 + size + pad, y0 + size + pad)])
+    bs.tl.segment(sdata, tissue=region, write_labels=True, progress=False)
+    mpp = bs.get_mpp(sdata, "he")
+    he = sdata.images["he"]
+    he = he["scale0"].ds["image"] if hasattr(he, "keys") else he  # multiscale pyramid: full resolution
+    rgb = np.moveaxis(np.asarray(he[:, y0 : y0 + size, x0 : x0 + size]), 0, -1)
+    labels = sdata.labels["cell_labels"]
+    labels = labels["scale0"].ds["image"] if hasattr(labels, "keys") else labels
+    lab = np.asarray(labels[y0 : y0 + size, x0 : x0 + size])
+    n = len(np.setdiff1d(np.unique(lab), [0]))
+    density = n / (size * mpp / 1000) ** 2
+    outlined = rgb.copy()
+    outlined[find_boundaries(lab, mode="inner")] = (0, 230, 0)
+    fig, axes = plt.subplots(1, 2, figsize=(13.2, 7.4), layout="constrained")
+    fig.suptitle(f"HER2ST C2, {size}×{size} px at {mpp:.2f} µm/px (y={y0}, x={x0})")
+    axes[0].imshow(rgb)
+    axes[0].set_title("H&E")
+    axes[1].imshow(outlined)
+    axes[1].set_title(f"bs.tl.segment: {n} nuclei ({density:.0f} / mm²)")
+    bar = 50 / mpp
+    axes[0].plot([20, 20 + bar], [size - 20, size - 20], color="black", lw=3)
+    axes[0].text(20 + bar / 2, size - 28, "50 µm", ha="center", va="bottom")
+    for ax in axes:
+        ax.set_axis_off()
+    fig.savefig(OUT / "segmentation_her2st.png", dpi=100)
+    plt.close("all")
+    log(f"HER2ST segmentation figure: {n} nuclei in the crop")
+
+
 if __name__ == "__main__":
-    which = sys.argv[1:] or ["synthetic", "cv", "her2st"]
+    which = sys.argv[1:] or ["synthetic", "cv", "her2st", "segmentation"]
     if "synthetic" in which:
         synthetic_figures()
     if "cv" in which:
         cv_figure()
     if "her2st" in which:
         her2st_figures()
+    if "segmentation" in which:
+        segmentation_figure()
