@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import re
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -15,15 +18,24 @@ from bitro_sc import _keys as K
 
 @pytest.mark.slow
 @pytest.mark.realdata
-def test_default_fit_on_her2st_predicts_epcam_and_plots_it_at_spot_and_cell_level(her2st_dir, tmp_path):
+def test_default_fit_on_her2st_predicts_epcam_and_plots_it_at_spot_and_cell_level(
+    her2st_dir, tmp_path, caplog, capsys
+):
     d = her2st_dir
     sdata = bs.io.read_st(d / "C2_HE.jpg", d / "C2_counts.tsv.gz", d / "C2_selection.tsv")
-    bs.tl.segment(sdata, progress=False)
-    bs.tl.cell_features(sdata, progress=False)
-    bs.tl.phenotypes(sdata)
-    bs.tl.assign_cells(sdata)
-    bs.tl.cell_graph(sdata)
-    model = bs.tl.fit_bitro(sdata, train={"epochs": 2}, progress=False)
+    # the README's calls, verbatim: fit_bitro runs the missing steps itself, one log line each
+    bs.tl.segment(sdata)
+    capsys.readouterr()
+    with caplog.at_level(logging.INFO, logger="bitro_sc"):
+        model = bs.tl.fit_bitro(sdata)
+    ran = [r.getMessage() for r in caplog.records if "running bs.tl." in r.getMessage()]
+    for step in ("cell_features", "phenotypes", "assign_cells", "cell_graph"):
+        assert sum(f"running bs.tl.{step}(" in line for line in ran) == 1, (step, ran)
+    # the progress bar counts epochs and shows the losses and the time left (elapsed<left)
+    bar = capsys.readouterr().err
+    assert re.search(
+        r"\d+/\d+ \[\d+:\d+<\d+:\d+, +[\d.]+(s/epoch|epoch/s), train_loss=[\d.]+, val_loss=", bar
+    ), bar[-500:]
     assert {"EPCAM", "KRT19", "ERBB2", "CD74", "FN1"} <= set(model.genes)  # the marker panel
     bs.tl.predict_bitro(sdata, model)
     bs.pl.expression(sdata, "EPCAM", save=tmp_path / "spot.png")
