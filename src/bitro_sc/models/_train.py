@@ -277,7 +277,9 @@ def _train_epochs(
         history.append(record)
         bar.set_postfix({k: round(v, 4) for k, v in record.items() if k != "epoch"})
         if val_data and params.patience and bad >= params.patience:
-            bar.set_description(f"fit_bitro: early stop, best epoch {best_epoch + 1}")
+            bar.n = epoch + 1  # this epoch ran: count it, and close the bar before leaving the loop
+            bar.set_description(f"fit_bitro: early stop, best epoch {best_epoch + 1}", refresh=False)
+            bar.close()
             break
     if best_state is not None:
         net.load_state_dict(best_state)
