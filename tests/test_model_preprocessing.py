@@ -271,3 +271,22 @@ def test_segmented_slides_are_prepared_like_the_explicit_calls(caplog) -> None:
     np.testing.assert_array_equal(
         auto[2].tables[K.TABLE].layers[K.PREDICTION], slides[2].tables[K.TABLE].layers[K.PREDICTION]
     )
+
+
+def test_a_graph_built_with_other_settings_is_refused_with_the_fixing_call() -> None:
+    """Issue 13: the model records the graph settings; a slide whose graph has another k (or a
+    radius) is refused at predict with the exact call that rebuilds it, which then works."""
+    slides = [toy(seed=i, grid=4) for i in range(3)]
+    for s in slides:
+        bs.tl.cell_graph(s, k=4, overwrite=True)
+    model = bs.tl.fit_bitro(slides[:2], **FIT)
+    assert model.preprocessing.graph == {"n_neighbors": 4}
+    target = slides[2]
+    expected = model.predict_frame(target)
+    for kw, shown in (({"k": 8}, "k=8 nearest"), ({"radius_um": 30.0}, "radius 30 µm")):
+        bs.tl.cell_graph(target, **kw)
+        with pytest.raises(ValueError, match=shown) as info:
+            model.predict_frame(target)
+        assert "bs.tl.cell_graph(sdata, k=4, overwrite=True)" in str(info.value)
+    bs.tl.cell_graph(target, k=4, overwrite=True)
+    pd.testing.assert_frame_equal(model.predict_frame(target), expected)

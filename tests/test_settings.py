@@ -62,3 +62,28 @@ def test_environment_variable_and_passive_openmp_at_import():
     )
     assert bad.returncode != 0
     assert "BITRO_SC_N_JOBS" in bad.stderr
+
+
+def _stderr_of(code: str) -> str:
+    cmd = [sys.executable, "-c", code]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
+    return done.stderr
+
+
+def test_info_lines_are_shown_without_logging_configured() -> None:
+    """A fresh process (as in Jupyter: no root handler) sees bitro_sc's INFO lines once, on stderr."""
+    hello = "import logging, bitro_sc; logging.getLogger('bitro_sc').info('step ran')"
+    assert _stderr_of(hello).count("bitro_sc: step ran") == 1
+    quiet = "import logging, bitro_sc as bs; bs.settings.verbosity = 'warning'; " + hello.split("; ", 1)[1]
+    assert "step ran" not in _stderr_of(quiet)
+    # an application that configures logging gets the line through its own handler, not twice
+    configured = "import logging; logging.basicConfig(format='app: %(message)s'); " + hello.split("; ", 1)[1]
+    err = _stderr_of("import bitro_sc; " + configured)
+    assert err.count("step ran") == 1
+    assert "app: step ran" in err
+
+
+def test_verbosity_is_checked() -> None:
+    with pytest.raises(ValueError, match="`verbosity` must be one of"):
+        bs.settings.verbosity = "loud"  # type: ignore[assignment]
+    assert bs.settings.verbosity == "info"

@@ -1,7 +1,13 @@
-"""`bs.settings`: how many CPU threads bitro_sc's numerical libraries use.
+"""`bs.settings`: how many CPU threads bitro_sc's numerical libraries use, and what it reports.
 
-One setting, :attr:`Settings.n_jobs` (or the environment variable ``BITRO_SC_N_JOBS`` read at
-import), sets the threads of PyTorch (intra-op), numba and dask's threaded scheduler together.
+:attr:`Settings.verbosity` sets which of bitro_sc's log lines are shown (``"info"`` by default:
+the steps that ``fit_bitro`` / ``predict_bitro`` run by themselves, re-standardised features).
+They go to the ``"bitro_sc"`` :mod:`logging` logger; when the application has not configured
+logging (no handler on the root logger, the usual case in Jupyter), bitro_sc prints them to
+stderr itself, so they are never lost.
+
+Threads: one setting, :attr:`Settings.n_jobs` (or the environment variable ``BITRO_SC_N_JOBS``
+read at import), sets the threads of PyTorch (intra-op), numba and dask's threaded scheduler together.
 Its default is the number of CPUs this process may use: the CPU affinity mask
 (:func:`os.sched_getaffinity`, e.g. ``taskset`` or a Slurm allocation) and, inside a container,
 the cgroup CPU quota (``cpu.max`` / ``cpu.cfs_quota_us``), whichever is smaller.
@@ -17,10 +23,15 @@ loaded 2-core machine: 3-4x slower than with the passive policy). See
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
 from pathlib import Path
+from typing import Literal
+
+#: the levels of :attr:`Settings.verbosity`
+VERBOSITIES = ("error", "warning", "info", "debug")
 
 #: environment variable overriding the default of :attr:`Settings.n_jobs`
 ENV_N_JOBS = "BITRO_SC_N_JOBS"
@@ -94,6 +105,7 @@ class Settings:
     """
 
     def __init__(self) -> None:
+        self._verbosity: str = "info"
         self._n_jobs: int | None = _env_n_jobs()
         if self._n_jobs is None and os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
             # the user's OpenMP setting stands when bitro_sc's own is unset
@@ -112,8 +124,50 @@ class Settings:
         self._n_jobs = value
         apply_threads()
 
+    @property
+    def verbosity(self) -> str:
+        """Which log lines of bitro_sc are shown: ``"error"``, ``"warning"``, ``"info"`` (default:
+        the steps run automatically and other notes) or ``"debug"``. Warnings of the
+        :mod:`warnings` module are not affected."""
+        return self._verbosity
+
+    @verbosity.setter
+    def verbosity(self, value: Literal["error", "warning", "info", "debug"]) -> None:
+        if value not in VERBOSITIES:
+            raise ValueError(f"`verbosity` must be one of {list(VERBOSITIES)}, got {value!r}.")
+        self._verbosity = value
+        logging.getLogger("bitro_sc").setLevel(value.upper())
+
     def __repr__(self) -> str:
-        return f"bitro_sc settings: n_jobs={self.n_jobs} (CPUs available: {available_cpus()})"
+        return (
+            f"bitro_sc settings: n_jobs={self.n_jobs} (CPUs available: {available_cpus()}), "
+            f"verbosity={self.verbosity!r}"
+        )
+
+
+class _FallbackHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Prints bitro_sc's log lines to stderr only while the root logger has no handler of its own.
+
+    A logger without handlers would drop INFO lines (Python's last-resort handler shows warnings
+    only); an application that configures logging (``logging.basicConfig``, pytest's ``caplog``)
+    gets the records through propagation instead, once, not twice.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not logging.getLogger().handlers:
+            self.setStream(sys.stderr)  # the current stderr (Jupyter and pytest replace it)
+            super().emit(record)
+
+
+def init_logging() -> None:
+    """The ``"bitro_sc"`` logger at :attr:`settings.verbosity <Settings.verbosity>`, with the
+    fallback handler."""
+    logger = logging.getLogger("bitro_sc")
+    logger.setLevel(settings.verbosity.upper())
+    if not any(isinstance(h, _FallbackHandler) for h in logger.handlers):
+        handler = _FallbackHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("bitro_sc: %(message)s"))
+        logger.addHandler(handler)
 
 
 settings = Settings()
@@ -149,3 +203,4 @@ def init_process() -> None:
     if "OMP_WAIT_POLICY" not in os.environ and "torch" not in sys.modules:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     apply_threads()
+    init_logging()

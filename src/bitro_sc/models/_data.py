@@ -130,6 +130,8 @@ def slide_cells(
                 "first (or pass the `graph_key` it wrote), or use a model without GAT layers "
                 "(`model={'gat_layers': 0}`)."
             )
+        if prep is not None:
+            prep.check_graph(cells, keys)
         from scipy import sparse
 
         graph = sparse.csr_matrix(cells.obsp[keys.connectivities])

@@ -267,6 +267,45 @@ class Preprocessing:
                 f"meaningless. Recompute them with the model's encoder: {call}."
             )
 
+    def check_graph(self, cells: AnnData, keys: DataKeys) -> None:
+        """Refuse a cell graph built with other settings than the training slides' (the GAT
+        aggregates over each cell's neighbours, so another ``k`` or radius shifts predictions
+        silently). A kNN graph of a slide with at most ``k`` cells (``k`` clamped to ``n - 1``) and a
+        graph without recorded settings are accepted."""
+        if not self.graph:
+            return
+        rec = cells.uns.get(f"{keys.graph_key}_neighbors")
+        slide = rec.get("params") if isinstance(rec, Mapping) else None
+        if not isinstance(slide, Mapping):
+            return
+        want_k, want_r = self.graph.get("n_neighbors"), self.graph.get("radius")
+        have_k, have_r = slide.get("n_neighbors"), slide.get("radius")
+        units_um = slide.get("units") == "um"
+        if want_r is not None:
+            same = have_r is not None and units_um and bool(np.isclose(float(have_r), float(want_r)))
+        elif want_k is not None:
+            k = int(want_k)
+            same = have_r is None and have_k is not None and int(have_k) in (k, min(k, cells.n_obs - 1))
+        else:
+            return
+        if same:
+            return
+
+        def show(k: Any, r: Any, units: Any = "um") -> str:
+            if r is not None:
+                return f"radius {r:g} {'µm' if units == 'um' else '(units not recorded as µm)'}"
+            return f"k={k} nearest neighbours"
+
+        arg = f"radius_um={float(want_r):g}" if want_r is not None else f"k={k}"
+        key = "" if keys.graph_key == "spatial" else f", key_added={keys.graph_key!r}"
+        raise ValueError(
+            f"The cell graph of this slide (obsp[{keys.connectivities!r}]) was built with "
+            f"{show(have_k, have_r, slide.get('units'))}, the model's with {show(want_k, want_r)}; the "
+            "graph attention layers would see other neighbours and predictions would shift silently. "
+            "Rebuild the graph with the model's settings: "
+            f"`bs.tl.cell_graph(sdata, {arg}{key}, overwrite=True)`."
+        )
+
     def features_for(self, cells: AnnData, keys: DataKeys) -> tuple[np.ndarray, bool]:
         """``(features in the training scaling, unchanged)``: a slide standardised with other
         statistics is re-standardised from its raw values (``unchanged`` is then ``False``)."""
