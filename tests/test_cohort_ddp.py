@@ -58,7 +58,8 @@ def test_fit_bitro_ddp_follows_the_single_process_trajectory(slides, tmp_path):
     )  # fmt: skip
     rec = ddp.record
     assert rec["level"] == "bulk"
-    assert rec["streaming"]["world_size"] == 2 and rec["streaming"]["strategy"] == "ddp"
+    assert rec["streaming"]["world_size"] == 2
+    assert rec["streaming"]["strategy"] == "ddp"
     assert slides[0].tables["bulk"].uns["bitro"]["streaming"]["world_size"] == 2
     # the same slides' tables, one process: the reference trajectory
     stores = []
@@ -68,7 +69,8 @@ def test_fit_bitro_ddp_follows_the_single_process_trajectory(slides, tmp_path):
     torch.manual_seed(0)
     single = bs.models.fit_cohort(stores, genes=ddp.genes, train=TRAIN, device="cpu", progress=False)
     losses = ddp.record["history"]["train_loss"]
-    assert len(losses) == TRAIN["epochs"] and np.isfinite(losses).all()
+    assert len(losses) == TRAIN["epochs"]
+    assert np.isfinite(losses).all()
     np.testing.assert_allclose(losses, single.record["history"]["train_loss"], rtol=1e-5)
     for (name, a), b in zip(single.net.state_dict().items(), ddp.net.state_dict().values(), strict=True):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-6, err_msg=name)

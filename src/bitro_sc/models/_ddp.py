@@ -386,7 +386,7 @@ def check_slides(
             "strategy='single'."
         )
     samples, groups, _ = slide_groups(list(slides), None)
-    train_idx, val_idx, _ = split_slides(groups, samples, validation, "bulk", 0)
+    _, val_idx, _ = split_slides(groups, samples, validation, "bulk", 0)
     if val_idx:
         raise ValueError(
             f"strategy='ddp' trains on every slide (no validation split), but validation={validation!r} "
