@@ -49,9 +49,9 @@ def child(name: str, arg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _peak_gib() -> float:
-    import resource
+    from bench_scale import peak_rss_gib
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return peak_rss_gib()
 
 
 def case_segment_peer(crop: int) -> dict[str, Any]:

@@ -37,6 +37,13 @@ N_FEATURES, N_GENES = 128, 785
 
 
 def _peak_rss_gib() -> float:
+    try:  # VmHWM: a child's own peak (ru_maxrss starts from the forking parent's)
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
