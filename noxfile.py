@@ -42,10 +42,15 @@ def docs(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
+    """``nox -s bench [-- --quick]``: one run, one results file (benchmarks/bench_report.py);
+    ``nox -s bench -- segmentation features`` runs those single benchmarks instead."""
     _install(session, "test")
-    names = session.posargs or ["segmentation", "features", "training", "accuracy"]
-    for name in names:
-        session.run("python", f"benchmarks/bench_{name}.py")
+    session.install("squidpy")  # the peers measured in the same run
+    if session.posargs and not session.posargs[0].startswith("-"):
+        for name in session.posargs:
+            session.run("python", f"benchmarks/bench_{name}.py")
+        return
+    session.run("python", "benchmarks/bench_report.py", *session.posargs)
 
 
 @nox.session

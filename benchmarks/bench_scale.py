@@ -28,6 +28,19 @@ SECTIONS = ("C2", "C3", "C4", "C5")
 TILE = 512
 
 
+def peak_rss_gib() -> float:
+    """This process's peak RSS (``VmHWM``: exec starts it afresh, unlike ``ru_maxrss``, which a child
+    inherits from the parent that forked it), GiB."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def data_dir() -> Path:
     env = os.environ.get("BITRO_SC_DATA")
     root = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -53,8 +66,9 @@ def tissue_tiles() -> list[np.ndarray]:
     return out
 
 
-def write_mosaic(path: Path, side: int, pieces: list[np.ndarray]) -> None:
-    """A ``side``² px pyramidal tiled JPEG TIFF of tissue tiles (levels /2 down to < 2048 px)."""
+def write_mosaic(path: Path, side: int, pieces: list[np.ndarray], *, ome: bool = False) -> None:
+    """A ``side``² px pyramidal tiled JPEG TIFF of tissue tiles (levels /2 down to < 2048 px, in
+    SubIFDs); ``ome=True`` writes an OME-TIFF (pixel size in the OME-XML, µm)."""
     import tifffile
 
     levels = [1]
@@ -79,7 +93,14 @@ def write_mosaic(path: Path, side: int, pieces: list[np.ndarray]) -> None:
                 yield out
 
     res = 1e4 / HER2ST_MPP  # px per cm
-    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+    ome_meta = {
+        "axes": "YXS",
+        "PhysicalSizeX": HER2ST_MPP,
+        "PhysicalSizeY": HER2ST_MPP,
+        "PhysicalSizeXUnit": "µm",
+        "PhysicalSizeYUnit": "µm",
+    }
+    with tifffile.TiffWriter(path, bigtiff=True, ome=ome) as tif:
         for i, factor in enumerate(levels):
             n = side // factor
             tif.write(
@@ -94,6 +115,7 @@ def write_mosaic(path: Path, side: int, pieces: list[np.ndarray]) -> None:
                 subfiletype=1 if i else 0,
                 resolution=(res / factor, res / factor),
                 resolutionunit="CENTIMETER",
+                **({"metadata": ome_meta} if ome and i == 0 else {}),
             )
 
 
@@ -118,13 +140,75 @@ def run_one(path: Path) -> dict:
     bs.tl.cell_graph(sdata)
     t["graph_s"] = time.perf_counter() - t0
     t["n_cells"] = int(sdata.tables["cells"].n_obs)
-    t["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    t["peak_rss_gib"] = peak_rss_gib()
     return t
+
+
+def measure(sizes: list[int], formats: list[str]) -> list[dict]:
+    """Write each size in each format (``"tiff"``, ``"ome"``) and run it in its own process; the
+    load average (1 min) before and after each run is in its row."""
+    rows = []
+    pieces = tissue_tiles()
+    print(f"{len(pieces)} tissue tiles of {TILE} px", flush=True)
+    with tempfile.TemporaryDirectory(prefix="bitro_scale_") as tmp:
+        for mp in sizes:
+            unit = 8 * TILE if mp >= 16 else TILE  # whole tiles on every level (one level below 16 MP)
+            side = max(1, round(np.sqrt(mp * 1e6) / unit)) * unit
+            for fmt in formats:
+                path = Path(tmp) / f"mosaic_{mp}mp.{'ome.tif' if fmt == 'ome' else 'tif'}"
+                t0 = time.perf_counter()
+                write_mosaic(path, side, pieces, ome=fmt == "ome")
+                write_s = time.perf_counter() - t0
+                load0 = os.getloadavg()[0]
+                out = subprocess.run(
+                    [sys.executable, __file__, "--one", str(path)], capture_output=True, text=True, check=True
+                )
+                line = next(ln[7:] for ln in out.stdout.splitlines() if ln.startswith("RESULT "))
+                res = json.loads(line)
+                res.update(
+                    mp=side * side / 1e6,
+                    format=fmt,
+                    side_px=side,
+                    file_gib=path.stat().st_size / 2**30,
+                    write_s=write_s,
+                    load_before=load0,
+                    load_after=os.getloadavg()[0],
+                )
+                res["total_s"] = res["read_s"] + res["segment_s"] + res["features_s"] + res["graph_s"]
+                rows.append(res)
+                path.unlink()
+                print(json.dumps(res), flush=True)
+    return rows
+
+
+COLS = [
+    *("mp", "format", "n_cells", "segment_s", "features_s", "graph_s", "total_s"),
+    *("peak_rss_gib", "file_gib"),
+]
+
+
+def table(rows: list[dict]) -> list[str]:
+    """Markdown rows: every stage, per-MP and per-cell rates, the load average around the run."""
+    lines = [
+        "| " + " | ".join(COLS) + " | s per MP | µs per cell | load 1 min (before → after) |",
+        "|" + "---|" * (len(COLS) + 3),
+    ]
+    for r in rows:
+        vals = [
+            str(r[c]) if c == "format" else f"{r[c]:.0f}" if c == "n_cells" else f"{r[c]:.2f}" for c in COLS
+        ]
+        rate = 1e6 * r["total_s"] / max(r["n_cells"], 1)
+        lines.append(
+            "| " + " | ".join(vals) + f" | {r['total_s'] / r['mp']:.3f} | {rate:.0f} | "
+            f"{r['load_before']:.1f} → {r['load_after']:.1f} |"
+        )
+    return lines
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 256, 1024], help="megapixels")
+    p.add_argument("--formats", nargs="+", default=["tiff", "ome"], choices=["tiff", "ome"])
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scale.md")
     p.add_argument("--one", type=Path, help=argparse.SUPPRESS)  # child: run one file, print JSON
     args = p.parse_args()
@@ -133,44 +217,21 @@ def main() -> None:
         return
     import bitro_sc
 
-    rows = []
-    pieces = tissue_tiles()
-    print(f"{len(pieces)} tissue tiles of {TILE} px", flush=True)
-    with tempfile.TemporaryDirectory(prefix="bitro_scale_") as tmp:
-        for mp in args.sizes:
-            side = max(1, round(np.sqrt(mp * 1e6) / (8 * TILE))) * 8 * TILE  # whole tiles on every level
-            path = Path(tmp) / f"mosaic_{mp}mp.tif"
-            t0 = time.perf_counter()
-            write_mosaic(path, side, pieces)
-            write_s = time.perf_counter() - t0
-            out = subprocess.run(
-                [sys.executable, __file__, "--one", str(path)], capture_output=True, text=True, check=True
-            )
-            res = json.loads(next(line[7:] for line in out.stdout.splitlines() if line.startswith("RESULT ")))
-            res.update(
-                mp=side * side / 1e6, side_px=side, file_gib=path.stat().st_size / 2**30, write_s=write_s
-            )
-            res["total_s"] = res["read_s"] + res["segment_s"] + res["features_s"] + res["graph_s"]
-            rows.append(res)
-            path.unlink()
-            print(json.dumps(res), flush=True)
-    cols = ["mp", "n_cells", "segment_s", "features_s", "graph_s", "total_s", "peak_rss_gib", "file_gib"]
+    rows = measure(args.sizes, args.formats)
     lines = [
         "# Real slide files end to end (bench_scale.py)",
         "",
-        f"Command: `nice -n 5 python benchmarks/bench_scale.py --sizes {' '.join(map(str, args.sizes))}`",
+        f"Command: `nice -n 5 python benchmarks/bench_scale.py --sizes {' '.join(map(str, args.sizes))} "
+        f"--formats {' '.join(args.formats)}`",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores (shared with other jobs), Python "
         f"{platform.python_version()}, bitro_sc {bitro_sc.__version__}, {platform.platform()}",
-        "Files: pyramidal tiled (512 px) JPEG TIFFs, mosaics of the ≥ 90%-tissue 512 px tiles of HER2ST "
+        "Files: pyramidal tiled (512 px) JPEG TIFFs (`tiff`) and OME-TIFFs (`ome`, pyramid in SubIFDs, "
+        "pixel size in the OME-XML), mosaics of the ≥ 90%-tissue 512 px tiles of HER2ST "
         f"C2–C5 at {HER2ST_MPP} µm/px; "
         "stages: read (lazy) → tissue mask + segment (tissue tiles) → morphology features → kNN graph.",
         "",
-        "| " + " | ".join(cols) + " | s per MP |",
-        "|" + "---|" * (len(cols) + 1),
+        *table(rows),
     ]
-    for r in rows:
-        vals = [f"{r[c]:.0f}" if c == "n_cells" else f"{r[c]:.2f}" for c in cols]
-        lines.append("| " + " | ".join(vals) + f" | {r['total_s'] / r['mp']:.3f} |")
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -15,8 +15,10 @@ process (see docs/cohorts.md); otherwise ``strategy="ddp"`` starts ``world_size`
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -316,3 +318,78 @@ def _model(
         meta=job.cohort.meta,
         record=_sdata.jsonable(record),
     )
+
+
+def fit_slides(
+    slides: Sequence[Any],
+    *,
+    genes: Sequence[str] | None,
+    n_top_genes: int,
+    keys: DataKeys,
+    model: ModelParams | Mapping[str, Any] | None,
+    train: TrainParams | Mapping[str, Any] | None,
+    seed: int,
+    device: str | torch.device | None,
+    world_size: int,
+    progress: bool,
+) -> BiTroModel:
+    """``bs.tl.fit_bitro(..., level="bulk", strategy="ddp")``: the tables of in-memory slides are
+    written to temporary stores (one per slide, tables only) and :func:`fit_cohort` trains on them
+    data parallel. Genes default to those :func:`bitro_sc.models.fit` would choose."""
+    from spatialdata import SpatialData
+
+    from ._split import choose_genes
+
+    tables = [s.tables[keys.bulk_key] for s in slides]
+    chosen = choose_genes(tables, genes, int(n_top_genes), "bulk")
+    with tempfile.TemporaryDirectory(prefix="bitro_fit_ddp_") as folder:
+        stores = []
+        for i, s in enumerate(slides):
+            sid = _sdata.sample_id(s, i, table_key=keys.cells_key)
+            row = _sdata.bulk_row(s, bulk_key=keys.bulk_key, i=i)
+            part = {
+                keys.cells_key: s.tables[keys.cells_key],
+                keys.bulk_key: s.tables[keys.bulk_key][row : row + 1],
+            }
+            stores.append(Path(folder) / f"{i:05d}.zarr")
+            with warnings.catch_warnings():  # tables only: the shapes they annotate stay in memory
+                warnings.filterwarnings("ignore", message="The table is annotating.*not present")
+                store = SpatialData(tables=part, attrs=copy.deepcopy(dict(s.attrs)))
+                _sdata.set_slide_info(store, sample_id=sid)
+                store.write(stores[-1])
+        fitted = fit_cohort(
+            stores,
+            genes=chosen,
+            model=model,
+            train=train,
+            keys=keys,
+            seed=seed,
+            device=device,
+            strategy="ddp",
+            world_size=world_size,
+            progress=progress,
+        )
+    fitted.record["streaming"]["stores"] = "temporary (tables of the in-memory slides)"
+    return fitted
+
+
+def check_slides(
+    slides: Sequence[Any], *, level: str, transfer: str | None, validation: Any, keys: DataKeys
+) -> None:
+    """Errors for ``fit_bitro(..., strategy="ddp")`` raised before anything is written."""
+    from ._split import slide_groups, split_slides
+
+    if level != "bulk" or transfer is not None:
+        raise ValueError(
+            "strategy='ddp' trains a bulk-level model from scratch (one bag per slide), got "
+            f"level={level!r}, transfer={transfer!r}. Pass level='bulk' without `transfer=`, or "
+            "strategy='single'."
+        )
+    samples, groups, _ = slide_groups(list(slides), None)
+    _, val_idx, _ = split_slides(groups, samples, validation, "bulk", 0)
+    if val_idx:
+        raise ValueError(
+            f"strategy='ddp' trains on every slide (no validation split), but validation={validation!r} "
+            f"holds out {len(val_idx)} slide(s). Pass validation=None (evaluate held-out slides with "
+            "`bs.tl.predict_bitro`), or strategy='single'."
+        )

@@ -48,6 +48,8 @@ def fit_bitro(
     graph_key: str = K.SPATIAL,
     key_added: str = K.RUN,
     overwrite: bool = False,
+    strategy: Literal["single", "ddp"] = "single",
+    world_size: int = 2,
 ) -> BiTroModel:
     """Train the BiTro model on spot (spatial) or bulk (one profile per slide) expression.
 
@@ -124,6 +126,11 @@ def fit_bitro(
     key_added
         ``uns`` key of the run record on the training tables. A previous run record there is
         replaced; anything else there needs ``overwrite=True``.
+    strategy, world_size
+        ``"single"`` (default): this process. ``"ddp"``: bulk level from scratch, data parallel over
+        ``world_size`` processes (gloo on CPU, NCCL on GPUs; under ``torchrun``, the processes of the
+        initialised group): :func:`bitro_sc.models.fit_cohort` on the slides' tables (every slide is
+        a training bag: ``validation`` must hold nothing out). See docs/cohorts.md.
 
     Returns
     -------
@@ -163,6 +170,7 @@ def fit_bitro(
     slides = _sdata.as_slides(sdata_or_list, what="training slide")
     _validate.check_choice(transfer, _TRANSFERS, "transfer")
     _validate.check_choice(policy, ("auto", "lora", "full", "head"), "policy")
+    _validate.check_choice(strategy, ("single", "ddp"), "strategy")
     genes = _validate.check_genes(genes)
     _validate.check_device(device)
     _validate.check_positive_int(n_top_genes, "n_top_genes")
@@ -220,6 +228,20 @@ def fit_bitro(
     prepare = functools.partial(
         _prepare, slides, bulk, keys=keys, level=fit_level, transfer=transfer, model=model, progress=progress
     )
+    if strategy == "ddp":  # checked before anything is written
+        from ..models import _ddp
+
+        _ddp.check_slides(slides, level=fit_level, transfer=transfer, validation=validation, keys=keys)
+        _validate.check_positive_int(world_size, "world_size")
+        prepare(base=None)
+        fitted = _ddp.fit_slides(
+            slides, genes=genes, n_top_genes=n_top_genes, keys=keys, model=model, train=tp, seed=seed,
+            device=device, world_size=world_size, progress=progress,
+        )  # fmt: skip
+        for s in slides:
+            s.tables[bulk_key].uns[key_added] = _sdata.to_uns(fitted.record)
+            _sdata.record_writer(s, "bs.tl.fit_bitro", _sdata.part_key(bulk_key, "uns", key_added))
+        return fitted
     base_model = None
     if transfer is None:
         prepare(base=None)
