@@ -38,7 +38,8 @@ def bag_mean_features(data: list[SpotSet] | list[BulkSlide]) -> tuple[np.ndarray
     feats: list[np.ndarray] = []
     sizes: list[int] = []
     groups: list[int] = []
-    for i, item in enumerate(data):
+    items: list[SpotSet | BulkSlide] = list(data)
+    for i, item in enumerate(items):
         x, part = item.slide.features, item.part
         if isinstance(item, SpotSet):
             for r in item.rows:
