@@ -101,6 +101,19 @@ class ModelParams(_Params):
         truth 0.479 instead of 0.392 (seed-0 slides) and 0.416 instead of 0.393 (seed-1 slides),
         spot level +0.017 / -0.011, HER2ST within noise; but a spot model trained from scratch
         then beats LoRA transfer from a bulk base, so it is off by default.
+    linear_start
+        How a fresh network's linear parts start. ``"ridge"`` (default): a ridge regression of the
+        training bags' log1p targets on their mean cell features and ``log1p`` cell count is solved
+        in closed form (penalty by grouped cross-validation, as the ``"ridge"`` baseline;
+        :func:`bitro_sc.models._linear.ridge_start`); at spot level each gene's depth exponent
+        (RNA-content head) starts at the ridge's cell-count effect, and the linear skip (when on)
+        at its feature weights, so training starts from the ridge fit and the deep path adds to
+        it. ``"constant"``: depth exponents at 1 for spots (:data:`~bitro_sc.models._net.DEPTH_INIT`)
+        and a zero skip (default). With phenotype profiles (their deconvolution start already
+        explains the bags) the skip starts at zero. Measured on HER2ST (morphology, 3 seeds,
+        ``benchmarks/results/encoders.md``): ``"ridge"`` raised the marker-panel Pearson from
+        0.273 to 0.307 (ridge 0.328), HEST score unchanged on average (0.154; lower on 2 of 4
+        held-out sections); opt-in until measured on the synthetic benchmark.
     phenotype_profiles
         A table of per-phenotype log-profiles added to every cell's log-expression, started by a
         deconvolution of the training bags before the first step: each gene's non-negative least
@@ -137,6 +150,7 @@ class ModelParams(_Params):
     pooling: Literal["sum", "mean", "attention"] = "sum"
     rna_head: bool | None = None
     linear_skip: bool = False
+    linear_start: Literal["ridge", "constant"] = "constant"
     phenotype_profiles: bool | None = None
     slide_size_norm: bool = True
     lora_r: int = 8
@@ -214,6 +228,11 @@ class TrainParams(_Params):
         size (squared log-ratio, the library in units of an average training cell's share). It
         is what makes ``r`` an RNA content rather than a free scale that trades off with the
         profiles. 0: off.
+    gene_weights
+        Spot-level training: ``"variance"`` weighs each gene's loss by the inverse variance of its
+        log1p targets over the training spots (mean weight 1), so that every gene counts alike in
+        the shared network as in a per-gene regression (with equal weights, the genes that vary
+        most dominate the gradient); ``"none"`` (default): all genes alike.
     """
 
     LR: ClassVar[float] = 1e-3
@@ -231,6 +250,7 @@ class TrainParams(_Params):
     grad_clip: float = 1.0
     refit: bool = True
     library_weight: float = 1.0
+    gene_weights: Literal["none", "variance"] = "none"
 
     def __post_init__(self) -> None:
         super().__post_init__()

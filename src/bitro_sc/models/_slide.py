@@ -34,14 +34,23 @@ if TYPE_CHECKING:  # pragma: no cover
 CELLS_PER_BATCH = 4096
 
 
-def loss_fn(pred: torch.Tensor, target: torch.Tensor, lib: torch.Tensor, kind: str) -> torch.Tensor:
-    """Mean loss over bags and genes; ``pred``/``target`` in counts per 10k, ``lib`` library sizes."""
+def loss_fn(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    lib: torch.Tensor,
+    kind: str,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean loss over bags and genes; ``pred``/``target`` in counts per 10k, ``lib`` library sizes;
+    ``weights`` (genes, mean 1): per-gene weights of the loss (``None``: all genes alike)."""
     if kind == "mse":
-        return ((torch.log1p(pred) - torch.log1p(target)) ** 2).mean()
-    scale = (lib / TARGET_SUM)[:, None]
-    mu = pred * scale + 1e-8
-    k = target * scale
-    return 2 * (torch.xlogy(k, k) - k * torch.log(mu) - k + mu).mean()  # Poisson deviance
+        err = (torch.log1p(pred) - torch.log1p(target)) ** 2
+    else:
+        scale = (lib / TARGET_SUM)[:, None]
+        mu = pred * scale + 1e-8
+        k = target * scale
+        err = 2 * (torch.xlogy(k, k) - k * torch.log(mu) - k + mu)  # Poisson deviance
+    return (err * weights).mean() if weights is not None else err.mean()
 
 
 @contextlib.contextmanager

@@ -122,13 +122,31 @@ class ScratchStart:
         )
         net.set_gene_bias(torch.as_tensor(per_cell, dtype=torch.float32))
         net.init_depth(level, bag_cells)
+        report: dict[str, Any] = {}
+        skip = net.skip is not None and net.profiles is None
+        depth = net.depth is not None and level == "spot"
+        if params.linear_start == "ridge" and (skip or depth):
+            from ._linear import ridge_start
+
+            fit = ridge_start(data, len(genes), bag_cells=bag_cells)
+            with torch.no_grad():
+                if skip:
+                    assert net.skip is not None
+                    net.skip.weight[:, : fit.weight.shape[1]] = torch.as_tensor(fit.weight)
+                    net.head.bias.add_(torch.as_tensor(fit.skip_shift))
+                if depth:
+                    assert net.depth is not None
+                    net.depth.copy_(torch.as_tensor(fit.depth))
+                    net.head.bias.add_(torch.as_tensor(fit.depth_shift))
+            report = {"linear_start": {**fit.info, "skip": skip, "depth": depth}}
         if net.profiles is not None:
             design = bag_design(data, len(inputs.phenotypes) + 1)
             design = design * design_scale(design.sum(axis=1, keepdims=True), params, level, bag_cells)
             targets = bag_targets(data, len(genes)).astype(np.float64)
             net.set_profiles(torch.as_tensor(deconvolve(design, targets, per_cell), dtype=torch.float32))
         net.to(device)
-        return net, None, {}
+        return net, None, report
 
     def record(self, report: dict[str, Any], genes: list[str]) -> dict[str, Any]:
-        return {"matched_genes": [], "new_genes": list(genes)}
+        extra = {"linear_start": report["linear_start"]} if "linear_start" in report else {}
+        return {"matched_genes": [], "new_genes": list(genes), **extra}

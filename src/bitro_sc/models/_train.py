@@ -106,6 +106,7 @@ def _spot_loss(
     rng: np.random.Generator | None,
     drop_cells: float = 0.0,
     library: tuple[float, float] | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     windows = [(si, int(sets[si].rows[k])) for si, k in picks]
     batch, _ = make_batch(
@@ -122,7 +123,7 @@ def _spot_loss(
     pooled = with_depth(net, pooled, batch.n_cells)  # the spots' full cell counts, however many were kept
     target = torch.from_numpy(np.stack([sets[si].target[k] for si, k in picks])).to(device, pooled.dtype)
     lib = torch.tensor([sets[si].lib[k] for si, k in picks], dtype=pooled.dtype, device=device)
-    value = loss_fn(pooled, target, lib, loss)
+    value = loss_fn(pooled, target, lib, loss, weights)
     if library is not None and r is not None:
         weight, per_cell = library
         kept = torch.bincount(batch.batch, minlength=batch.num_graphs).to(lib)
@@ -146,8 +147,23 @@ def library_per_cell(sets: list[SpotSet]) -> float:
     return float(libs.mean() / max(cells.mean(), 1e-12)) if libs.size else 1.0
 
 
+def gene_weights(sets: list[SpotSet], kind: str, device: torch.device) -> torch.Tensor | None:
+    """Per-gene loss weights (mean 1) of ``TrainParams.gene_weights`` over the spots ``sets``."""
+    if kind == "none" or not sets:
+        return None
+    var = np.log1p(np.concatenate([s.target for s in sets]).astype(np.float64)).var(axis=0)
+    w = 1.0 / np.maximum(var, max(float(np.median(var)), 1e-12) * 1e-2)  # constant genes: capped
+    return torch.as_tensor(w / w.mean(), dtype=torch.float32, device=device)
+
+
 def evaluate_loss(
-    net: BiTroNet, data: list[SpotSet] | list[BulkSlide], *, loss: str, device: torch.device, chunk_cells: int
+    net: BiTroNet,
+    data: list[SpotSet] | list[BulkSlide],
+    *,
+    loss: str,
+    device: torch.device,
+    chunk_cells: int,
+    weights: torch.Tensor | None = None,
 ) -> float:
     """Mean loss over all bags of ``data`` (eval mode, no gradients)."""
     net.eval()
@@ -158,7 +174,9 @@ def evaluate_loss(
                 sets = [item]
                 for start in range(0, len(item.rows), 256):
                     picks = [(0, k) for k in range(start, min(start + 256, len(item.rows)))]
-                    value = _spot_loss(net, sets, picks, loss=loss, device=device, max_cells=None, rng=None)
+                    value = _spot_loss(
+                        net, sets, picks, loss=loss, device=device, max_cells=None, rng=None, weights=weights
+                    )
                     total += float(value) * len(picks)
                     count += len(picks)
             else:
@@ -223,6 +241,9 @@ def _train_epochs(
     library = None
     if spot_level and net.params.normalized and params.library_weight > 0:
         library = (params.library_weight, library_per_cell(train_data))  # type: ignore[arg-type]
+    weights = None
+    if spot_level:
+        weights = gene_weights(train_data, params.gene_weights, device)  # type: ignore[arg-type]
     desc = "fit_bitro" if val_data else "fit_bitro (all bags)"  # no validation: the refit, or no split
     bar = tqdm(range(params.epochs), desc=desc, unit="epoch", disable=not progress, leave=True)
     for epoch in bar:
@@ -243,6 +264,7 @@ def _train_epochs(
                     drop_cells=params.drop_cells,
                     rng=rng,
                     library=library,
+                    weights=weights,
                 )
                 value.backward()
                 losses.append(float(value.detach()))
@@ -264,7 +286,12 @@ def _train_epochs(
         record = {"epoch": epoch, "train_loss": float(np.mean(losses))}
         if val_data:
             val = evaluate_loss(
-                net, val_data, loss=params.loss, device=device, chunk_cells=params.chunk_cells
+                net,
+                val_data,
+                loss=params.loss,
+                device=device,
+                chunk_cells=params.chunk_cells,
+                weights=weights,
             )
             record["val_loss"] = val
             if val < best - 1e-6:

@@ -1,0 +1,130 @@
+"""Ridge start of the linear skip and per-gene loss weights (bitro_sc.models._linear, _train)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import bitro_sc as bs
+from bitro_sc.datasets import toy as toy_slide
+from bitro_sc.models import ModelParams, TrainParams
+from bitro_sc.models._bags import SlideCells, SpotSet
+from bitro_sc.models._data import FeatureStats
+from bitro_sc.models._linear import ridge_start
+from bitro_sc.models._start import Inputs, ScratchStart
+from bitro_sc.models._train import bag_targets, gene_weights, spot_values
+
+torch.set_num_threads(1)
+SMALL = {"hidden": 16, "phenotype_dim": 4, "gat_layers": 0, "transformer_heads": 2, "gat_heads": 2}
+
+
+def _spots(seed: int, n_spots: int = 60, n_features: int = 5) -> tuple[SpotSet, np.ndarray]:
+    """Spots whose log expression is linear in their cells' mean features and log cell count
+    (``beta``; gene 1 also grows with the cell count, gene 3 is sparse)."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(6, 25, n_spots)
+    spot_of = np.repeat(np.arange(n_spots), sizes)
+    n = spot_of.size
+    shift = rng.normal(size=(n_spots, n_features))  # spots differ in their mean features
+    x = (rng.normal(size=(n, n_features)) + shift[spot_of]).astype(np.float32)
+    slide = SlideCells(
+        x, np.ones(n, dtype=np.int64), rng.uniform(0, 500, (n, 2)).astype(np.float32), None, spot_of
+    )
+    beta = np.array([[0.0, 0, 0, 0, 0], [0.5, -0.3, 0, 0, 0], [0, 0, 0.4, 0.4, 0], [0, 0, 0, 0, 0.6]])
+    gamma = np.array([0.0, 1.0, 0.0, 0.0])  # exponent of the cell count per gene
+    base = np.log([50.0, 80.0, 20.0, 0.3])
+    xbar = np.stack([x[spot_of == s].mean(axis=0) for s in range(n_spots)])
+    log_n = np.log(sizes / sizes.mean())[:, None]
+    target = np.exp(base + xbar @ beta.T + log_n * gamma).astype(np.float32)
+    part = slide.spot_partition(n_spots)
+    return SpotSet(slide, part, np.arange(n_spots), target, np.full(n_spots, 1e4)), beta
+
+
+def test_ridge_start_recovers_the_linear_effects_of_the_mean_features_and_cell_count() -> None:
+    data, beta = _spots(0)
+    fit = ridge_start([data], 4, bag_cells=15.0)
+    assert fit.weight.shape == (4, 5)
+    assert fit.depth.shape == fit.skip_shift.shape == fit.depth_shift.shape == (4,)
+    assert fit.info["alpha"] > 0
+    # well-expressed genes: the log1p slope is the log slope (link factor ~1)
+    np.testing.assert_allclose(fit.weight[:3], beta[:3], atol=0.08)
+    np.testing.assert_allclose(fit.depth[:3], [0.0, 1.0, 0.0], atol=0.1)
+    # the sparse gene's log1p slope is scaled back to the log link (a 0.6 effect, not a damped one)
+    assert fit.weight[3, 4] > 0.3
+    assert abs(fit.weight[3, :4]).max() < 0.1
+
+
+def test_ridge_start_needs_two_bags() -> None:
+    data, _ = _spots(0, n_spots=1)
+    with pytest.raises(ValueError, match="at least 2 training bags"):
+        ridge_start([data], 4, bag_cells=1.0)
+
+
+@pytest.mark.parametrize("start", ["ridge", "constant"])
+def test_a_fresh_network_starts_from_the_ridge_fit(start: str) -> None:
+    data, _ = _spots(1)
+    params = ModelParams(**SMALL, linear_skip=True, linear_start=start).resolved("spot")  # type: ignore[arg-type]
+    inputs = Inputs(FeatureStats.fit([data.slide.features]), ["a"], params)
+    targets = bag_targets([data], 4).astype(np.float64)
+    per_cell = np.expm1(np.log1p(targets).mean(axis=0))
+    torch.manual_seed(0)
+    net, _, report = ScratchStart(params).net(
+        [data],
+        inputs=inputs,
+        genes=list("abcd"),
+        per_cell=per_cell,
+        bag_cells=15.0,
+        level="spot",
+        device=torch.device("cpu"),
+    )
+    net.eval()
+    pred, _, _ = spot_values(net, data.slide, data.part, data.rows, device=torch.device("cpu"))
+    r = [np.corrcoef(np.log1p(pred[:, g]), np.log1p(targets[:, g]))[0, 1] for g in (1, 2, 3)]
+    assert net.depth is not None
+    if start == "ridge":
+        assert min(r) > 0.9  # before any training step
+        assert report["linear_start"]["skip"]
+        assert report["linear_start"]["depth"]
+        assert abs(float(net.depth[0].detach())) < 0.1  # gene 0 does not grow with the cell count
+    else:
+        assert torch.equal(net.depth, torch.ones(4))
+        assert net.skip is not None
+        assert not net.skip.weight.any()  # zero-initialised: the plain deep model
+        assert report == {}
+
+
+def test_variance_gene_weights_make_every_gene_count_alike() -> None:
+    data, _ = _spots(2)
+    w = gene_weights([data], "variance", torch.device("cpu"))
+    assert w is not None
+    assert gene_weights([data], "none", torch.device("cpu")) is None
+    var = np.log1p(data.target.astype(np.float64)).var(axis=0)
+    assert float(w.mean()) == pytest.approx(1.0)
+    # weighted variances are equal, except the flat gene 0 whose weight is capped
+    wv = w.numpy()[1:] * var[1:]
+    np.testing.assert_allclose(wv, wv.mean(), rtol=1e-4)
+    with pytest.raises(ValueError, match="gene_weights must be one of"):
+        TrainParams(gene_weights="rank")  # type: ignore[arg-type]
+
+
+def test_fit_with_the_ridge_start_records_it_and_predicts() -> None:
+    train = [toy_slide(seed=i, grid=4) for i in range(2)]
+    genes = [f"gene{g}" for g in range(6)]
+    model = bs.tl.fit_bitro(
+        train,
+        epochs=2,
+        genes=genes,
+        model={**SMALL, "linear_skip": True, "linear_start": "ridge"},
+        train={"gene_weights": "variance"},
+        progress=False,
+    )
+    start = model.record["linear_start"]
+    assert start["alpha"] > 0
+    assert model.record["train"]["gene_weights"] == "variance"
+    test = toy_slide(seed=5, grid=4)
+    bs.tl.predict_bitro(test, model)
+    table = test.tables["table"]
+    pred = np.asarray(table[:, genes].layers["bitro"], dtype=np.float64)
+    assert np.isfinite(pred).all()
+    assert (pred >= 0).all()
