@@ -26,6 +26,7 @@ size (numbers are not meaningful). Real data from ``$BITRO_SC_DATA`` or ``../sha
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -105,7 +106,7 @@ def bench_spot(args: argparse.Namespace, t0: float) -> str:
             slides,
             test=[ids[k]],
             top_hvg=50,
-            fit_kwargs={"bitro": {"epochs": epochs, "seed": args.seed}},
+            fit_kwargs={"bitro": {"epochs": epochs, "seed": args.seed, "model": args.bitro_model}},
             truths=truths,
             progress=False,
         )
@@ -128,7 +129,8 @@ def bench_spot(args: argparse.Namespace, t0: float) -> str:
         ["spot_mean_pearson", "hest_score", "cell_median_pearson"]
     ].mean()
     return (
-        f"### Synthetic spot level ({n} slides of {size:.0f} µm, {genes_n} genes, BiTro {epochs} epochs)\n\n"
+        f"### Synthetic spot level ({n} slides of {size:.0f} µm, {genes_n} genes, BiTro {epochs} epochs"
+        f"{f', model {json.dumps(args.bitro_model)}' if args.bitro_model else ''})\n\n"
         f"Leave-one-slide-out ({len(folds)} of {n} slides held out in turn, the model trained on "
         f"the other {n - 1}; `bs.tl.holdout`); 50 training HVGs per fold; cell level = median over "
         f"genes of the per-gene Pearson against the simulated truth (`bs.metrics.cell_truth_scores`).\n\n"
@@ -317,6 +319,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--n-slides", type=int, default=4, help="synthetic spot section: slides")
     p.add_argument("--size-um", type=float, default=2000.0, help="synthetic spot section: slide side (µm)")
     p.add_argument("--folds", type=int, default=None, help="synthetic spot section: held-out slides (last N)")
+    p.add_argument(
+        "--bitro-model",
+        type=json.loads,
+        default=None,
+        help='synthetic spot section: BiTro model options as JSON, e.g. \'{"linear_start": "ridge"}\'',
+    )
     p.add_argument(
         "--transfer-bulk", default="80", help="transfer section: bulk slides of the bases (comma-separated)"
     )
