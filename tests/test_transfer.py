@@ -221,6 +221,7 @@ def test_few_bulk_slides_are_validated_leave_one_slide_out() -> None:
     assert set(route["cv_pearson"]) == {"head", "zero-shot"} | shrunk
     assert route["chosen"] == max(route["cv_pearson"], key=route["cv_pearson"].get)
     assert model.record["n_bags_train"] == 3
+    assert model.window_cells == base.window_cells  # the spot base's attention window is kept
     # without validation nothing is chosen: the policy trains for the given epochs
     plain = bs.tl.fit_bitro(
         slides, transfer="spatial", base=base, epochs=2, validation=None, progress=False, overwrite=True
@@ -248,3 +249,16 @@ def test_history_plot_shows_a_zero_shot_route_without_epochs() -> None:
     assert "head: 0.4" in labels
     with pytest.raises(ValueError, match="empty"):
         bs.pl.history({"history": {"epoch": [], "train_loss": []}})
+
+
+def test_a_spot_base_adapted_to_bulk_keeps_its_attention_window() -> None:
+    from types import SimpleNamespace
+
+    from bitro_sc.models._fit import _transfer_window
+
+    spot_base = SimpleNamespace(level="spot", window_cells=7)
+    bulk_base = SimpleNamespace(level="bulk", window_cells=256)
+    assert _transfer_window(spot_base, "bulk", TrainParams()) == 7  # type: ignore[arg-type]
+    assert _transfer_window(spot_base, "bulk", TrainParams(chunk_cells=64)) == 64  # type: ignore[arg-type]
+    assert _transfer_window(bulk_base, "spot", TrainParams()) == TrainParams().chunk_cells  # type: ignore[arg-type]
+    assert _transfer_window(None, "bulk", TrainParams()) == TrainParams().chunk_cells
