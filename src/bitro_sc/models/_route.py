@@ -6,6 +6,7 @@ Every route starts from the same point (the base network, its gene head matched 
 scale, :func:`~._transfer.match_scale`), so "zero-shot" is the 0-epoch end of every transfer route.
 With several validation folds (leave-one-slide-out on a few bulk slides) the folds' validation
 curves are averaged epoch by epoch, and the route and epoch count minimising the mean curve win.
+Every trained transfer route is also validated shrunk back toward its start (:data:`SHRINK`).
 """
 
 from __future__ import annotations
