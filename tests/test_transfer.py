@@ -71,6 +71,45 @@ def test_route_and_epochs_minimise_the_mean_validation_loss(
     assert sel["curves"]["head"][0] == zero  # index 0: before training, the common start
 
 
+def test_a_shrunk_route_is_chosen_when_halfway_validates_best(monkeypatch: pytest.MonkeyPatch) -> None:
+    # one weight: the start at 0, training moves it to 2, the validation optimum is 1 (halfway)
+    def evaluate_loss(net: Any, val: Any, **kw: Any) -> float:
+        return float((net.weight.item() - 1.0) ** 2)
+
+    def train_loop(net: Any, train: Any, val: Any, **kw: Any) -> tuple[list[dict[str, float]], int]:
+        with torch.no_grad():
+            net.weight.fill_(2.0)
+        return [{"epoch": 0, "train_loss": 0.5, "val_loss": 1.0}], 0
+
+    def begin(route: Any, data: Any) -> torch.nn.Module:
+        net = torch.nn.Linear(1, 1, bias=False)
+        torch.nn.init.zeros_(net.weight)
+        return net
+
+    monkeypatch.setattr(_route, "evaluate_loss", evaluate_loss)
+    monkeypatch.setattr(_route, "train_loop", train_loop)
+    sel = _route.select_route(
+        [_route.Route("lora", "lora")],
+        folds=lambda route: [([1], [2])],
+        begin=begin,
+        tp=TrainParams(),
+        device=torch.device("cpu"),
+        seed=0,
+        progress=False,
+        shrink=(0.5, 0.75),
+    )
+    assert sel["chosen"] == _route.shrink_name("lora", 0.5)
+    assert (sel["route"], sel["shrink"]) == ("lora", 0.5)
+    assert sel["scores"][_route.shrink_name("lora", 0.75)] == pytest.approx(0.25)
+    assert sel["scores"]["lora"] == pytest.approx(1.0)
+    net = begin(None, None)
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+    with torch.no_grad():
+        net.weight.fill_(4.0)
+    _route.shrink_toward(net, start, 0.25)
+    assert net.weight.item() == pytest.approx(1.0)
+
+
 def test_folds_are_averaged_epoch_by_epoch() -> None:
     # a fold that stopped early keeps its last value
     np.testing.assert_allclose(_route._mean_curve([[1.0, 0.5], [1.0, 0.7, 0.3]]), [1.0, 0.6, 0.4])
@@ -154,10 +193,13 @@ def test_auto_transfer_records_the_route_chosen_by_validation() -> None:
     assert route["selected"]
     assert route["validation"] == "held-out bags"
     names = {r.name for r in _route.AUTO_ROUTES} | {"zero-shot"}
-    assert set(route["scores"]) == names
+    trained = [r.name for r in _route.AUTO_ROUTES if r.policy != "scratch"]
+    shrunk = {_route.shrink_name(name, a) for name in trained for a in _route.SHRINK}
+    assert set(route["scores"]) == names | shrunk
     assert route["chosen"] == min(route["scores"], key=route["scores"].get)
     assert route["epochs"] == route["epochs_by_route"][route["chosen"]]
-    assert model.record["policy"] == _route.route_by_name(_route.AUTO_ROUTES, route["chosen"]).policy
+    assert route["chosen"].startswith(route["route"])
+    assert model.record["policy"] == _route.route_by_name(_route.AUTO_ROUTES, route["route"]).policy
     on_table = slides[0].tables[K.TABLE].uns[K.RUN]["route"]
     assert on_table["chosen"] == route["chosen"]
     ax = bs.pl.history(model)
@@ -173,11 +215,13 @@ def test_few_bulk_slides_are_validated_leave_one_slide_out() -> None:
     route = model.record["route"]
     assert route["n_folds"] == 3
     assert route["validation"].startswith("leave-one-slide-out")
-    assert set(route["scores"]) == {"head", "zero-shot"}
+    shrunk = {_route.shrink_name("head", a) for a in _route.SHRINK}
+    assert set(route["scores"]) == {"head", "zero-shot"} | shrunk
     # on 3+ single-slide folds the route is the one with the best cross-validated Pearson
-    assert set(route["cv_pearson"]) == {"head", "zero-shot"}
+    assert set(route["cv_pearson"]) == {"head", "zero-shot"} | shrunk
     assert route["chosen"] == max(route["cv_pearson"], key=route["cv_pearson"].get)
     assert model.record["n_bags_train"] == 3
+    assert model.window_cells == base.window_cells  # the spot base's attention window is kept
     # without validation nothing is chosen: the policy trains for the given epochs
     plain = bs.tl.fit_bitro(
         slides, transfer="spatial", base=base, epochs=2, validation=None, progress=False, overwrite=True
@@ -205,3 +249,16 @@ def test_history_plot_shows_a_zero_shot_route_without_epochs() -> None:
     assert "head: 0.4" in labels
     with pytest.raises(ValueError, match="empty"):
         bs.pl.history({"history": {"epoch": [], "train_loss": []}})
+
+
+def test_a_spot_base_adapted_to_bulk_keeps_its_attention_window() -> None:
+    from types import SimpleNamespace
+
+    from bitro_sc.models._fit import _transfer_window
+
+    spot_base = SimpleNamespace(level="spot", window_cells=7)
+    bulk_base = SimpleNamespace(level="bulk", window_cells=256)
+    assert _transfer_window(spot_base, "bulk", TrainParams()) == 7  # type: ignore[arg-type]
+    assert _transfer_window(spot_base, "bulk", TrainParams(chunk_cells=64)) == 64  # type: ignore[arg-type]
+    assert _transfer_window(bulk_base, "spot", TrainParams()) == TrainParams().chunk_cells  # type: ignore[arg-type]
+    assert _transfer_window(None, "bulk", TrainParams()) == TrainParams().chunk_cells

@@ -25,7 +25,16 @@ from ._data import build_data, cells_table
 from ._model import BiTroModel, resolve_device
 from ._params import DataKeys, ModelParams, TrainParams
 from ._preprocess import Preprocessing
-from ._route import Route, loo_folds, route_by_name, route_params, routes_for, select_route
+from ._route import (
+    SHRINK,
+    Route,
+    loo_folds,
+    route_by_name,
+    route_params,
+    routes_for,
+    select_route,
+    shrink_toward,
+)
 from ._split import slide_groups, split_slides, training_hvgs
 from ._start import Inputs, ScratchStart, Start
 from ._train import bag_targets, mean_log_rna
@@ -71,6 +80,7 @@ def fit(
     start: Start = scratch if base is None else TransferStart(base, "lora" if policy == "auto" else policy)
     tp_user = TrainParams.coerce(train)
     tp = tp_user.resolved(lora=start.lora)
+    window = _transfer_window(base, level, tp_user)
     tables = _check_slides(slides, keys, level, key_added, overwrite)
     samples, groups, by = slide_groups(slides, keys.table_key if level == "spot" else None)
     train_idx, val_idx, spot_frac = split_slides(groups, samples, validation, level, seed)
@@ -112,7 +122,7 @@ def fit(
                 stats=inp.stats,
                 phenotypes=inp.phenotypes,
                 need_graph=inp.params.gat_layers > 0,
-                chunk_cells=tp.chunk_cells,
+                chunk_cells=tp.chunk_cells if kind == 0 else window,
                 keys=keys,
                 prep=prep,
                 need_phenotypes=need_phen,
@@ -150,7 +160,9 @@ def fit(
             seed=seed,
             progress=progress,
         )
-        tp = route_params(tp_user, route_by_name(routes, route_record["chosen"]))
+        tp = route_params(tp_user, route_by_name(routes, route_record.get("route", route_record["chosen"])))
+        if not isinstance(start, ScratchStart):  # predictions use the attention window trained with
+            tp = dataclasses.replace(tp, chunk_cells=window)
         _, tr, va = data_of(start)  # the chosen route's bags (scratch has its own feature scaling)
         n_bags = (sum(_n_bags(d) for d in tr), sum(_n_bags(d) for d in va))
         train_data = [*tr, *va]  # the final network saw every bag
@@ -278,6 +290,20 @@ def _preprocessing(slides: list[SpatialData], keys: DataKeys, base: BiTroModel |
     return Preprocessing.from_slides(slides, keys)
 
 
+def _transfer_window(base: BiTroModel | None, level: str, tp: TrainParams) -> int:
+    """Cells per attention window of whole slides for a transfer start: a spot base adapted to bulk
+    keeps its own window (its mean cells per spot) unless ``chunk_cells`` was set; else
+    ``tp.chunk_cells``.
+
+    A spot base has only ever attended within spots; on whole slides cut into chunks of 256 cells
+    its predictions of 24 held-out synthetic bulk slides lost 0.023 Pearson (0.194 -> 0.171, draw 7;
+    ``benchmarks/results/transfer.md``), so every transfer route started from a worse point."""
+    default = TrainParams.__dataclass_fields__["chunk_cells"].default
+    if base is None or level != "bulk" or base.level == "bulk" or tp.chunk_cells != default:
+        return int(tp.chunk_cells)
+    return int(base.window_cells)
+
+
 def start_scale(data: list[Any], loss: str, params: ModelParams, n_genes: int) -> tuple[np.ndarray, float]:
     """(per-cell start profile, mean cells per bag) of the bags ``data``. The head starts at the
     loss-optimal constant: for the log1p MSE the mean of log1p targets (sparse spots make it far
@@ -349,8 +375,9 @@ def _transfer(
             seed=seed,
             progress=progress,
             cross_pearson=level == "bulk" and sum(len(va) for _, va in folds(routes[0])) >= 3,
+            shrink=SHRINK,
         )
-        route = route_by_name(routes, sel["chosen"])
+        route = route_by_name(routes, sel["route"])
         epochs = int(sel["epochs"])
         hist = sel.pop("history")
         how = f"leave-one-slide-out ({sel['n_folds']} folds)" if loo else "held-out bags"
@@ -372,7 +399,9 @@ def _transfer(
     refit = None
     if epochs > 0:
         tp = dataclasses.replace(route_params(tp_user, route), epochs=epochs)
+        start_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
         rows, _ = train_loop(net, all_bags, [], params=tp, device=dev, seed=seed, progress=progress)
+        shrink_toward(net, start_state, float(route_record.get("shrink", 1.0)))
         refit = {"epochs": epochs, "train_loss": [row["train_loss"] for row in rows]}
         if not route_record["selected"]:
             hist = _columns(rows)

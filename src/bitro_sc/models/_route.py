@@ -6,6 +6,7 @@ Every route starts from the same point (the base network, its gene head matched 
 scale, :func:`~._transfer.match_scale`), so "zero-shot" is the 0-epoch end of every transfer route.
 With several validation folds (leave-one-slide-out on a few bulk slides) the folds' validation
 curves are averaged epoch by epoch, and the route and epoch count minimising the mean curve win.
+Every trained transfer route is also validated shrunk back toward its start (:data:`SHRINK`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ from ._train import train as train_loop
 POLICIES_AUTO = ("auto", "lora", "full", "head")
 #: Leave-one-slide-out folds are used for bulk targets with fewer than 5 slides (at most this many).
 MAX_FOLDS = 4
+#: Shrinkage of a trained transfer route toward its start (weight-space interpolation, the start's
+#: weights + ``a`` × the change): every trained transfer route is also validated at these ``a``.
+SHRINK = (0.5,)
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,7 @@ def select_route(
     seed: int,
     progress: bool,
     cross_pearson: bool = False,
+    shrink: Sequence[float] = (),
 ) -> dict[str, Any]:
     """Train every route on every fold with early stopping; return the selection record: the chosen
     route (``"zero-shot"`` when no trained route lowers the mean validation loss), its epochs, each
@@ -99,6 +104,11 @@ def select_route(
     dominated by each gene's offset, which a network trained from scratch fits well while it
     ranks the slides no better than chance; the cross-validated Pearson measures what a bulk
     model is for: ranking slides gene by gene.
+
+    ``shrink``: every trained transfer route is also scored with its weights moved back toward its
+    start, ``start + a × (trained - start)`` for each ``a`` (candidates named ``"<route> · shrink
+    a"``, at the route's epochs); the record's ``"route"`` names the trained route and
+    ``"shrink"`` its ``a`` (1: none).
     """
     scores: dict[str, float] = {}
     epochs: dict[str, int] = {}
@@ -112,8 +122,10 @@ def select_route(
         val_c: list[list[float]] = []
         train_c: list[list[float]] = []
         first_transfer = route.policy != "scratch" and not zero
+        shrunk: dict[float, list[float]] = {a: [] for a in shrink if route.policy != "scratch"}
         for k, (train, val) in enumerate(folds(route)):
             net = begin(route, train)
+            start = _state(net) if shrunk else None
             v0 = evaluate_loss(net, val, loss=tp.loss, device=device, chunk_cells=tp.chunk_cells)
             if first_transfer:  # every transfer route starts from the same network: zero-shot
                 zero.append(v0)
@@ -133,6 +145,16 @@ def select_route(
             val_c.append([v0] + [h["val_loss"] for h in hist])
             if cross_pearson:
                 held.setdefault(route.name, []).append(_held_out(net, val, device))
+            if start is not None:
+                end = _state(net)
+                for a in shrunk:
+                    net.load_state_dict(_mix(start, end, a))
+                    shrunk[a].append(
+                        evaluate_loss(net, val, loss=tp.loss, device=device, chunk_cells=tp.chunk_cells)
+                    )
+                    if cross_pearson:
+                        held.setdefault(shrink_name(route.name, a), []).append(_held_out(net, val, device))
+                net.load_state_dict(end)
             train_c.append([math.nan] + [h["train_loss"] for h in hist])
             n_folds = max(n_folds, k + 1)
         mean = _mean_curve(val_c)
@@ -140,6 +162,11 @@ def select_route(
         scores[route.name], epochs[route.name] = float(mean[best]), best
         curves[route.name] = mean.tolist()
         train_curves[route.name] = _mean_curve(train_c).tolist()
+        for a, vals in shrunk.items():
+            scores[shrink_name(route.name, a)], epochs[shrink_name(route.name, a)] = (
+                float(np.mean(vals)),
+                best,
+            )
     candidates = dict(scores)
     if zero:
         candidates[ZERO_SHOT.name] = float(np.mean(zero))
@@ -148,16 +175,19 @@ def select_route(
     pearson = {name: cv_pearson(preds, truth) for name, preds in held.items()} if cross_pearson else {}
     if pearson:
         chosen = max(pearson, key=lambda name: pearson[name])
+    chosen_route, a = _unshrink(chosen)
     if chosen == ZERO_SHOT.name:
         history: dict[str, list[float]] = {"epoch": [], "train_loss": [], "val_loss": []}
     else:
         history = {
-            "epoch": list(range(len(curves[chosen]) - 1)),
-            "train_loss": train_curves[chosen][1:],
-            "val_loss": curves[chosen][1:],
+            "epoch": list(range(len(curves[chosen_route]) - 1)),
+            "train_loss": train_curves[chosen_route][1:],
+            "val_loss": curves[chosen_route][1:],
         }
     return {
         "chosen": chosen,
+        "route": chosen_route,
+        "shrink": a,
         "epochs": int(epochs[chosen]),
         "scores": candidates,
         "cv_pearson": pearson or None,
@@ -166,6 +196,35 @@ def select_route(
         "n_folds": n_folds,
         "history": history,
     }
+
+
+def shrink_name(name: str, a: float) -> str:
+    """Candidate name of route ``name`` shrunk toward its start by ``a``."""
+    return f"{name} · shrink {a:g}"
+
+
+def _unshrink(name: str) -> tuple[str, float]:
+    """(trained route name, shrink factor) of a candidate name (factor 1: not shrunk)."""
+    if " · shrink " in name:
+        route, a = name.rsplit(" · shrink ", 1)
+        return route, float(a)
+    return name, 1.0
+
+
+def _state(net: Any) -> dict[str, torch.Tensor]:
+    """A detached copy of ``net``'s state."""
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def _mix(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor], a: float) -> dict[str, torch.Tensor]:
+    """``start + a × (end - start)`` for floating-point entries (others: ``end``)."""
+    return {k: start[k] + a * (v - start[k]) if v.is_floating_point() else v for k, v in end.items()}
+
+
+def shrink_toward(net: Any, start: dict[str, torch.Tensor], a: float) -> None:
+    """Move ``net``'s weights back toward ``start`` (in place): ``start + a × (net - start)``."""
+    if a != 1.0:
+        net.load_state_dict(_mix(start, _state(net), a))
 
 
 def _held_out(net: Any, val: list[Any], device: torch.device) -> np.ndarray:

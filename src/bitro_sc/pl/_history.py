@@ -176,13 +176,16 @@ def history(
 
 def _route_curves(ax: Axes, route: Mapping[str, Any]) -> None:
     """Every route's mean validation curve (epoch -1: the common start, i.e. zero-shot), labelled
-    with its best score; the chosen route's label is marked."""
+    with its best score; the chosen route's label is marked (with its shrinkage toward the start)."""
     scores = route.get("scores") or {}
     chosen = route.get("chosen")
+    trained, shrink = route.get("route", chosen), route.get("shrink", 1.0)
     zero = scores.get("zero-shot")
     for name, curve in route["curves"].items():
         vals = np.asarray(curve, dtype=float)
         mark = " (chosen)" if name == chosen else ""
+        if name == trained and name != chosen:
+            mark = f" (chosen, shrunk {shrink:g} toward the start)"
         score = scores.get(name)
         label = f"{name}: {score:.3g}{mark}" if score is not None else name
         ax.plot(np.arange(len(vals)) - 1, vals, lw=0.8, alpha=0.6, ls=":", label=label)
