@@ -30,14 +30,12 @@ TILE = 512
 
 def peak_rss_gib() -> float:
     """This process's peak RSS (``VmHWM``: exec starts it afresh, unlike ``ru_maxrss``, which a child
-    inherits from the parent that forked it), GiB."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
+    inherits from the parent that forked it), GiB; ``ru_maxrss`` where ``/proc`` is absent (macOS)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 

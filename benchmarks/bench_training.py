@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -33,18 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_scale import peak_rss_gib  # one definition: VmHWM, not the forking parent's ru_maxrss
+
 N_FEATURES, N_GENES = 128, 785
-
-
-def _peak_rss_gib() -> float:
-    try:  # VmHWM: a child's own peak (ru_maxrss starts from the forking parent's)
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
 def _slide_cells(n_cells: int, seed: int, *, spots: bool):
@@ -109,7 +100,7 @@ def case_spot(seed: int = 0, hidden: int | None = None) -> dict[str, float]:
         "seconds": dt,
         "cpu_seconds": cpu,
         "cells_per_spot": float(part.sizes()[rows].mean()),
-        "peak_rss_gib": _peak_rss_gib(),
+        "peak_rss_gib": peak_rss_gib(),
     }
 
 
@@ -146,7 +137,7 @@ def case_slide(n_cells: int, seed: int = 0) -> dict[str, float]:
         "step_s": step,
         "us_per_cell": step / n_cells * 1e6,
         "loss": loss,
-        "peak_rss_gib": _peak_rss_gib(),
+        "peak_rss_gib": peak_rss_gib(),
     }
 
 
