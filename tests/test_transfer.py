@@ -185,14 +185,21 @@ def test_scale_matching_sets_mean_log1p_and_keeps_pearson() -> None:
 
 
 @pytest.mark.slow
-def test_auto_transfer_records_the_route_chosen_by_validation() -> None:
+@pytest.mark.parametrize("few", [True, False], ids=["few-spots-no-scratch", "scratch-considered"])
+def test_auto_transfer_records_the_route_chosen_by_validation(few, monkeypatch) -> None:
+    if not few:  # 25 spots: training from scratch is a candidate only when the threshold allows it
+        monkeypatch.setitem(_route.MIN_SCRATCH_BAGS, "spot", 25)
     slides = _slides(3, grid=5)
     base = bs.tl.fit_bitro(slides[1:], level="bulk", epochs=2, model=TINY, genes=MARKERS[:8], progress=False)
     model = bs.tl.fit_bitro(slides[0], transfer="bulk", base=base, epochs=3, progress=False)
     route = model.record["route"]
     assert route["selected"]
     assert route["validation"] == "held-out bags"
-    names = {r.name for r in _route.AUTO_ROUTES} | {"zero-shot"}
+    names = {r.name for r in _route.AUTO_ROUTES if not (few and r.policy == "scratch")} | {"zero-shot"}
+    if few:
+        assert route["scratch"].startswith("left out: 25 target spots (< 100)")
+    else:
+        assert "scratch" not in route
     trained = [r.name for r in _route.AUTO_ROUTES if r.policy != "scratch"]
     shrunk = {_route.shrink_name(name, a) for name in trained for a in _route.SHRINK}
     assert set(route["scores"]) == names | shrunk

@@ -34,6 +34,7 @@ from ._route import (
     routes_for,
     select_route,
     shrink_toward,
+    without_scratch,
 )
 from ._split import slide_groups, split_slides, training_hvgs
 from ._start import Inputs, ScratchStart, Start
@@ -365,6 +366,8 @@ def _transfer(
         st = start_of(route)
         return begin(st, data, data_of(st)[0])[0]
 
+    _, tr0, va0 = data_of(start_of(routes[0]))
+    routes, no_scratch = without_scratch(routes, level, sum(_n_bags(d) for d in [*tr0, *va0]))
     if folds(routes[0]):
         sel = select_route(
             routes,
@@ -382,6 +385,8 @@ def _transfer(
         hist = sel.pop("history")
         how = f"leave-one-slide-out ({sel['n_folds']} folds)" if loo else "held-out bags"
         route_record = {**sel, "policy": route.policy, "selected": True, "validation": how}
+        if no_scratch:
+            route_record["scratch"] = no_scratch
     else:
         route = next((r for r in routes if r.policy == "lora"), routes[0])
         epochs, hist = tp_user.epochs, {}

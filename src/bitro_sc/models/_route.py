@@ -31,6 +31,25 @@ MAX_FOLDS = 4
 #: Shrinkage of a trained transfer route toward its start (weight-space interpolation, the start's
 #: weights + ``a`` × the change): every trained transfer route is also validated at these ``a``.
 SHRINK = (0.5,)
+#: Fewest target bags (spots, bulk slides: training and validation together) for which
+#: ``policy="auto"`` also considers training from scratch. Below them a network trained on the target
+#: alone was far behind the base in every measurement (4 bulk slides: scratch 0.03-0.09 mean
+#: Pearson against 0.25 for the spot base as is, ``benchmarks/results/transfer.md``; one slide of 20
+#: spots in tutorial 03: 0.09 against 0.22 for LoRA), while validation on so few bags can still pick it.
+MIN_SCRATCH_BAGS = {"spot": 100, "bulk": 8}
+
+
+def without_scratch(
+    routes: tuple[Route, ...], level: str, n_bags: int
+) -> tuple[tuple[Route, ...], str | None]:
+    """``routes`` without training from scratch when the target has fewer than
+    :data:`MIN_SCRATCH_BAGS` bags, and the reason for the run record (``None``: unchanged)."""
+    least = MIN_SCRATCH_BAGS.get(level, 0)
+    if n_bags >= least or len(routes) < 2 or all(r.policy != "scratch" for r in routes):
+        return routes, None
+    unit = "spots" if level == "spot" else "bulk slides"
+    reason = f"left out: {n_bags} target {unit} (< {least}) are too few to train a network from scratch"
+    return tuple(r for r in routes if r.policy != "scratch"), reason
 
 
 @dataclass(frozen=True)
