@@ -23,7 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-HER2ST_MPP = 0.69
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_segmentation import HER2ST_MPP, data_dir  # the HER2ST folder and pixel size, defined once
+
 SECTIONS = ("C2", "C3", "C4", "C5")
 TILE = 512
 
@@ -37,14 +39,6 @@ def peak_rss_gib() -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def data_dir() -> Path:
-    env = os.environ.get("BITRO_SC_DATA")
-    root = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    if not (root / "her2st").is_dir():
-        sys.exit(f"HER2ST data not found under {root}; set $BITRO_SC_DATA.")
-    return root / "her2st"
 
 
 def tissue_tiles() -> list[np.ndarray]:

@@ -98,9 +98,13 @@ def fit(
     bags: dict[int, tuple[Inputs, list[Any], list[Any]]] = {}  # by start kind: scratch, transfer
     preps: dict[int, Preprocessing] = {}  # the preprocessing each start kind's bags were built with
 
+    def kind_of(st: Start) -> int:
+        """0: a fresh network (the target's own preprocessing), 1: a transfer start (the base's)."""
+        return 0 if isinstance(st, ScratchStart) else 1
+
     def data_of(st: Start) -> tuple[Inputs, list[Any], list[Any]]:
         """Inputs, training and validation bags under the feature scaling of start ``st``."""
-        kind = 0 if isinstance(st, ScratchStart) else 1
+        kind = kind_of(st)
         if kind not in bags:
             inp = st.inputs(slides, train_idx, keys, level)
             prep = _preprocessing(slides, keys, base if kind == 1 else None)
@@ -250,7 +254,7 @@ def fit(
         lora=lora,
         meta=meta,
         record=record,
-        preprocessing=preps[0 if isinstance(start, ScratchStart) else 1],
+        preprocessing=preps[kind_of(start)],
     )
     for t in tables:
         t.uns[key_added] = _sdata.to_uns(record)
