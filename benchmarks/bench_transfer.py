@@ -270,36 +270,26 @@ def her2st(args: argparse.Namespace) -> None:
         t = np.log1p(t / test.tables["bulk"].X.sum() * 1e4)
         return float(np.corrcoef(p, t)[0, 1]), float(np.abs(p - t).mean())
 
+    def row(seed: int, step: str, model: Any) -> dict[str, Any]:
+        r, err = bulk_fit(model)
+        return {
+            "seed": seed,
+            "step": step,
+            "C5 spots": spot_score(model),
+            "C5 pseudo-bulk r (genes)": r,
+            "C5 pseudo-bulk mean abs log1p error": err,
+        }
+
     rows = []
     for seed in [int(v) for v in args.seeds.split(",")]:
         kw = {"epochs": args.epochs, "seed": seed, "progress": False, "genes": genes}
         base = bs.tl.fit_bitro(slides[:2], **kw)
-        rows.append({"seed": seed, "step": "spot base (C2, C3)", "C5 spots": spot_score(base)})
-        rows[-1].update(
-            zip(
-                ("C5 pseudo-bulk r (genes)", "C5 pseudo-bulk mean abs log1p error"),
-                bulk_fit(base),
-                strict=True,
-            )
-        )
+        rows.append(row(seed, "spot base (C2, C3)", base))
         pb = bs.tl.fit_bitro(slides[:3], transfer="spatial", base=base, policy=args.policy, **kw)
         route = pb.record["route"]
-        rows.append({"seed": seed, "step": f"-> pseudo-bulk C2-C4 ({route['chosen']}, {route['epochs']} ep)"})
-        rows[-1].update(
-            zip(
-                ("C5 pseudo-bulk r (genes)", "C5 pseudo-bulk mean abs log1p error"), bulk_fit(pb), strict=True
-            )
-        )
-        rows[-1]["C5 spots"] = spot_score(pb)
+        rows.append(row(seed, f"-> pseudo-bulk C2-C4 ({route['chosen']}, {route['epochs']} ep)", pb))
         scratch_pb = bs.tl.fit_bitro(slides[:3], level="bulk", **kw)
-        rows.append({"seed": seed, "step": "pseudo-bulk scratch (C2-C4)", "C5 spots": spot_score(scratch_pb)})
-        rows[-1].update(
-            zip(
-                ("C5 pseudo-bulk r (genes)", "C5 pseudo-bulk mean abs log1p error"),
-                bulk_fit(scratch_pb),
-                strict=True,
-            )
-        )
+        rows.append(row(seed, "pseudo-bulk scratch (C2-C4)", scratch_pb))
         back = bs.tl.fit_bitro(slides[2], transfer="bulk", base=pb, policy=args.policy, **kw)
         route = back.record["route"]
         rows.append(
