@@ -133,9 +133,9 @@ class Settings:
 
     @verbosity.setter
     def verbosity(self, value: Literal["error", "warning", "info", "debug"]) -> None:
-        if value not in VERBOSITIES:
-            raise ValueError(f"`verbosity` must be one of {list(VERBOSITIES)}, got {value!r}.")
-        self._verbosity = value
+        from ._validate import check_choice
+
+        self._verbosity = check_choice(value, VERBOSITIES, "verbosity")
         logging.getLogger("bitro_sc").setLevel(value.upper())
 
     def __repr__(self) -> str:
