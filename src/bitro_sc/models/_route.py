@@ -76,8 +76,9 @@ ZERO_SHOT = Route("zero-shot", "zero-shot")
 
 def routes_for(policy: str) -> tuple[Route, ...]:
     """Candidate routes of ``policy`` (``"auto"``: all of :data:`AUTO_ROUTES`; else that policy)."""
-    if policy not in POLICIES_AUTO:
-        raise ValueError(f"`policy` must be one of {list(POLICIES_AUTO)}, got {policy!r}.")
+    from .._validate import check_choice
+
+    check_choice(policy, POLICIES_AUTO, "policy")
     return AUTO_ROUTES if policy == "auto" else (Route(policy, policy),)
 
 

@@ -13,6 +13,7 @@ from .. import _sdata, _validate
 from ..models._fit import fit
 from ..models._model import BiTroModel
 from ..models._params import DataKeys, ModelParams, TrainParams
+from ..models._route import POLICIES_AUTO
 from ..pp._expression import highly_variable_genes
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -169,7 +170,7 @@ def fit_bitro(
     """
     slides = _sdata.as_slides(sdata_or_list, what="training slide")
     _validate.check_choice(transfer, _TRANSFERS, "transfer")
-    _validate.check_choice(policy, ("auto", "lora", "full", "head"), "policy")
+    _validate.check_choice(policy, POLICIES_AUTO, "policy")
     _validate.check_choice(strategy, ("single", "ddp"), "strategy")
     genes = _validate.check_genes(genes)
     _validate.check_device(device)
