@@ -216,6 +216,40 @@ def test_given_tissue_polygons_are_used():
 # --- other methods --------------------------------------------------------------------------------
 
 
+def test_tissue_raster_is_the_pixel_centres_in_the_polygons():
+    """Each raster pixel is tissue exactly when its centre is in a polygon (holes, islands in holes,
+    multipolygons), checked pixel by pixel against an independent point-in-polygon test."""
+    import geopandas as gpd
+    from matplotlib.path import Path as MplPath
+    from shapely.geometry import MultiPolygon, Polygon
+
+    from bitro_sc.pp._tissue import rasterize_tissue
+
+    ring = Polygon(
+        [(13.3, 9.1), (301.7, 40.2), (250.4, 287.9), (30.6, 260.2)],
+        holes=[[(90.2, 90.7), (180.9, 95.3), (140.1, 190.6)]],
+    )
+    island = Polygon([(120.3, 110.2), (150.8, 112.9), (140.6, 140.1)])  # inside the hole
+    far = Polygon([(400.2, 10.7), (470.9, 20.1), (430.3, 90.6)])
+    shapes = gpd.GeoDataFrame(geometry=[MultiPolygon([ring, far]), island])
+    scale, shape = 4.0, (80, 130)
+    got = rasterize_tissue(shapes, shape, scale=scale)
+    rows, cols = np.mgrid[0 : shape[0], 0 : shape[1]]
+    # raster pixel centre (r, c) is full-resolution point ((c + 0.5) * scale - 0.5, (r + 0.5) * scale - 0.5)
+    pts = np.column_stack([(cols.ravel() + 0.5) * scale - 0.5, (rows.ravel() + 0.5) * scale - 0.5])
+
+    def inside(poly: Polygon) -> np.ndarray:
+        hit = MplPath(np.asarray(poly.exterior.coords)).contains_points(pts)
+        for hole in poly.interiors:
+            hit &= ~MplPath(np.asarray(hole.coords)).contains_points(pts)
+        return hit
+
+    want = (inside(ring) | inside(far) | inside(island)).reshape(shape)
+    assert want.sum() > 1000
+    assert (~want).sum() > 1000
+    np.testing.assert_array_equal(got, want)
+
+
 def test_a_callable_method_is_used_per_tile():
     from scipy import ndimage as ndi
 
