@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -111,9 +112,25 @@ def write_mosaic(path: Path, side: int, pieces: list[np.ndarray], *, ome: bool =
             )
 
 
-def run_one(path: Path) -> dict:
-    """read -> segment (tissue tiles only) -> features -> graph on one file; stage times, peak RSS."""
+def fitted_model(folder: Path) -> Path:
+    """A BiTro model fitted on HER2ST C2 with the package defaults (saved once under ``folder``)."""
+    path = folder / "her2st_c2_model"
+    if not (path / "config.json").is_file():
+        import bitro_sc as bs
+
+        d = data_dir()
+        sdata = bs.io.read_st(d / "C2_HE.jpg", d / "C2_counts.tsv.gz", d / "C2_selection.tsv", mpp=HER2ST_MPP)
+        bs.tl.segment(sdata, progress=False)
+        model = bs.tl.fit_bitro(sdata, seed=0, progress=False)
+        model.save(path, overwrite=True)
+    return path
+
+
+def run_one(path: Path, model_path: Path | None = None) -> dict:
+    """read -> segment (tissue tiles only) -> features -> graph -> (with a model) cell-level prediction
+    written to a zarr store, on one file; stage times, peak RSS."""
     import torch
+    from spatialdata import SpatialData
 
     import bitro_sc as bs
 
@@ -132,17 +149,35 @@ def run_one(path: Path) -> dict:
     bs.tl.cell_graph(sdata)
     t["graph_s"] = time.perf_counter() - t0
     t["n_cells"] = int(sdata.tables["cells"].n_obs)
+    t["peak_rss_graph_gib"] = peak_rss_gib()
+    if model_path is not None:
+        model = bs.models.BiTroModel.load(model_path)
+        t0 = time.perf_counter()
+        bs.tl.predict_bitro(sdata, model, level="cell")
+        t["predict_s"] = time.perf_counter() - t0
+        layer = sdata.tables["cells"].layers["bitro"]
+        t["n_genes"], t["layer_dtype"] = int(layer.shape[1]), str(layer.dtype)
+        t["peak_rss_predict_gib"] = peak_rss_gib()
+        t0 = time.perf_counter()
+        # as `bs.tl.run_batch` stores a slide: every element but the image (the file stays the source)
+        store = SpatialData(
+            **{k: dict(getattr(sdata, k)) for k in ("labels", "shapes", "points", "tables")},
+            attrs=sdata.attrs,
+        )
+        bs.io.write_zarr(store, path.with_suffix(".zarr"), overwrite=True)
+        t["write_s"] = time.perf_counter() - t0
     t["peak_rss_gib"] = peak_rss_gib()
     return t
 
 
-def measure(sizes: list[int], formats: list[str]) -> list[dict]:
+def measure(sizes: list[int], formats: list[str], *, predict: bool = True) -> list[dict]:
     """Write each size in each format (``"tiff"``, ``"ome"``) and run it in its own process; the
     load average (1 min) before and after each run is in its row."""
     rows = []
     pieces = tissue_tiles()
     print(f"{len(pieces)} tissue tiles of {TILE} px", flush=True)
     with tempfile.TemporaryDirectory(prefix="bitro_scale_") as tmp:
+        model = ["--model", str(fitted_model(Path(tmp)))] if predict else []
         for mp in sizes:
             unit = 8 * TILE if mp >= 16 else TILE  # whole tiles on every level (one level below 16 MP)
             side = max(1, round(np.sqrt(mp * 1e6) / unit)) * unit
@@ -153,7 +188,10 @@ def measure(sizes: list[int], formats: list[str]) -> list[dict]:
                 write_s = time.perf_counter() - t0
                 load0 = os.getloadavg()[0]
                 out = subprocess.run(
-                    [sys.executable, __file__, "--one", str(path)], capture_output=True, text=True, check=True
+                    [sys.executable, __file__, "--one", str(path), *model],
+                    capture_output=True,
+                    text=True,
+                    check=True,
                 )
                 line = next(ln[7:] for ln in out.stdout.splitlines() if ln.startswith("RESULT "))
                 res = json.loads(line)
@@ -166,15 +204,18 @@ def measure(sizes: list[int], formats: list[str]) -> list[dict]:
                     load_before=load0,
                     load_after=os.getloadavg()[0],
                 )
-                res["total_s"] = res["read_s"] + res["segment_s"] + res["features_s"] + res["graph_s"]
+                res["total_s"] = sum(res.get(k, 0.0) for k in STAGES)
                 rows.append(res)
                 path.unlink()
+                shutil.rmtree(path.with_suffix(".zarr"), ignore_errors=True)
                 print(json.dumps(res), flush=True)
     return rows
 
 
+#: the timed stages (``predict_s``: cell-level prediction; ``write_s``: the zarr store)
+STAGES = ("read_s", "segment_s", "features_s", "graph_s", "predict_s", "write_s")
 COLS = [
-    *("mp", "format", "n_cells", "segment_s", "features_s", "graph_s", "total_s"),
+    *("mp", "format", "n_cells", "segment_s", "features_s", "graph_s", "predict_s", "write_s", "total_s"),
     *("peak_rss_gib", "file_gib"),
 ]
 
@@ -187,7 +228,12 @@ def table(rows: list[dict]) -> list[str]:
     ]
     for r in rows:
         vals = [
-            str(r[c]) if c == "format" else f"{r[c]:.0f}" if c == "n_cells" else f"{r[c]:.2f}" for c in COLS
+            str(r[c])
+            if c == "format"
+            else f"{r[c]:.0f}"
+            if c == "n_cells"
+            else f"{r.get(c, float('nan')):.2f}"
+            for c in COLS
         ]
         rate = 1e6 * r["total_s"] / max(r["n_cells"], 1)
         lines.append(
@@ -202,14 +248,16 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 256, 1024], help="megapixels")
     p.add_argument("--formats", nargs="+", default=["tiff", "ome"], choices=["tiff", "ome"])
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scale.md")
+    p.add_argument("--no-predict", action="store_true", help="skip cell-level prediction and zarr write")
     p.add_argument("--one", type=Path, help=argparse.SUPPRESS)  # child: run one file, print JSON
+    p.add_argument("--model", type=Path, help=argparse.SUPPRESS)  # child: the fitted model
     args = p.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(run_one(args.one)))
+        print("RESULT " + json.dumps(run_one(args.one, args.model)))
         return
     import bitro_sc
 
-    rows = measure(args.sizes, args.formats)
+    rows = measure(args.sizes, args.formats, predict=not args.no_predict)
     lines = [
         "# Real slide files end to end (bench_scale.py)",
         "",
@@ -220,7 +268,10 @@ def main() -> None:
         "Files: pyramidal tiled (512 px) JPEG TIFFs (`tiff`) and OME-TIFFs (`ome`, pyramid in SubIFDs, "
         "pixel size in the OME-XML), mosaics of the ≥ 90%-tissue 512 px tiles of HER2ST "
         f"C2–C5 at {HER2ST_MPP} µm/px; "
-        "stages: read (lazy) → tissue mask + segment (tissue tiles) → morphology features → kNN graph.",
+        "stages: read (lazy) → tissue mask + segment (tissue tiles) → morphology features → kNN graph "
+        "→ cell-level prediction (`predict_s`; a BiTro model fitted on HER2ST C2 with the defaults, float32 "
+        "layer) → `bs.io.write_zarr` of every element but the image, as `bs.tl.run_batch` stores a slide "
+        "(`write_s`).",
         "",
         *table(rows),
     ]

@@ -206,7 +206,7 @@ class BiTroModel:
             part = slide.spot_partition(n_spots)
             groups = np.flatnonzero(part.sizes() > 0)
             out = np.full((n_spots, len(self.genes)), np.nan, dtype=np.float32)
-            prof, _, _ = spot_values(net, slide, part, groups, device=dev, calibrate=self.level == "spot")
+            prof = spot_values(net, slide, part, groups, device=dev, calibrate=self.level == "spot")
             mean_cells = float(part.sizes()[groups].mean()) if groups.size else 0.0
             out[groups] = prof * self._scale_for("spot", mean_cells)
             return out, None
@@ -228,23 +228,18 @@ class BiTroModel:
         n_spots = sdata.tables[table_key].n_obs if table_key in sdata.tables else 0
         values = np.full((slide.n_cells, len(self.genes)), np.nan, dtype=np.float32)
         rna_all = np.full(slide.n_cells, np.nan, dtype=np.float32) if self.params.normalized else None
-        windows = []
+        windows = []  # each partition holds only its own cells: spot cells, then the others
         if n_spots and (slide.spot_index >= 0).any():
             part = slide.spot_partition(n_spots)
-            windows.append((slide.spot_index >= 0, part, np.flatnonzero(part.sizes() > 0)))
+            windows.append((part, np.flatnonzero(part.sizes() > 0)))
         outside = np.flatnonzero(slide.spot_index < 0)
         if outside.size:
             group = np.full(slide.n_cells, -1, dtype=np.int64)
             group[outside] = spatial_chunks(slide.xy_um[outside], self.window_cells)
             part = Partition.build(group, int(group.max()) + 1, slide.graph)
-            windows.append((slide.spot_index < 0, part, np.arange(part.n_groups)))
-        for sel, part, groups in windows:
-            _, cell_vals, rna = spot_values(net, slide, part, groups, device=dev, with_cells=True)
-            assert cell_vals is not None
-            values[sel] = cell_vals[sel]
-            if rna_all is not None:
-                assert rna is not None
-                rna_all[sel] = rna[sel]
+            windows.append((part, np.arange(part.n_groups)))
+        for part, groups in windows:
+            spot_values(net, slide, part, groups, device=dev, cells_out=values, rna_out=rna_all)
         return values, rna_all
 
     def predict_frame(

@@ -29,16 +29,17 @@ def spot_values(
     *,
     device: torch.device,
     batch_size: int = 256,
-    with_cells: bool = False,
+    cells_out: np.ndarray | None = None,
+    rna_out: np.ndarray | None = None,
     calibrate: bool = True,
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Profiles of spot windows ``groups`` (len, genes) and, optionally, per-cell values (slide cells
-    × genes, NaN for cells outside these spots) and RNA contents (see :func:`slide_cell_values`).
+) -> np.ndarray:
+    """Profiles of spot windows ``groups`` (len, genes); with ``cells_out`` (slide cells × genes,
+    float32) the per-cell values of these windows' cells are written into its rows, and with
+    ``rna_out`` (slide cells) their RNA contents (see :func:`slide_cell_values`); other rows are left
+    as they are, so that a whole slide's cells never need a second cells × genes array.
     ``calibrate``: apply the depth factor (a spot-trained model predicting spots). Eval mode is the
     caller's job."""
     prof = np.zeros((len(groups), net.n_genes), dtype=np.float32)
-    cells_out = np.full((slide.n_cells, net.n_genes), np.nan, dtype=np.float32) if with_cells else None
-    rna = np.full(slide.n_cells, np.nan, dtype=np.float32) if with_cells and net.params.normalized else None
     with torch.no_grad():
         for start in range(0, len(groups), batch_size):
             wins = [(0, int(g)) for g in groups[start : start + batch_size]]
@@ -50,10 +51,9 @@ def spot_values(
             prof[start : start + len(wins)] = pooled.float().cpu().numpy()
             if cells_out is not None:
                 cells_out[cells] = (y if r is not None else contrib).float().cpu().numpy()
-            if rna is not None:
-                assert r is not None
-                rna[cells] = r[:, 0].float().cpu().numpy()
-    return prof, cells_out, rna
+            if rna_out is not None and r is not None:
+                rna_out[cells] = r[:, 0].float().cpu().numpy()
+    return prof
 
 
 def bag_targets(data: list[SpotSet] | list[BulkSlide], n_genes: int) -> np.ndarray:
@@ -70,7 +70,7 @@ def bag_predictions(
     with torch.no_grad():
         for item in data:
             if isinstance(item, SpotSet):
-                out.append(spot_values(net, item.slide, item.part, item.rows, device=device)[0])
+                out.append(spot_values(net, item.slide, item.part, item.rows, device=device))
             else:
                 out.append(slide_profile(net, item.slide, item.part, device=device).cpu().numpy()[None])
     return np.concatenate(out).astype(np.float64)
