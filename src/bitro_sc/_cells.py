@@ -84,10 +84,10 @@ def cell_props(
     nmax = int(lab.max(initial=0))
     if block > 1:
         bh, bw = lab.shape[0] * block, lab.shape[1] * block
-        covered = shape is not None and 0 < shape[0] <= bh and 0 < shape[1] <= bw
-        if not covered:
+        if shape is None or not (0 < shape[0] <= bh and 0 < shape[1] <= bw):
             raise ValueError(f"`shape` {shape} must be covered by the {lab.shape} labels binned by {block}.")
-        lab = lab[: -(-shape[0] // block), : -(-shape[1] // block)]
+        full_h, full_w = int(shape[0]), int(shape[1])
+        lab = lab[: -(-full_h // block), : -(-full_w // block)]
     if nmax <= 0:
         return pd.DataFrame({c: np.zeros(0, np.int64 if c == "cell_id" else np.float64) for c in PROPS_PX})
     if lab.min() < 0:
@@ -96,8 +96,7 @@ def cell_props(
         from ._cells_kernel import label_moments_blocks
 
         binned = np.ascontiguousarray(lab if lab.dtype.itemsize >= 4 else lab.astype(np.int32))
-        h, w = shape  # type: ignore[misc]
-        stats, hull = label_moments_blocks(binned, nmax, int(block), int(h), int(w))
+        stats, hull = label_moments_blocks(binned, nmax, int(block), full_h, full_w)
         present = stats[:, 0] > 0
         present[0] = False
         ids = np.nonzero(present)[0]

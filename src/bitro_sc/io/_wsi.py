@@ -263,7 +263,7 @@ class _TiffLevel:
 def _index_key(index: Any) -> tuple[Any, ...] | None:
     """A hashable key of a basic index (slices and integers), ``None`` for anything else."""
     items = index if isinstance(index, tuple) else (index,)
-    key = []
+    key: list[Any] = []
     for i in items:
         if isinstance(i, slice):
             key.append((i.start, i.stop, i.step))
