@@ -112,7 +112,11 @@ def write_mosaic(path: Path, side: int, pieces: list[np.ndarray], *, ome: bool =
             )
 
 
-def fitted_model(folder: Path) -> Path:
+#: where the fitted model is kept between runs (fitting is not part of the measured pipeline)
+MODEL_DIR = Path(tempfile.gettempdir()) / "bitro_scale_model"
+
+
+def fitted_model(folder: Path = MODEL_DIR) -> Path:
     """A BiTro model fitted on HER2ST C2 with the package defaults (saved once under ``folder``)."""
     path = folder / "her2st_c2_model"
     if not (path / "config.json").is_file():
@@ -170,22 +174,27 @@ def run_one(path: Path, model_path: Path | None = None) -> dict:
     return t
 
 
-def measure(sizes: list[int], formats: list[str], *, predict: bool = True) -> list[dict]:
+def measure(
+    sizes: list[int], formats: list[str], *, predict: bool = True, keep: Path | None = None
+) -> list[dict]:
     """Write each size in each format (``"tiff"``, ``"ome"``) and run it in its own process; the
-    load average (1 min) before and after each run is in its row."""
+    load average (1 min) before and after each run is in its row. ``keep``: write the files into
+    that folder and keep them (a file already there is reused, not written again)."""
     rows = []
     pieces = tissue_tiles()
     print(f"{len(pieces)} tissue tiles of {TILE} px", flush=True)
-    with tempfile.TemporaryDirectory(prefix="bitro_scale_") as tmp:
-        model = ["--model", str(fitted_model(Path(tmp)))] if predict else []
+    with tempfile.TemporaryDirectory(prefix="bitro_scale_") as scratch:
+        tmp = str(keep) if keep is not None else scratch
+        model = ["--model", str(fitted_model())] if predict else []
         for mp in sizes:
             unit = 8 * TILE if mp >= 16 else TILE  # whole tiles on every level (one level below 16 MP)
             side = max(1, round(np.sqrt(mp * 1e6) / unit)) * unit
             for fmt in formats:
                 path = Path(tmp) / f"mosaic_{mp}mp.{'ome.tif' if fmt == 'ome' else 'tif'}"
                 t0 = time.perf_counter()
-                write_mosaic(path, side, pieces, ome=fmt == "ome")
-                write_s = time.perf_counter() - t0
+                if keep is None or not path.is_file():
+                    write_mosaic(path, side, pieces, ome=fmt == "ome")
+                file_s = time.perf_counter() - t0  # writing the TIFF (not a stage)
                 load0 = os.getloadavg()[0]
                 out = subprocess.run(
                     [sys.executable, __file__, "--one", str(path), *model],
@@ -200,13 +209,14 @@ def measure(sizes: list[int], formats: list[str], *, predict: bool = True) -> li
                     format=fmt,
                     side_px=side,
                     file_gib=path.stat().st_size / 2**30,
-                    write_s=write_s,
+                    file_s=file_s,
                     load_before=load0,
                     load_after=os.getloadavg()[0],
                 )
                 res["total_s"] = sum(res.get(k, 0.0) for k in STAGES)
                 rows.append(res)
-                path.unlink()
+                if keep is None:
+                    path.unlink()
                 shutil.rmtree(path.with_suffix(".zarr"), ignore_errors=True)
                 print(json.dumps(res), flush=True)
     return rows
@@ -249,6 +259,7 @@ def main() -> None:
     p.add_argument("--formats", nargs="+", default=["tiff", "ome"], choices=["tiff", "ome"])
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scale.md")
     p.add_argument("--no-predict", action="store_true", help="skip cell-level prediction and zarr write")
+    p.add_argument("--keep", type=Path, help="write the TIFFs into this folder and keep them (reused)")
     p.add_argument("--one", type=Path, help=argparse.SUPPRESS)  # child: run one file, print JSON
     p.add_argument("--model", type=Path, help=argparse.SUPPRESS)  # child: the fitted model
     args = p.parse_args()
@@ -257,12 +268,13 @@ def main() -> None:
         return
     import bitro_sc
 
-    rows = measure(args.sizes, args.formats, predict=not args.no_predict)
+    load0 = os.getloadavg()
+    rows = measure(args.sizes, args.formats, predict=not args.no_predict, keep=args.keep)
+    load1 = os.getloadavg()
     lines = [
-        "# Real slide files end to end (bench_scale.py)",
+        f"## Run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         "",
-        f"Command: `nice -n 5 python benchmarks/bench_scale.py --sizes {' '.join(map(str, args.sizes))} "
-        f"--formats {' '.join(args.formats)}`",
+        f"Command: `python benchmarks/bench_scale.py {' '.join(sys.argv[1:])}`",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores (shared with other jobs), Python "
         f"{platform.python_version()}, bitro_sc {bitro_sc.__version__}, {platform.platform()}",
         "Files: pyramidal tiled (512 px) JPEG TIFFs (`tiff`) and OME-TIFFs (`ome`, pyramid in SubIFDs, "
@@ -272,11 +284,17 @@ def main() -> None:
         "→ cell-level prediction (`predict_s`; a BiTro model fitted on HER2ST C2 with the defaults, float32 "
         "layer) → `bs.io.write_zarr` of every element but the image, as `bs.tl.run_batch` stores a slide "
         "(`write_s`).",
+        f"Load average (1, 5, 15 min) before the runs: {', '.join(f'{v:.1f}' for v in load0)}; after: "
+        f"{', '.join(f'{v:.1f}' for v in load1)}.",
         "",
         *table(rows),
+        "",
     ]
-    args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    text = "\n".join(lines)
+    # a dated section appended to the results file (earlier runs stay)
+    old = args.out.read_text().rstrip("\n") + "\n\n" if args.out.is_file() else ""
+    args.out.write_text(old + text)
+    print(text)
 
 
 if __name__ == "__main__":

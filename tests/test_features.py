@@ -339,3 +339,32 @@ def test_reusing_a_scaler_checks_how_the_stains_were_read():
     assert FeatureScaler.from_any(old).stains == "fixed"
     with pytest.raises(ValueError, match="not be comparable"):
         bs.tl.cell_features(new, scaler=old, overwrite=True, progress=False)
+
+
+def test_field_of_view_statistics_match_brute_force_box_means():
+    from bitro_sc.encoders._morphology import _stain_luts, _tile_features, paint_ellipses
+
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)
+    cy, cx = rng.uniform(0, 70, 12), rng.uniform(0, 90, 12)  # some boxes cut by the tile border
+    lab = paint_ellipses(
+        rgb.shape[:2], cy, cx, np.full(12, 4.0), np.full(12, 3.0), np.zeros(12), np.arange(1, 13)
+    )
+    lut_h, lut_e = _stain_luts(None)
+    hv = lut_h[0][rgb[..., 0]] + lut_h[1][rgb[..., 1]] + lut_h[2][rgb[..., 2]]
+    ev = lut_e[0][rgb[..., 0]] + lut_e[1][rgb[..., 1]] + lut_e[2][rgb[..., 2]]
+    ell = np.column_stack([cy, cx, np.full(12, 4.0), np.full(12, 3.0), np.zeros(12)])
+    out = _tile_features(
+        rgb, lab, np.arange(1, 13), ell, half_fov=10.0, ring_px=2.0, lut_h=lut_h, lut_e=lut_e
+    )
+    for i in range(12):
+        y0, y1 = np.clip([round(cy[i] - 10), round(cy[i] + 10) + 1], 0, 70)
+        x0, x1 = np.clip([round(cx[i] - 10), round(cx[i] + 10) + 1], 0, 90)
+        h, e = hv[y0:y1, x0:x1].astype(np.float64), ev[y0:y1, x0:x1].astype(np.float64)
+        expected = [
+            h.mean(),
+            np.sqrt(max((h**2).mean() - h.mean() ** 2, 0)),
+            e.mean(),
+            (lab[y0:y1, x0:x1] > 0).mean(),
+        ]
+        np.testing.assert_allclose(out[i, 8:12], expected, rtol=1e-5, atol=1e-6)

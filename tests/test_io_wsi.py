@@ -172,3 +172,35 @@ def test_survives_zarr_round_trip(slide_tif, zarr_roundtrip):
     back = zarr_roundtrip(sdata)
     assert _sdata.get_mpp(back, K.IMAGE) == pytest.approx(0.5)
     assert _sdata.slide_info(back) == {K.SAMPLE_ID: "slide_01", K.PATIENT_ID: "p7"}
+
+
+def test_decoded_regions_are_cached_and_each_read_is_its_own_copy(slide_tif):
+    from bitro_sc.io import _wsi
+
+    path, pyramid = slide_tif
+    level = _wsi.tiff_levels(path, chunk_px=256)[0]
+    arr = next(a for a in level.dask.values() if isinstance(a, _wsi._TiffLevel))
+    first = arr[0:256, 256:512]
+
+    class Counting:  # the file reader, counting what it decodes
+        def __init__(self, z):
+            self.z, self.n = z, 0
+
+        def __getitem__(self, index):
+            self.n += 1
+            return self.z[index]
+
+    arr._zarr = reader = Counting(arr._zarr)
+    first[:] = 0  # the caller owns what it gets: writing into it never reaches the cache
+    second = arr[0:256, 256:512]
+    assert reader.n == 0  # served from the cache, not decoded again
+    np.testing.assert_array_equal(second, pyramid[0][0:256, 256:512])
+    arr.cache_bytes = 256 * 256 * 3 * 2  # room for two regions: the least recently used goes
+    for x0 in (0, 256, 512, 768):
+        arr[0:256, x0 : x0 + 256]
+    assert reader.n == 3
+    assert arr._cached <= arr.cache_bytes
+    assert len(arr._cache) == 2
+    again = pickle.loads(pickle.dumps(arr))  # a worker process starts with an empty cache
+    assert not again._cache
+    np.testing.assert_array_equal(again[256:512, 0:256], pyramid[0][256:512, 0:256])

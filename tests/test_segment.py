@@ -134,6 +134,34 @@ def test_cell_props_match_regionprops():
 # --- segmentation quality -------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("block", [2, 3])
+def test_cell_props_of_binned_labels_equal_those_of_the_repeated_image(block):
+    from bitro_sc._cells import cell_props
+
+    rng = np.random.default_rng(block)
+    small = rng.integers(0, 7, (23, 31)).astype(np.int32)
+    small[rng.random(small.shape) < 0.4] = 0
+    h, w = 23 * block - 1, 31 * block - (block - 1)  # the last row and column of blocks cut
+    full = np.repeat(np.repeat(small, block, 0), block, 1)[:h, :w]
+    expected = cell_props(full, offset_px=(4.0, 9.0))
+    got = cell_props(small, offset_px=(4.0, 9.0), block=block, shape=(h, w))
+    pd.testing.assert_frame_equal(got, expected, check_exact=True)
+    with pytest.raises(ValueError, match="must be covered"):
+        cell_props(small, block=block, shape=(h + block + 1, w))
+
+
+def test_whole_slide_cells_equal_those_measured_on_the_label_image():
+    sdata = bs.datasets.toy("image", n=80, size_px=500)
+    tables = []
+    for write_labels in (False, True):  # binned measures vs the full-resolution label image
+        bs.tl.segment(
+            sdata, progress=False, tissue=False, tile_um=61.0, write_labels=write_labels, overwrite=True
+        )
+        tables.append(sdata.tables[K.CELLS].obs.select_dtypes("number").reset_index(drop=True))
+    assert len(tables[0]) > 60
+    pd.testing.assert_frame_equal(tables[0], tables[1], check_exact=True)
+
+
 def test_watershed_finds_toy_nuclei():
     sdata, truth = bs.datasets.toy("image", return_truth=True, n=60)
     bs.tl.segment(sdata, progress=False, tissue=False)

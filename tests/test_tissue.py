@@ -86,3 +86,18 @@ def test_tissue_mask_needs_a_pixel_size():
     )
     with pytest.raises(ValueError, match="pixel size"):
         bs.pp.tissue_mask(sdata)
+
+
+def test_tissue_mask_reads_the_pyramid_level_not_the_full_resolution_image():
+    from bitro_sc.pp._tissue import thumbnail
+
+    sdata, _ = slide_with_disc(mpp=0.5, size_px=600)
+    img = _sdata.get_image(sdata, K.IMAGE)
+    rgb = np.moveaxis(img.values, 0, -1)
+    levels = [rgb, rgb[::2, ::2], rgb[::4, ::4]]
+    sdata = sd.SpatialData(images={K.IMAGE: bs.io._common.image_element(levels, mpp=0.5)})
+    thumb, scale = thumbnail(sdata, K.IMAGE, mpp=0.5, target_um=4.0)
+    assert scale == 8.0  # the 4x level (2 µm/px), then 2 x 2 block means
+    np.testing.assert_array_equal(thumb.shape, (75, 75, 3))
+    coarse = levels[2][:150, :150].astype(np.float32).reshape(75, 2, 75, 2, 3).mean((1, 3))
+    np.testing.assert_array_equal(thumb, np.clip(np.rint(coarse), 0, 255).astype(np.uint8))

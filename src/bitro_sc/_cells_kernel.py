@@ -64,6 +64,13 @@ def label_moments(lab, nmax):
                 rxmin[i] = x
             if x > rxmax[i]:
                 rxmax[i] = x
+    return stats, _hull_areas(nmax, w, ymin, ymax, off, rxmin, rxmax)
+
+
+@numba.njit(cache=True, nogil=True)
+def _hull_areas(nmax, w, ymin, ymax, off, rxmin, rxmax):  # pragma: no cover - compiled
+    """Convex-hull area of each label's pixel squares from its per-row x extents
+    (``rxmin/rxmax[off[v] + y - ymin[v]]``; ``rxmax < 0``: no pixel on that row)."""
     hull = np.zeros(nmax + 1, np.float64)
     for v in range(1, nmax + 1):
         if ymax[v] < 0:
@@ -123,4 +130,87 @@ def label_moments(lab, nmax):
         for i in range(k - 1):
             a += hy[i] * hx[i + 1] - hy[i + 1] * hx[i]
         hull[v] = abs(a) / 2.0
-    return stats, hull
+    return hull
+
+
+@numba.njit(cache=True, nogil=True)
+def label_moments_blocks(lab, nmax, f, h, w):  # pragma: no cover - compiled
+    """:func:`label_moments` of the ``(h, w)`` image made by repeating each pixel of ``lab`` over an
+    ``f × f`` block (cropped to ``h × w``), without making it: the same integer sums (exact in
+    float64), boundary edges and convex hulls, from one pass over the blocks."""
+    bh, bw = lab.shape
+    stats = np.zeros((nmax + 1, 7), np.float64)
+    ymin = np.full(nmax + 1, h, np.int64)
+    ymax = np.full(nmax + 1, -1, np.int64)
+    for by in range(bh):
+        y0 = by * f
+        y1 = min(y0 + f, h)
+        if y0 >= h:
+            break
+        fy = y1 - y0
+        sy = 0.0
+        syy = 0.0
+        for y in range(y0, y1):
+            sy += y
+            syy += y * y
+        for bx in range(bw):
+            v = lab[by, bx]
+            if v <= 0:
+                continue
+            x0 = bx * f
+            x1 = min(x0 + f, w)
+            if x0 >= w:
+                break
+            fx = x1 - x0
+            sx = 0.0
+            sxx = 0.0
+            for x in range(x0, x1):
+                sx += x
+                sxx += x * x
+            s = stats[v]
+            s[0] += fy * fx
+            s[1] += fx * sy
+            s[2] += fy * sx
+            s[3] += fx * syy
+            s[4] += fy * sxx
+            s[5] += sx * sy
+            e = 0
+            if by == 0 or lab[by - 1, bx] != v:
+                e += fx
+            if y1 >= h or by + 1 >= bh or lab[by + 1, bx] != v:
+                e += fx
+            if bx == 0 or lab[by, bx - 1] != v:
+                e += fy
+            if x1 >= w or bx + 1 >= bw or lab[by, bx + 1] != v:
+                e += fy
+            s[6] += e
+            if y0 < ymin[v]:
+                ymin[v] = y0
+            if y1 - 1 > ymax[v]:
+                ymax[v] = y1 - 1
+    off = np.zeros(nmax + 2, np.int64)
+    for v in range(1, nmax + 1):
+        off[v + 1] = off[v] + (ymax[v] - ymin[v] + 1 if ymax[v] >= 0 else 0)
+    total = off[nmax + 1]
+    rxmin = np.full(total, w + 1, np.int64)
+    rxmax = np.full(total, -1, np.int64)
+    for by in range(bh):
+        y0 = by * f
+        if y0 >= h:
+            break
+        y1 = min(y0 + f, h)
+        for bx in range(bw):
+            v = lab[by, bx]
+            if v <= 0:
+                continue
+            x0 = bx * f
+            if x0 >= w:
+                break
+            x1 = min(x0 + f, w) - 1
+            for y in range(y0, y1):
+                i = off[v] + y - ymin[v]
+                if x0 < rxmin[i]:
+                    rxmin[i] = x0
+                if x1 > rxmax[i]:
+                    rxmax[i] = x1
+    return stats, _hull_areas(nmax, w, ymin, ymax, off, rxmin, rxmax)

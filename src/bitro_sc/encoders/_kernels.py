@@ -40,55 +40,6 @@ def paint_ellipses(out, cy, cx, a, b, theta, values):  # pragma: no cover - comp
 
 
 @numba.njit(cache=True, nogil=True)
-def pixel_pass(rgb, lab, lut_h, lut_e, m, integ, nuc, con):  # pragma: no cover - compiled
-    """One pass over a tile.
-
-    Fills ``nuc[l] = (count, ΣH, ΣH², ΣE, ΣE²)`` per label ``l`` (``m`` labels incl. background),
-    ``con[l] = (Σ|ΔH|, pairs)`` over 4-connected neighbour pairs inside the same nucleus, and the
-    integral images ``integ[k]`` of H, H², E and the nucleus mask (shape ``(4, h + 1, w + 1)``).
-    """
-    h, w = lab.shape
-    prev_row = np.zeros(w, dtype=np.float64)
-    for y in range(h):
-        s0 = 0.0
-        s1 = 0.0
-        s2 = 0.0
-        s3 = 0.0
-        hleft = 0.0
-        for x in range(w):
-            r = rgb[y, x, 0]
-            g = rgb[y, x, 1]
-            bl = rgb[y, x, 2]
-            hv = lut_h[0, r] + lut_h[1, g] + lut_h[2, bl]
-            ev = lut_e[0, r] + lut_e[1, g] + lut_e[2, bl]
-            lv = lab[y, x]
-            fg = 0.0
-            if lv > 0:
-                fg = 1.0
-                nuc[lv, 0] += 1.0
-                nuc[lv, 1] += hv
-                nuc[lv, 2] += hv * hv
-                nuc[lv, 3] += ev
-                nuc[lv, 4] += ev * ev
-                if x > 0 and lab[y, x - 1] == lv:
-                    con[lv, 0] += abs(hv - hleft)
-                    con[lv, 1] += 1.0
-                if y > 0 and lab[y - 1, x] == lv:
-                    con[lv, 0] += abs(hv - prev_row[x])
-                    con[lv, 1] += 1.0
-            hleft = hv
-            prev_row[x] = hv
-            s0 += hv
-            s1 += hv * hv
-            s2 += ev
-            s3 += fg
-            integ[0, y + 1, x + 1] = integ[0, y, x + 1] + s0
-            integ[1, y + 1, x + 1] = integ[1, y, x + 1] + s1
-            integ[2, y + 1, x + 1] = integ[2, y, x + 1] + s2
-            integ[3, y + 1, x + 1] = integ[3, y, x + 1] + s3
-
-
-@numba.njit(cache=True, nogil=True)
 def ring_pass(rgb, lab, lut_h, lut_e, cy, cx, a, b, theta, ring, out):  # pragma: no cover - compiled
     """Per cell, ``out[i] = (count, ΣH, ΣE, ΣE²)`` over background pixels (``lab == 0``) inside the
     cell's ellipse enlarged by ``ring`` pixels on both semi-axes."""
@@ -123,3 +74,65 @@ def ring_pass(rgb, lab, lut_h, lut_e, cy, cx, a, b, theta, ring, out):  # pragma
                     out[i, 1] += hv
                     out[i, 2] += ev
                     out[i, 3] += ev * ev
+
+
+@numba.njit(cache=True, nogil=True)
+def pixel_pass_boxes(rgb, lab, lut_h, lut_e, m, nuc, con, q_start, q_col, q_out, corners):  # pragma: no cover
+    """One pass over a tile: per-nucleus sums and the field-of-view box sums.
+
+    Fills ``nuc[l] = (count, ΣH, ΣH², ΣE, ΣE²)`` per label ``l`` (``m`` labels incl. background) and
+    ``con[l] = (Σ|ΔH|, pairs)`` over 4-connected neighbour pairs inside the same nucleus. The integral
+    images of H, H², E and the nucleus mask are never held: their rows are built one at a time and
+    only the values that queries ask for are kept.
+
+    Queries are grouped by integral row ``r`` (``0..h``): ``q_start[r]:q_start[r + 1]`` index
+    ``q_col`` (the column, ``0..w``) and ``q_out`` (a flat index into ``corners[k]``), so that
+    ``corners[k, q_out[i]] = integral_k[r, q_col[i]]`` for H, H², E and the nucleus mask (``k``).
+    """
+    h, w = lab.shape
+    prev_row = np.zeros(w, dtype=np.float64)
+    run = np.zeros((4, w + 1), dtype=np.float64)  # the current integral row (row 0: zeros)
+    for i in range(q_start[0], q_start[1]):
+        for k in range(4):
+            corners[k, q_out[i]] = 0.0
+    for y in range(h):
+        s0 = 0.0
+        s1 = 0.0
+        s2 = 0.0
+        s3 = 0.0
+        hleft = 0.0
+        for x in range(w):
+            r = rgb[y, x, 0]
+            g = rgb[y, x, 1]
+            bl = rgb[y, x, 2]
+            hv = lut_h[0, r] + lut_h[1, g] + lut_h[2, bl]
+            ev = lut_e[0, r] + lut_e[1, g] + lut_e[2, bl]
+            lv = lab[y, x]
+            fg = 0.0
+            if lv > 0:
+                fg = 1.0
+                nuc[lv, 0] += 1.0
+                nuc[lv, 1] += hv
+                nuc[lv, 2] += hv * hv
+                nuc[lv, 3] += ev
+                nuc[lv, 4] += ev * ev
+                if x > 0 and lab[y, x - 1] == lv:
+                    con[lv, 0] += abs(hv - hleft)
+                    con[lv, 1] += 1.0
+                if y > 0 and lab[y - 1, x] == lv:
+                    con[lv, 0] += abs(hv - prev_row[x])
+                    con[lv, 1] += 1.0
+            hleft = hv
+            prev_row[x] = hv
+            s0 += hv
+            s1 += hv * hv
+            s2 += ev
+            s3 += fg
+            run[0, x + 1] = run[0, x + 1] + s0
+            run[1, x + 1] = run[1, x + 1] + s1
+            run[2, x + 1] = run[2, x + 1] + s2
+            run[3, x + 1] = run[3, x + 1] + s3
+        for i in range(q_start[y + 1], q_start[y + 2]):
+            c = q_col[i]
+            for k in range(4):
+                corners[k, q_out[i]] = run[k, c]

@@ -124,8 +124,10 @@ def paint_ellipses(
     return out
 
 
-def _box_means(integral: np.ndarray, y0: np.ndarray, y1: np.ndarray, x0: np.ndarray, x1: np.ndarray):
-    s = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+def _corner_means(c: np.ndarray, y0: np.ndarray, y1: np.ndarray, x0: np.ndarray, x1: np.ndarray):
+    """Box means from the integral image's values at the corners ``(y1,x1), (y0,x1), (y1,x0), (y0,x0)``
+    (rows of ``c``), in the usual order of operations."""
+    s = c[0] - c[1] - c[2] + c[3]
     return s / np.maximum((y1 - y0) * (x1 - x0), 1)
 
 
@@ -315,14 +317,25 @@ def _tile_features(
 
     ``ellipses`` holds per owned cell ``(cy, cx, a, b, theta)`` in tile pixels.
     """
-    from ._kernels import pixel_pass, ring_pass
+    from ._kernels import pixel_pass_boxes, ring_pass
 
     m = int(lab.max()) + 1
     ih, iw = lab.shape
-    integ = np.zeros((4, ih + 1, iw + 1), dtype=np.float64)
     nuc = np.zeros((m, 5), dtype=np.float64)
     con = np.zeros((m, 2), dtype=np.float64)
-    pixel_pass(rgb, lab, lut_h, lut_e, m, integ, nuc, con)
+    cy, cx = ellipses[:, 0], ellipses[:, 1]
+    # field of view: box sums from the integral images, of which only the 4 corners per cell are kept
+    y0 = np.clip(np.round(cy - half_fov).astype(np.int64), 0, ih)
+    y1 = np.clip(np.round(cy + half_fov).astype(np.int64) + 1, 0, ih)
+    x0 = np.clip(np.round(cx - half_fov).astype(np.int64), 0, iw)
+    x1 = np.clip(np.round(cx + half_fov).astype(np.int64) + 1, 0, iw)
+    n_own = len(owned)
+    q_row = np.concatenate([y1, y0, y1, y0])  # corner order of _box_means: (y1,x1) (y0,x1) (y1,x0) (y0,x0)
+    q_col = np.concatenate([x1, x1, x0, x0])
+    order = np.argsort(q_row, kind="stable")
+    q_start = np.searchsorted(q_row[order], np.arange(ih + 2)).astype(np.int64)
+    corners = np.zeros((4, 4 * n_own), dtype=np.float64)
+    pixel_pass_boxes(rgb, lab, lut_h, lut_e, m, nuc, con, q_start, q_col[order], order, corners)
     cy, cx, a, b, theta = (np.ascontiguousarray(c) for c in ellipses.T)
     ring = np.zeros((len(owned), 4), dtype=np.float64)
     ring_pass(
@@ -340,12 +353,9 @@ def _tile_features(
         r_e = ring[:, 2] / ring[:, 0]
         r_e_std = np.sqrt(np.maximum(ring[:, 3] / ring[:, 0] - r_e**2, 0))
 
-    # field of view: box means from the integral images
-    y0 = np.clip(np.round(cy - half_fov).astype(np.int64), 0, ih)
-    y1 = np.clip(np.round(cy + half_fov).astype(np.int64) + 1, 0, ih)
-    x0 = np.clip(np.round(cx - half_fov).astype(np.int64), 0, iw)
-    x1 = np.clip(np.round(cx + half_fov).astype(np.int64) + 1, 0, iw)
-    fov_h, fov_h2, fov_e, fov_nuc = (_box_means(integ[k], y0, y1, x0, x1) for k in range(4))
+    fov_h, fov_h2, fov_e, fov_nuc = (
+        _corner_means(corners[k].reshape(4, n_own), y0, y1, x0, x1) for k in range(4)
+    )
     fov_h_std = np.sqrt(np.maximum(fov_h2 - fov_h**2, 0))
     cols = [h_mean, h_std, e_mean, e_std, contrast, r_h, r_e, r_e_std, fov_h, fov_h_std, fov_e, fov_nuc]
     return np.column_stack(cols).astype(np.float32)

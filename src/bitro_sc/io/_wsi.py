@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+import threading
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -25,6 +27,9 @@ OPENSLIDE_SUFFIXES = (".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg")
 #: pixel sizes outside this range (µm/px) in file metadata are treated as absent (e.g. 72 dpi defaults)
 PLAUSIBLE_MPP = (0.05, 20.0)
+#: decoded TIFF regions cached per pyramid level: this many rows of chunks, at most CACHE_MAX_BYTES
+CACHE_ROWS = 3
+CACHE_MAX_BYTES = 384 * 2**20
 
 Backend = Literal["auto", "tifffile", "openslide"]
 
@@ -193,7 +198,7 @@ def tiff_levels(path: Path, *, chunk_px: int = CHUNK_PX, series: int = 0) -> lis
     stat = Path(path).stat()
     out = []
     for i, (shape, dtype) in enumerate(shapes):
-        arr = _TiffLevel(str(path), series, i, shape, dtype)
+        arr = _TiffLevel(str(path), series, i, shape, dtype, chunk_px=chunk_px)
         chunks = tuple(chunk_px if a in "YX" else -1 for a in axes)
         name = f"tiff-{Path(path).name}-{stat.st_size}-{stat.st_mtime_ns}-{series}-{i}"
         out.append(_to_yxc(da.from_array(arr, chunks=chunks, name=name, asarray=False), axes, path))
@@ -201,24 +206,72 @@ def tiff_levels(path: Path, *, chunk_px: int = CHUNK_PX, series: int = 0) -> lis
 
 
 class _TiffLevel:
-    """Array-like view of one level of a TIFF series, read region by region; picklable (path only)."""
+    """Array-like view of one level of a TIFF series, read region by region; picklable (path only).
 
-    def __init__(self, path: str, series: int, level: int, shape: tuple[int, ...], dtype: Any) -> None:
+    Decoded regions are kept in a small least-recently-used cache (:data:`CACHE_ROWS` rows of chunks,
+    at most :data:`CACHE_MAX_BYTES`): tiles that overlap (segmentation tiles with their context,
+    feature tiles with their margin) read the same JPEG tiles again, and decoding is most of the cost
+    of reading. Each read returns its own copy, so a caller may write into it.
+    """
+
+    def __init__(
+        self, path: str, series: int, level: int, shape: tuple[int, ...], dtype: Any, *, chunk_px: int = 0
+    ) -> None:
         self.path, self.series, self.level = path, series, level
         self.shape, self.dtype, self.ndim = shape, np.dtype(dtype), len(shape)
+        row_bytes = int(np.prod(shape, dtype=np.int64)) * self.dtype.itemsize * chunk_px // max(max(shape), 1)
+        self.cache_bytes = int(min(CACHE_ROWS * row_bytes, CACHE_MAX_BYTES))
         self._zarr: Any = None
+        self._cache: OrderedDict[Any, np.ndarray] = OrderedDict()
+        self._cached = 0
+        self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_zarr": None}
+        return {**self.__dict__, "_zarr": None, "_cache": OrderedDict(), "_cached": 0, "_lock": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def __getitem__(self, index: Any) -> np.ndarray:
+        key = _index_key(index)
+        if key is not None and self.cache_bytes > 0:
+            with self._lock:
+                hit = self._cache.get(key)
+                if hit is not None:
+                    self._cache.move_to_end(key)
+            if hit is not None:
+                return hit.copy()
         if self._zarr is None:
             import tifffile
             import zarr
 
             store = tifffile.TiffFile(self.path).series[self.series].aszarr(level=self.level)
             self._zarr = zarr.open(store, mode="r")
-        return np.asarray(self._zarr[index])
+        out = np.asarray(self._zarr[index])
+        if key is not None and 0 < out.nbytes <= self.cache_bytes:
+            with self._lock:
+                if key not in self._cache:
+                    self._cache[key] = out.copy()
+                    self._cached += out.nbytes
+                while self._cached > self.cache_bytes:
+                    _, old = self._cache.popitem(last=False)
+                    self._cached -= old.nbytes
+        return out
+
+
+def _index_key(index: Any) -> tuple[Any, ...] | None:
+    """A hashable key of a basic index (slices and integers), ``None`` for anything else."""
+    items = index if isinstance(index, tuple) else (index,)
+    key: list[Any] = []
+    for i in items:
+        if isinstance(i, slice):
+            key.append((i.start, i.stop, i.step))
+        elif isinstance(i, (int, np.integer)):
+            key.append(int(i))
+        else:
+            return None
+    return tuple(key)
 
 
 def _to_yxc(arr: Any, axes: str, path: Path) -> Any:

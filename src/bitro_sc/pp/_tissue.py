@@ -31,11 +31,12 @@ def thumbnail(
     full = _sdata.get_image(sdata, image_key)
     height = full.sizes["y"]
     arr = full
-    if hasattr(element, "children") and not hasattr(element, "dims"):  # multiscale
+    # multiscale: a DataTree of levels (a DataTree has `dims` too, so test `children`, not `dims`)
+    if getattr(element, "children", None):
         for level in sorted(element.children):
             cand = next(iter(element[level].values()))
             f = height / cand.sizes["y"]
-            if f * mpp <= target_um:
+            if f * mpp <= target_um and cand.sizes["y"] < arr.sizes["y"]:
                 arr = cand
     level_scale = height / arr.sizes["y"]
     factor = max(1, int(target_um / (mpp * level_scale)))

@@ -169,3 +169,50 @@ def haematoxylin_binned(rgb, lut, f):
             for bx in range(nx):
                 out[by, bx] /= hy * min(f, w - bx * f)
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def fill_small_holes(fg, bg_lab, n_bg, max_px):
+    """Set ``fg`` (in place) on background components (``bg_lab``, ``1..n_bg``) of at most ``max_px``
+    pixels that do not touch the array border (a piece cut by a tile border is not a hole)."""
+    h, w = fg.shape
+    sizes = np.zeros(n_bg + 1, np.int64)
+    for y in range(h):
+        for x in range(w):
+            sizes[bg_lab[y, x]] += 1
+    small = np.zeros(n_bg + 1, np.bool_)
+    for i in range(1, n_bg + 1):
+        small[i] = sizes[i] <= max_px
+    for x in range(w):
+        small[bg_lab[0, x]] = False
+        small[bg_lab[h - 1, x]] = False
+    for y in range(h):
+        small[bg_lab[y, 0]] = False
+        small[bg_lab[y, w - 1]] = False
+    small[0] = False
+    for y in range(h):
+        for x in range(w):
+            if small[bg_lab[y, x]]:
+                fg[y, x] = True
+
+
+@numba.njit(cache=True, nogil=True)
+def drop_by_size(labels, min_px, max_px):
+    """Set (in place) to 0 the labels whose pixel count is outside ``[min_px, max_px]``."""
+    h, w = labels.shape
+    n = 0
+    for y in range(h):
+        for x in range(w):
+            if labels[y, x] > n:
+                n = labels[y, x]
+    sizes = np.zeros(n + 1, np.int64)
+    for y in range(h):
+        for x in range(w):
+            sizes[labels[y, x]] += 1
+    keep = np.zeros(n + 1, np.bool_)
+    for i in range(1, n + 1):
+        keep[i] = sizes[i] >= min_px and sizes[i] <= max_px
+    for y in range(h):
+        for x in range(w):
+            if not keep[labels[y, x]]:
+                labels[y, x] = 0

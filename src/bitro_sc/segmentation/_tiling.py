@@ -122,8 +122,14 @@ def run_tile(
         if np.issubdtype(rgb.dtype, np.floating) and rgb.size and float(rgb.max()) <= 1.0:
             rgb = rgb * 255.0
         rgb = np.clip(rgb, 0, 255).astype(np.uint8)
-    labels = call_segmenter(backend, rgb, mpp=mpp, **kwargs)
-    props = cell_props(labels, offset_px=(float(origin[0]), float(origin[1])))
+    offset = (float(origin[0]), float(origin[1]))
+    binned = getattr(backend, "labels_binned", None)
+    if callable(binned) and not keep_labels:  # measured on the binned labels: the same numbers
+        small, f = binned(rgb, mpp=mpp, **kwargs)
+        props = cell_props(small, offset_px=offset, block=int(f), shape=rgb.shape[:2])
+    else:
+        labels = call_segmenter(backend, rgb, mpp=mpp, **kwargs)
+        props = cell_props(labels, offset_px=offset)
     cy0, cy1, cx0, cx1 = core
     y, x = props["y_px"].to_numpy(), props["x_px"].to_numpy()
     own = (y >= cy0) & (y < cy1) & (x >= cx0) & (x < cx1)

@@ -151,11 +151,19 @@ class HaematoxylinWatershed:
 
     def __call__(self, tile: np.ndarray, *, mpp: float, threshold: float | None = None) -> np.ndarray:
         """Label image (int32, 0 = background) of the nuclei in an ``(y, x, 3)`` uint8 RGB tile."""
-        h, work_mpp, f = self._binned_h(tile, mpp)
-        labels = self._labels(h, work_mpp, threshold)
+        labels, f = self.labels_binned(tile, mpp=mpp, threshold=threshold)
         if f > 1:
             labels = np.repeat(np.repeat(labels, f, axis=0), f, axis=1)[: tile.shape[0], : tile.shape[1]]
         return labels
+
+    def labels_binned(
+        self, tile: np.ndarray, *, mpp: float, threshold: float | None = None
+    ) -> tuple[np.ndarray, int]:
+        """The labels at the working resolution and the bin factor ``f``: :meth:`__call__` returns
+        them repeated over ``f × f`` blocks, cropped to the tile (the tiler measures the cells on
+        the binned image when it needs no full-resolution label image)."""
+        h, work_mpp, f = self._binned_h(tile, mpp)
+        return self._labels(h, work_mpp, threshold), f
 
     def _labels(self, h: np.ndarray, mpp: float, threshold: float | None) -> np.ndarray:
         from scipy import ndimage as ndi
@@ -174,18 +182,14 @@ class HaematoxylinWatershed:
         if not fg.any():
             return np.zeros(h.shape, np.int32)
         px2 = mpp * mpp
+        from ._kernels import drop_by_size, fill_small_holes, flood, squared_edt
+
         # fill small holes: background components not touching the border and small
         hole_px = self.max_hole_um2 / px2
         if hole_px >= 1:
             bg_lab, n_bg = ndi.label(~fg)
             if n_bg:
-                sizes = np.bincount(bg_lab.ravel(), minlength=n_bg + 1)
-                small = sizes <= hole_px
-                small[0] = False
-                # a background piece cut by the tile border is not a hole (tile independence)
-                small[bg_lab[0]] = small[bg_lab[-1]] = small[bg_lab[:, 0]] = small[bg_lab[:, -1]] = False
-                fg |= small[bg_lab]
-        from ._kernels import flood, squared_edt
+                fill_small_holes(fg, bg_lab, n_bg, float(hole_px))
 
         dist = np.sqrt(squared_edt(fg))
         ds = self.dist_sigma_um / mpp
@@ -201,9 +205,6 @@ class HaematoxylinWatershed:
         cap = self.max_diameter_um / mpp
         level = np.clip((cap - dist) * 4.0, 0, None).astype(np.int32)
         labels = flood(level, markers.astype(np.int32), fg)
-        # size filter
-        sizes = np.bincount(labels.ravel())
-        keep = (sizes >= self.min_area_um2 / px2) & (sizes <= self.max_area_um2 / px2)
-        keep[0] = False
-        labels = np.where(keep[labels], labels, 0).astype(np.int32)
+        # size filter (in place)
+        drop_by_size(labels, float(self.min_area_um2 / px2), float(self.max_area_um2 / px2))
         return labels
