@@ -269,3 +269,31 @@ def test_a_spot_base_adapted_to_bulk_keeps_its_attention_window() -> None:
     assert _transfer_window(spot_base, "bulk", TrainParams(chunk_cells=64)) == 64  # type: ignore[arg-type]
     assert _transfer_window(bulk_base, "spot", TrainParams()) == TrainParams().chunk_cells  # type: ignore[arg-type]
     assert _transfer_window(None, "bulk", TrainParams()) == TrainParams().chunk_cells
+
+
+def test_route_choice_keeps_zero_shot_unless_the_gain_beats_the_noise_margin() -> None:
+    rng = np.random.default_rng(0)
+    truth = np.exp(rng.normal(size=(8, 30)))
+    zero = truth * np.exp(rng.normal(scale=1.0, size=truth.shape))  # r ≈ 0.7 per gene
+    # a hair better than zero-shot on average (well within noise): zero-shot must stay
+    tiny = zero.copy()
+    tiny[:, 0] = truth[:, 0]  # one gene perfect, another much worse: a small, noisy net gain
+    tiny[:, 1] = truth[:, 1] * np.exp(rng.normal(scale=3.0, size=8))
+    held = {"zero-shot": [zero[:4], zero[4:]], "lora": [tiny[:4], tiny[4:]]}
+    folds = [truth[:4], truth[4:]]
+    plain = max(held, key=lambda n: _route.cv_pearson(held[n], folds))
+    assert plain == "lora"  # the best score alone would leave zero-shot
+    chosen, margin = _route.choose_with_margin(held, folds)
+    assert chosen == "zero-shot"
+    step = margin["steps"][0]
+    assert step["candidate"] == "lora" and not step["taken"]
+    assert 0 < step["gain"] <= _route.MARGIN_SE * step["se"]
+    # a clear gain is taken; scratch must then beat the transfer route by the margin too
+    good = truth * np.exp(rng.normal(scale=0.2, size=truth.shape))
+    noisy = good.copy()
+    noisy[:, 0] = truth[:, 0]
+    noisy[:, 1] = truth[:, 1] * np.exp(rng.normal(scale=3.0, size=8))
+    held = {"zero-shot": [zero], "lora": [good], "scratch": [noisy]}
+    chosen, margin = _route.choose_with_margin(held, [truth], scratch={"scratch"})
+    assert chosen == "lora"
+    assert [s["taken"] for s in margin["steps"]] == [True, False]
