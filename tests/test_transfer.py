@@ -286,7 +286,8 @@ def test_route_choice_keeps_zero_shot_unless_the_gain_beats_the_noise_margin() -
     chosen, margin = _route.choose_with_margin(held, folds)
     assert chosen == "zero-shot"
     step = margin["steps"][0]
-    assert step["candidate"] == "lora" and not step["taken"]
+    assert step["candidate"] == "lora"
+    assert not step["taken"]
     assert 0 < step["gain"] <= _route.MARGIN_SE * step["se"]
     # a clear gain is taken; scratch must then beat the transfer route by the margin too
     good = truth * np.exp(rng.normal(scale=0.2, size=truth.shape))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -308,7 +308,10 @@ def paired_gain(a: np.ndarray, b: np.ndarray, truth: np.ndarray) -> tuple[float,
 
 
 def choose_with_margin(
-    held: dict[str, list[np.ndarray]], truth: list[np.ndarray], *, scratch: set[str] = frozenset()  # type: ignore[assignment]
+    held: dict[str, list[np.ndarray]],
+    truth: list[np.ndarray],
+    *,
+    scratch: Collection[str] = (),
 ) -> tuple[str, dict[str, Any]]:
     """The candidate chosen by cross-validated Pearson with a noise margin (:data:`MARGIN_SE`), and
     the record of the choice. ``held``: each candidate's held-out predictions, one array per fold
