@@ -182,10 +182,11 @@ def _margin_note(route: Mapping[str, Any]) -> str:
         return ""
     k = float(margin.get("k_se", 1.0))
     parts = []
-    for st in margin["steps"]:
+    steps = margin["steps"]  # a list, or {"0": ..., "1": ...} as stored in ``uns``
+    for st in steps.values() if isinstance(steps, Mapping) else steps:
         gain, se = float(st["gain"]), float(st["se"])
         verdict = f"> {k:g} SE ({se:.3f}), taken"
-        if not st["taken"]:
+        if not bool(st["taken"]):
             verdict = f"≤ {k:g} SE ({se:.3f}), kept {st['against']}"
         parts.append(f"{st['candidate']} vs {st['against']}: {gain:+.3f} {verdict}")
     return "\n" + "; ".join(parts)
