@@ -209,7 +209,8 @@ def _run_seed(
     if args.transfer_only:  # spot -> bulk transfer rows only (a re-run after a method change)
         spot_base = bs.tl.fit_bitro(spots[:3], epochs=args.epochs, seed=seed, progress=False, genes=genes)
         for n in bulk_targets:
-            row("spot->bulk", 3, n, "transfer", bulk[:n], transfer="spatial", base=spot_base)
+            adapted = row("spot->bulk", 3, n, "transfer", bulk[:n], transfer="spatial", base=spot_base)
+            row("spot->bulk", 3, n, ENSEMBLE["spot->bulk"], None, base=(adapted, spot_base))
         return
     scratch_spot = {k: row("bulk->spot", 0, k, "scratch", spots[:k]) for k in spot_targets}
     for n in bases:
