@@ -44,6 +44,9 @@ ENSEMBLE = {
     "bulk->spot": "ensemble: mean of transfer + scratch",
     "spot->bulk": "ensemble: mean of transfer + zero-shot base",
 }
+#: Scratch on the spot target with ``ModelParams.linear_start="constant"`` (the default is
+#: ``"ridge"``, which scored lower on one spot slide): the stronger of the two scratch baselines.
+SCRATCH_CONSTANT = "scratch (linear_start=constant)"
 FIELDS = ("draw", "seed", "direction", "base_n", "target_n", "method", "score", "route", "seconds")
 
 
@@ -206,6 +209,10 @@ def _run_seed(
         return model
 
     core = f"{seed}" not in memo
+    if args.scratch_constant_only:  # scratch on the spot targets with the constant linear start
+        for k in spot_targets:
+            row("bulk->spot", 0, k, SCRATCH_CONSTANT, spots[:k], model={"linear_start": "constant"})
+        return
     if args.transfer_only:  # spot -> bulk transfer rows only (a re-run after a method change)
         spot_base = bs.tl.fit_bitro(spots[:3], epochs=args.epochs, seed=seed, progress=False, genes=genes)
         for n in bulk_targets:
@@ -376,6 +383,9 @@ def report(args: argparse.Namespace) -> None:
                     ["draw", "seed"]
                 )["score"],
             }
+            const = sub[(sub["method"] == SCRATCH_CONSTANT) & (sub[tgt_col] == t)]
+            if len(const):
+                comps[SCRATCH_CONSTANT] = const.set_index(["draw", "seed"])["score"]
             ens = sub[(sub["method"] == ENSEMBLE[direction]) & (sub[base_col] == b) & (sub[tgt_col] == t)]
             if len(ens):
                 comps[ENSEMBLE[direction]] = ens.set_index(["draw", "seed"])["score"]
@@ -433,6 +443,11 @@ def main() -> None:
     p.add_argument("--notes", default="", help="report: a markdown file to include")
     p.add_argument("--rerun", default="", help="report: CSVs of re-run transfer rows (replace older)")
     p.add_argument("--transfer-only", action="store_true", help="only spot -> bulk transfer rows")
+    p.add_argument(
+        "--scratch-constant-only",
+        action="store_true",
+        help="only bulk -> spot scratch rows with linear_start='constant'",
+    )
     p.add_argument("--cache", default=os.environ.get("BITRO_TRANSFER_CACHE", "/tmp/bitro_transfer"))
     p.add_argument("--out", default=None, help="CSV of scores (report: several, comma-separated)")
     p.add_argument("--command", default="see the header of benchmarks/bench_transfer.py")
