@@ -345,13 +345,13 @@ def her2st(args: argparse.Namespace) -> None:
 
 def report(args: argparse.Namespace) -> None:
     df = pd.concat([pd.read_csv(p) for p in args.out.split(",")], ignore_index=True)
-    old = "transfer (route by val. loss)"
-    if args.rerun:  # newer transfer rows replace the older ones, which stay for comparison
+    old = args.rerun_label
+    if args.rerun:  # newer rows replace the older ones; older transfer rows stay for comparison
         new = pd.concat([pd.read_csv(p) for p in args.rerun.split(",")], ignore_index=True)
         key = ["draw", "seed", "direction", "base_n", "target_n", "method"]
         hit = df.set_index(key).index.isin(new.set_index(key).index)
-        df.loc[hit, "method"] = old
-        df = pd.concat([df, new], ignore_index=True)
+        df.loc[hit & (df["method"] == "transfer"), "method"] = old
+        df = pd.concat([df[~hit | (df["method"] == old)], new], ignore_index=True)
     parts = [
         "# Transfer with scarce targets (issue 17)\n",
         f"Written by `python benchmarks/bench_transfer.py report` from `{args.out}`, produced by\n"
@@ -442,6 +442,11 @@ def main() -> None:
     p.add_argument("--policy", default="auto", help="her2st: transfer policy (auto, lora, head, full)")
     p.add_argument("--notes", default="", help="report: a markdown file to include")
     p.add_argument("--rerun", default="", help="report: CSVs of re-run transfer rows (replace older)")
+    p.add_argument(
+        "--rerun-label",
+        default="transfer (route by val. loss)",
+        help="report: the method name of the older transfer rows that --rerun replaced",
+    )
     p.add_argument("--transfer-only", action="store_true", help="only spot -> bulk transfer rows")
     p.add_argument(
         "--scratch-constant-only",
