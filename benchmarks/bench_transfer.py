@@ -47,6 +47,8 @@ ENSEMBLE = {
 #: Scratch on the spot target with ``ModelParams.linear_start="constant"`` (the default is
 #: ``"ridge"``, which scored lower on one spot slide): the stronger of the two scratch baselines.
 SCRATCH_CONSTANT = "scratch (linear_start=constant)"
+#: A win is a lead of more than this (mean Pearson); smaller differences are ties.
+TIE = 0.001
 FIELDS = ("draw", "seed", "direction", "base_n", "target_n", "method", "score", "route", "seconds")
 
 
@@ -362,7 +364,9 @@ def report(args: argparse.Namespace) -> None:
         f'BiTro {args.epochs_note}. `transfer` is `fit_bitro(..., transfer=..., policy="auto")`: '
         "route and epochs chosen by validation on the target alone. "
         "`mean ± sd` over all draws × model seeds; `by draw`: the draw means; `wins`: runs where "
-        "transfer beats the row's method (same draw, seed and sizes).\n",
+        f"transfer beats the row's method by more than {TIE} (same draw, seed and sizes; smaller "
+        "differences count as ties). Rows named `ensemble: ...` are the mean of two models' "
+        "predictions (equal weights fixed in advance), not a route of `fit_bitro`.\n",
     ]
     for direction, base_col, tgt_col in (
         ("bulk->spot", "base_n", "target_n"),
@@ -389,18 +393,18 @@ def report(args: argparse.Namespace) -> None:
             ens = sub[(sub["method"] == ENSEMBLE[direction]) & (sub[base_col] == b) & (sub[tgt_col] == t)]
             if len(ens):
                 comps[ENSEMBLE[direction]] = ens.set_index(["draw", "seed"])["score"]
-            if (sub["method"] == old).any():
-                prev = sub[(sub["method"] == old) & (sub[base_col] == b) & (sub[tgt_col] == t)]
-                if len(prev):
-                    comps[old] = prev.set_index(["draw", "seed"])["score"]
+            for other in sub["method"].unique():  # older or variant transfer rows, for comparison
+                prev = sub[(sub["method"] == other) & (sub[base_col] == b) & (sub[tgt_col] == t)]
+                if other not in comps and other != "scratch" and len(prev):
+                    comps[other] = prev.set_index(["draw", "seed"])["score"]
             for name, s in comps.items():
                 s = s.reindex(tr.index)
                 by_draw = s.groupby(level="draw").mean()
-                wins = "" if name == "transfer" else f"{int((tr > s).sum())}/{int(s.notna().sum())}"
+                wins = "" if name == "transfer" else f"{int((tr > s + TIE).sum())}/{int(s.notna().sum())}"
                 draw_wins = (
                     ""
                     if name == "transfer"
-                    else f"{int((tr.groupby(level='draw').mean() > by_draw).sum())}/{len(by_draw)}"
+                    else f"{int((tr.groupby(level='draw').mean() > by_draw + TIE).sum())}/{len(by_draw)}"
                 )
                 rows.append(
                     {
