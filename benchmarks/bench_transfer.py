@@ -38,6 +38,17 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "transfer.md"
 N_BULK, N_SPOT, TEST_BULK = 80, 5, 24
+#: Benchmark-only rows: the mean of two models' predictions (equal weights, fixed in advance), not
+#: a route of ``fit_bitro``.
+ENSEMBLE = {
+    "bulk->spot": "ensemble: mean of transfer + scratch",
+    "spot->bulk": "ensemble: mean of transfer + zero-shot base",
+}
+#: Scratch on the spot target with ``ModelParams.linear_start="constant"`` (the default is
+#: ``"ridge"``, which scored lower on one spot slide): the stronger of the two scratch baselines.
+SCRATCH_CONSTANT = "scratch (linear_start=constant)"
+#: A win is a lead of more than this (mean Pearson); smaller differences are ties.
+TIE = 0.001
 FIELDS = ("draw", "seed", "direction", "base_n", "target_n", "method", "score", "route", "seconds")
 
 
@@ -145,15 +156,24 @@ def _run_seed(
     genes = bs.pp.highly_variable_genes([spots[0].tables["table"]], n_top=50)
     tests, held = spots[3:], bulk[-TEST_BULK:]
 
+    def table(model: Any, s: Any, **kw: Any) -> Any:
+        """Prediction table of ``model``; of a tuple of models: their mean prediction (an ensemble)."""
+        models = model if isinstance(model, tuple) else (model,)
+        light = bs.tl.prediction_table(models[0], s, key_added="x", **kw)
+        if len(models) > 1:
+            more = [bs.tl.prediction_table(m, s, key_added="x", **kw) for m in models[1:]]
+            light.layers["x"] = np.mean([np.asarray(t.layers["x"]) for t in [light, *more]], axis=0)
+        return light
+
     def spot_score(model: Any) -> float:
         vals = []
         for s in tests:
-            light = bs.tl.prediction_table(model, s, key_added="x")
+            light = table(model, s)
             vals.append(bs.tl.evaluate(light, layer="x", top_hvg=None, store=False)["pearson"].mean())
         return float(np.mean(vals))
 
     def bulk_score(model: Any) -> float:
-        light = [bs.tl.prediction_table(model, s, level="bulk", key_added="x") for s in held]
+        light = [table(model, s, level="bulk") for s in held]
         df = bs.tl.evaluate(
             ad.concat(light, merge="first"), layer="x", genes=genes, top_hvg=None, level="bulk"
         )
@@ -180,7 +200,9 @@ def _run_seed(
                 "method": method,
                 "score": round(value, 5),
                 "route": json.dumps(
-                    {k: route.get(k) for k in ("chosen", "epochs", "scores")} if route else {}
+                    {k: route.get(k) for k in ("chosen", "epochs", "scores", "cv_pearson", "margin")}
+                    if route
+                    else {}
                 ),
                 "seconds": round(time.perf_counter() - t, 1),
             }
@@ -189,20 +211,26 @@ def _run_seed(
         return model
 
     core = f"{seed}" not in memo
+    if args.scratch_constant_only:  # scratch on the spot targets with the constant linear start
+        for k in spot_targets:
+            row("bulk->spot", 0, k, SCRATCH_CONSTANT, spots[:k], model={"linear_start": "constant"})
+        return
     if args.transfer_only:  # spot -> bulk transfer rows only (a re-run after a method change)
         spot_base = bs.tl.fit_bitro(spots[:3], epochs=args.epochs, seed=seed, progress=False, genes=genes)
         for n in bulk_targets:
-            row("spot->bulk", 3, n, "transfer", bulk[:n], transfer="spatial", base=spot_base)
+            adapted = row("spot->bulk", 3, n, "transfer", bulk[:n], transfer="spatial", base=spot_base)
+            row("spot->bulk", 3, n, ENSEMBLE["spot->bulk"], None, base=(adapted, spot_base))
         return
-    for k in spot_targets:
-        row("bulk->spot", 0, k, "scratch", spots[:k])
+    scratch_spot = {k: row("bulk->spot", 0, k, "scratch", spots[:k]) for k in spot_targets}
     for n in bases:
         base = bs.tl.fit_bitro(
             bulk[:n], level="bulk", epochs=args.epochs, seed=seed, progress=False, genes=genes
         )
         row("bulk->spot", n, 0, "zero-shot", None, base=base)
         for k in spot_targets if core else [1]:
-            row("bulk->spot", n, k, "transfer", spots[:k], transfer="bulk", base=base)
+            adapted = row("bulk->spot", n, k, "transfer", spots[:k], transfer="bulk", base=base)
+            if k in scratch_spot:  # an ensemble, not a route: the mean of two models' predictions
+                row("bulk->spot", n, k, ENSEMBLE["bulk->spot"], None, base=(adapted, scratch_spot[k]))
         if core:
             memo[f"{seed}"] = {"base40": base}
         _log(f"draw {draw} seed {seed}: bulk -> spot, base {n} done", t0)
@@ -217,7 +245,8 @@ def _run_seed(
     for n in bulk_targets:
         if not args.transfer_only:
             row("spot->bulk", 0, n, "scratch", bulk[:n], level="bulk")
-        row("spot->bulk", 3, n, "transfer", bulk[:n], transfer="spatial", base=spot_base)
+        adapted = row("spot->bulk", 3, n, "transfer", bulk[:n], transfer="spatial", base=spot_base)
+        row("spot->bulk", 3, n, ENSEMBLE["spot->bulk"], None, base=(adapted, spot_base))
     _log(f"draw {draw} seed {seed}: spot -> bulk done", t0)
 
 
@@ -318,13 +347,13 @@ def her2st(args: argparse.Namespace) -> None:
 
 def report(args: argparse.Namespace) -> None:
     df = pd.concat([pd.read_csv(p) for p in args.out.split(",")], ignore_index=True)
-    old = "transfer (route by val. loss)"
-    if args.rerun:  # newer transfer rows replace the older ones, which stay for comparison
+    old = args.rerun_label
+    if args.rerun:  # newer rows replace the older ones; older transfer rows stay for comparison
         new = pd.concat([pd.read_csv(p) for p in args.rerun.split(",")], ignore_index=True)
         key = ["draw", "seed", "direction", "base_n", "target_n", "method"]
         hit = df.set_index(key).index.isin(new.set_index(key).index)
-        df.loc[hit, "method"] = old
-        df = pd.concat([df, new], ignore_index=True)
+        df.loc[hit & (df["method"] == "transfer"), "method"] = old
+        df = pd.concat([df[~hit | (df["method"] == old)], new], ignore_index=True)
     parts = [
         "# Transfer with scarce targets (issue 17)\n",
         f"Written by `python benchmarks/bench_transfer.py report` from `{args.out}`, produced by\n"
@@ -335,7 +364,9 @@ def report(args: argparse.Namespace) -> None:
         f'BiTro {args.epochs_note}. `transfer` is `fit_bitro(..., transfer=..., policy="auto")`: '
         "route and epochs chosen by validation on the target alone. "
         "`mean ± sd` over all draws × model seeds; `by draw`: the draw means; `wins`: runs where "
-        "transfer beats the row's method (same draw, seed and sizes).\n",
+        f"transfer beats the row's method by more than {TIE} (same draw, seed and sizes; smaller "
+        "differences count as ties). Rows named `ensemble: ...` are the mean of two models' "
+        "predictions (equal weights fixed in advance), not a route of `fit_bitro`.\n",
     ]
     for direction, base_col, tgt_col in (
         ("bulk->spot", "base_n", "target_n"),
@@ -356,18 +387,24 @@ def report(args: argparse.Namespace) -> None:
                     ["draw", "seed"]
                 )["score"],
             }
-            if (sub["method"] == old).any():
-                prev = sub[(sub["method"] == old) & (sub[base_col] == b) & (sub[tgt_col] == t)]
-                if len(prev):
-                    comps[old] = prev.set_index(["draw", "seed"])["score"]
+            const = sub[(sub["method"] == SCRATCH_CONSTANT) & (sub[tgt_col] == t)]
+            if len(const):
+                comps[SCRATCH_CONSTANT] = const.set_index(["draw", "seed"])["score"]
+            ens = sub[(sub["method"] == ENSEMBLE[direction]) & (sub[base_col] == b) & (sub[tgt_col] == t)]
+            if len(ens):
+                comps[ENSEMBLE[direction]] = ens.set_index(["draw", "seed"])["score"]
+            for other in sub["method"].unique():  # older or variant transfer rows, for comparison
+                prev = sub[(sub["method"] == other) & (sub[base_col] == b) & (sub[tgt_col] == t)]
+                if other not in comps and other != "scratch" and len(prev):
+                    comps[other] = prev.set_index(["draw", "seed"])["score"]
             for name, s in comps.items():
                 s = s.reindex(tr.index)
                 by_draw = s.groupby(level="draw").mean()
-                wins = "" if name == "transfer" else f"{int((tr > s).sum())}/{int(s.notna().sum())}"
+                wins = "" if name == "transfer" else f"{int((tr > s + TIE).sum())}/{int(s.notna().sum())}"
                 draw_wins = (
                     ""
                     if name == "transfer"
-                    else f"{int((tr.groupby(level='draw').mean() > by_draw).sum())}/{len(by_draw)}"
+                    else f"{int((tr.groupby(level='draw').mean() > by_draw + TIE).sum())}/{len(by_draw)}"
                 )
                 rows.append(
                     {
@@ -409,7 +446,17 @@ def main() -> None:
     p.add_argument("--policy", default="auto", help="her2st: transfer policy (auto, lora, head, full)")
     p.add_argument("--notes", default="", help="report: a markdown file to include")
     p.add_argument("--rerun", default="", help="report: CSVs of re-run transfer rows (replace older)")
+    p.add_argument(
+        "--rerun-label",
+        default="transfer (route by val. loss)",
+        help="report: the method name of the older transfer rows that --rerun replaced",
+    )
     p.add_argument("--transfer-only", action="store_true", help="only spot -> bulk transfer rows")
+    p.add_argument(
+        "--scratch-constant-only",
+        action="store_true",
+        help="only bulk -> spot scratch rows with linear_start='constant'",
+    )
     p.add_argument("--cache", default=os.environ.get("BITRO_TRANSFER_CACHE", "/tmp/bitro_transfer"))
     p.add_argument("--out", default=None, help="CSV of scores (report: several, comma-separated)")
     p.add_argument("--command", default="see the header of benchmarks/bench_transfer.py")

@@ -224,9 +224,19 @@ def test_few_bulk_slides_are_validated_leave_one_slide_out() -> None:
     assert route["validation"].startswith("leave-one-slide-out")
     shrunk = {_route.shrink_name("head", a) for a in _route.SHRINK}
     assert set(route["scores"]) == {"head", "zero-shot"} | shrunk
-    # on 3+ single-slide folds the route is the one with the best cross-validated Pearson
+    # on 3+ single-slide folds the route is chosen by cross-validated Pearson, with a noise margin:
+    # the best transfer candidate replaces zero-shot only when its gain exceeds MARGIN_SE SEs
     assert set(route["cv_pearson"]) == {"head", "zero-shot"} | shrunk
-    assert route["chosen"] == max(route["cv_pearson"], key=route["cv_pearson"].get)
+    (step,) = route["margin"]["steps"]
+    best = max(set(route["cv_pearson"]) - {"zero-shot"}, key=route["cv_pearson"].get)
+    assert (step["candidate"], step["against"]) == (best, "zero-shot")
+    assert step["taken"] == (step["gain"] > route["margin"]["k_se"] * step["se"])
+    assert route["chosen"] == (best if step["taken"] else "zero-shot")
+    assert step["gain"] == pytest.approx(route["cv_pearson"][best] - route["cv_pearson"]["zero-shot"])
+    assert f"{best} vs zero-shot" in bs.pl.history(model).get_title()
+    on_table = slides[0].tables[K.BULK].uns[K.RUN]["route"]  # the run record of the bulk table
+    assert on_table["chosen"] == route["chosen"]
+    assert bool(on_table["margin"]["steps"]["0"]["taken"]) == step["taken"]  # lists of dicts: keyed
     assert model.record["n_bags_train"] == 3
     assert model.window_cells == base.window_cells  # the spot base's attention window is kept
     # without validation nothing is chosen: the policy trains for the given epochs
@@ -269,3 +279,53 @@ def test_a_spot_base_adapted_to_bulk_keeps_its_attention_window() -> None:
     assert _transfer_window(spot_base, "bulk", TrainParams(chunk_cells=64)) == 64  # type: ignore[arg-type]
     assert _transfer_window(bulk_base, "spot", TrainParams()) == TrainParams().chunk_cells  # type: ignore[arg-type]
     assert _transfer_window(None, "bulk", TrainParams()) == TrainParams().chunk_cells
+
+
+def test_route_choice_keeps_zero_shot_unless_the_gain_beats_the_noise_margin() -> None:
+    rng = np.random.default_rng(0)
+    truth = np.exp(rng.normal(size=(8, 30)))
+    zero = truth * np.exp(rng.normal(scale=1.0, size=truth.shape))  # r ≈ 0.7 per gene
+    # a hair better than zero-shot on average (well within noise): zero-shot must stay
+    tiny = zero.copy()
+    tiny[:, 0] = truth[:, 0]  # one gene perfect, another much worse: a small, noisy net gain
+    tiny[:, 1] = truth[:, 1] * np.exp(rng.normal(scale=3.0, size=8))
+    held = {"zero-shot": [zero[:4], zero[4:]], "lora": [tiny[:4], tiny[4:]]}
+    folds = [truth[:4], truth[4:]]
+    plain = max(held, key=lambda n: _route.cv_pearson(held[n], folds))
+    assert plain == "lora"  # the best score alone would leave zero-shot
+    chosen, margin = _route.choose_with_margin(held, folds)
+    assert chosen == "zero-shot"
+    step = margin["steps"][0]
+    assert step["candidate"] == "lora"
+    assert not step["taken"]
+    assert 0 < step["gain"] <= _route.MARGIN_SE * step["se"]
+    # a clear gain is taken; scratch must then beat the transfer route by the margin too
+    good = truth * np.exp(rng.normal(scale=0.2, size=truth.shape))
+    noisy = good.copy()
+    noisy[:, 0] = truth[:, 0]
+    noisy[:, 1] = truth[:, 1] * np.exp(rng.normal(scale=3.0, size=8))
+    held = {"zero-shot": [zero], "lora": [good], "scratch": [noisy]}
+    chosen, margin = _route.choose_with_margin(held, [truth], scratch={"scratch"})
+    assert chosen == "lora"
+    assert [s["taken"] for s in margin["steps"]] == [True, False]
+
+
+def test_scratch_is_never_a_candidate_on_four_bulk_slides() -> None:
+    routes, reason = _route.without_scratch(_route.AUTO_ROUTES, "bulk", 4)
+    assert all(r.policy != "scratch" for r in routes)
+    assert reason is not None
+    assert reason.startswith("left out: 4 target bulk slides")
+    kept, none = _route.without_scratch(_route.AUTO_ROUTES, "bulk", _route.MIN_SCRATCH_BAGS["bulk"])
+    assert kept == _route.AUTO_ROUTES
+    assert none is None
+
+
+def test_history_title_states_the_margin_steps_from_a_model_or_from_uns() -> None:
+    from bitro_sc.pl._history import _margin_note
+
+    step = {"candidate": "lora", "against": "zero-shot", "gain": 0.004, "se": 0.012, "taken": False}
+    note = _margin_note({"margin": {"k_se": 1.0, "steps": [step]}})
+    assert "lora vs zero-shot: +0.004 ≤ 1 SE (0.012), kept zero-shot" in note
+    stored = _margin_note({"margin": {"k_se": 1.0, "steps": {"0": {**step, "taken": True}}}})
+    assert "> 1 SE (0.012), taken" in stored
+    assert _margin_note({"margin": "none"}) == ""

@@ -167,11 +167,29 @@ def history(
     if title is None:
         title = "training history"
         if route is not None:
-            title = f"route: {route.get('chosen')} ({route.get('epochs')} epochs)"
+            title = f"route: {route.get('chosen')} ({route.get('epochs')} epochs)" + _margin_note(route)
     ax.set_title(title)
     ax.legend(frameon=False)
     U.save_figure(fig, save)
     return ax
+
+
+def _margin_note(route: Mapping[str, Any]) -> str:
+    """Second title line: each step of the noise-margin choice (``route["margin"]``), e.g.
+    ``"lora r8 vs zero-shot: +0.004 ≤ 1 SE (0.012), kept zero-shot"``; empty without one."""
+    margin = route.get("margin")
+    if not isinstance(margin, Mapping) or not margin.get("steps"):
+        return ""
+    k = float(margin.get("k_se", 1.0))
+    parts = []
+    steps = margin["steps"]  # a list, or {"0": ..., "1": ...} as stored in ``uns``
+    for st in steps.values() if isinstance(steps, Mapping) else steps:
+        gain, se = float(st["gain"]), float(st["se"])
+        verdict = f"> {k:g} SE ({se:.3f}), taken"
+        if not bool(st["taken"]):
+            verdict = f"≤ {k:g} SE ({se:.3f}), kept {st['against']}"
+        parts.append(f"{st['candidate']} vs {st['against']}: {gain:+.3f} {verdict}")
+    return "\n" + "; ".join(parts)
 
 
 def _route_curves(ax: Axes, route: Mapping[str, Any]) -> None:

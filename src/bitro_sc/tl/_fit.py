@@ -110,7 +110,10 @@ def fit_bitro(
         target bags alone (spots, or leave-one-slide-out on fewer than 5 bulk slides): zero-shot
         (the base with its per-gene scale matched to the targets), head only, LoRA (two ranks /
         learning rates), full fine-tuning or training from scratch, and the number of epochs; the
-        choice and every route's score are in ``record["route"]`` (see ``bs.pl.history``).
+        choice and every route's score are in ``record["route"]`` (see ``bs.pl.history``). With 3
+        or more held-out bulk slides the choice is by cross-validated per-gene Pearson, and a
+        trained route replaces zero-shot (scratch a transfer route) only when it wins by more than
+        one standard error (``record["route"]["margin"]``).
         ``"lora"`` (LoRA adapters on the input projection, attention q/v/out and feed-forward
         layers + gene head; all base weights frozen, GAT included), ``"full"`` (everything
         trainable) or ``"head"`` (gene head only) choose only the epochs (0: zero-shot).
