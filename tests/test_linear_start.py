@@ -64,7 +64,7 @@ def test_ridge_start_needs_two_bags() -> None:
 @pytest.mark.parametrize("start", ["ridge", "constant"])
 def test_a_fresh_network_starts_from_the_ridge_fit(start: str) -> None:
     data, _ = _spots(1)
-    params = ModelParams(**SMALL, linear_skip=True, linear_start=start).resolved("spot")  # type: ignore[arg-type]
+    params = ModelParams(**SMALL, linear_skip=True, linear_start=start, bag_linear=False).resolved("spot")  # type: ignore[arg-type]
     inputs = Inputs(FeatureStats.fit([data.slide.features]), ["a"], params)
     targets = bag_targets([data], 4).astype(np.float64)
     per_cell = np.expm1(np.log1p(targets).mean(axis=0))
@@ -115,7 +115,7 @@ def test_fit_with_the_ridge_start_records_it_and_predicts() -> None:
         train,
         epochs=2,
         genes=genes,
-        model={**SMALL, "linear_skip": True, "linear_start": "ridge"},
+        model={**SMALL, "linear_skip": True, "linear_start": "ridge", "bag_linear": False},
         train={"gene_weights": "variance"},
         progress=False,
     )
@@ -128,3 +128,67 @@ def test_fit_with_the_ridge_start_records_it_and_predicts() -> None:
     pred = np.asarray(table[:, genes].layers["bitro"], dtype=np.float64)
     assert np.isfinite(pred).all()
     assert (pred >= 0).all()
+
+
+def _fresh(data: SpotSet, **model: object) -> tuple[torch.nn.Module, dict, ModelParams]:
+    params = ModelParams(**SMALL, **model).resolved("spot")  # type: ignore[arg-type]
+    inputs = Inputs(FeatureStats.fit([data.slide.features]), ["a"], params)
+    targets = bag_targets([data], 4).astype(np.float64)
+    torch.manual_seed(0)
+    net, _, report = ScratchStart(params).net(
+        [data],
+        inputs=inputs,
+        genes=list("abcd"),
+        per_cell=np.expm1(np.log1p(targets).mean(axis=0)),
+        bag_cells=15.0,
+        level="spot",
+        device=torch.device("cpu"),
+    )
+    return net.eval(), report, params
+
+
+def test_the_bag_linear_term_is_on_by_default_for_spots_with_the_ridge_start() -> None:
+    assert ModelParams().resolved("spot").bag_linear
+    assert not ModelParams().resolved("bulk").bag_linear  # whole slides: phenotype profiles instead
+    assert not ModelParams(linear_start="constant").resolved("spot").bag_linear
+    assert not ModelParams(bag_linear=False).resolved("spot").bag_linear
+
+
+def test_with_the_bag_term_a_fresh_network_predicts_exactly_the_ridge_fit() -> None:
+    from sklearn.linear_model import Ridge
+
+    data, _ = _spots(3)
+    net, report, params = _fresh(data)
+    assert params.bag_linear
+    alpha = report["linear_start"]["alpha"]
+    # the ridge, solved independently: log1p targets on the standardised [mean features, log1p(n)]
+    sizes = data.part.sizes()[data.rows].astype(np.float64)
+    xbar = np.stack([data.slide.features[data.slide.spot_index == s].mean(axis=0) for s in data.rows])
+    raw = np.hstack([xbar, np.log1p(sizes)[:, None]])
+    design = (raw - raw.mean(axis=0)) / raw.std(axis=0)
+    y = np.log1p(bag_targets([data], 4).astype(np.float64))
+    ridge = Ridge(alpha=alpha).fit(design, y).predict(design)
+    pred, cells, rna = spot_values(
+        net, data.slide, data.part, data.rows, device=torch.device("cpu"), with_cells=True
+    )
+    np.testing.assert_allclose(np.log1p(pred), np.maximum(ridge, 1e-4), atol=2e-3)
+    # cells: RNA content times their bag's level at the reference size (every profile starts at 1)
+    assert cells is not None and rna is not None
+    profile = cells[data.slide.spot_index == 0] / rna[data.slide.spot_index == 0, None]
+    np.testing.assert_allclose(profile, np.broadcast_to(profile[0], profile.shape), rtol=1e-5)
+
+
+def test_the_bag_term_learns_and_a_fitted_model_saves_and_reloads(tmp_path) -> None:
+    train = [toy_slide(seed=i, grid=4) for i in range(2)]
+    genes = [f"gene{g}" for g in range(6)]
+    model = bs.tl.fit_bitro(train, epochs=2, genes=genes, model=SMALL, progress=False)
+    assert model.record["model"]["bag_linear"]
+    assert model.record["linear_start"]["bag_linear"]
+    test = toy_slide(seed=5, grid=4)
+    spots = model.predict_arrays(test, level="spot")
+    cells = model.predict_arrays(test, level="cell")
+    assert np.isfinite(spots[~np.isnan(spots).any(axis=1)]).all()
+    assert (cells[np.isfinite(cells)] >= 0).all()
+    path = model.save(tmp_path / "m")
+    again = type(model).load(path)
+    np.testing.assert_allclose(again.predict_arrays(test, level="spot"), spots, rtol=1e-5)

@@ -26,6 +26,13 @@ _MAX_LOGIT = 30.0
 #: counts grows with the spot's cells; measured in benchmarks/results/accuracy.md), whole slides as
 #: an RNA-weighted mean (deep libraries: no such effect)
 DEPTH_INIT = {"spot": 1.0, "bulk": 0.0}
+#: floor of a bag's log1p level in the bag-level linear term (its ``expm1`` stays positive)
+BAG_MIN_LOG1P = 1e-4
+
+
+def bag_scale(logit: torch.Tensor) -> torch.Tensor:
+    """Counts per 10k of a bag-level log1p level: ``expm1`` of it, floored at :data:`BAG_MIN_LOG1P`."""
+    return torch.expm1(logit.clamp(min=BAG_MIN_LOG1P, max=_MAX_LOGIT))
 
 
 class PositionEncoding(nn.Module):
@@ -135,6 +142,13 @@ class BiTroNet(nn.Module):
         if self.attn_head is not None:
             nn.init.zeros_(self.attn_head.weight)
             nn.init.zeros_(self.attn_head.bias)
+        # bag-level linear term (`ModelParams.bag_linear`): log1p level a + B x̄ + c log1p(n) of each bag
+        self.bag_linear = nn.Linear(n_features, n_genes) if p.bag_linear else None
+        self.bag_count = nn.Parameter(torch.zeros(n_genes)) if p.bag_linear else None
+        self._bag_base: torch.Tensor | None = None  # a + B x̄ of the bags of the last forward pass
+        if self.bag_linear is not None:
+            nn.init.zeros_(self.bag_linear.weight)
+            nn.init.zeros_(self.bag_linear.bias)
         self.rna_head = nn.Linear(p.hidden, 1) if p.normalized else None
         self.depth: nn.Parameter | None = None
         self.ref_cells: torch.Tensor
@@ -179,6 +193,9 @@ class BiTroNet(nn.Module):
         if self.profiles is not None:
             z = z + self.profiles(batch.phenotype)
         y = torch.exp(z.clamp(max=_MAX_LOGIT)) if self.params.activation == "exp" else F.softplus(z)
+        if self.bag_linear is not None:  # every cell times its bag's linear level at the reference size
+            self._bag_base = self.bag_linear(_bag_means(batch.x, batch.batch, batch.num_graphs))
+            y = y * self._bag_level(self._bag_base, self.ref_cells.reshape(1))[batch.batch]
         s = self.attn_head(h) if self.attn_head is not None else None
         r = None
         if self.rna_head is not None:
@@ -204,10 +221,26 @@ class BiTroNet(nn.Module):
         grows with the library (more spots leave zero): a learned per-gene exponent absorbs that
         measurement effect at the training level, so that the cells' profiles stay free of it. It is
         applied to bag predictions at the level the model was trained on only, never to cells."""
-        if self.depth is None:
-            return None
-        ratio = n_cells.to(self.depth.dtype).clamp(min=1.0) / self.ref_cells
-        return torch.exp(self.depth[None, :] * torch.log(ratio)[:, None])
+        factor = None
+        if self.depth is not None:
+            ratio = n_cells.to(self.depth.dtype).clamp(min=1.0) / self.ref_cells
+            factor = torch.exp(self.depth[None, :] * torch.log(ratio)[:, None])
+        if self.bag_linear is not None:
+            # the bag-level term at the bags' own cell counts instead of the reference size (the bags
+            # of the forward pass just made: `with_depth` always follows the pooling of that pass)
+            base = self._bag_base
+            if base is None or base.shape[0] != n_cells.shape[0]:
+                raise RuntimeError("depth_factor of a bag-level linear term must follow the forward pass.")
+            n = n_cells.to(base.dtype).clamp(min=1.0)
+            own = self._bag_level(base, n) / self._bag_level(base, self.ref_cells.reshape(1))
+            factor = own if factor is None else factor * own
+        return factor
+
+    def _bag_level(self, base: torch.Tensor, n_cells: torch.Tensor) -> torch.Tensor:
+        """Counts per 10k ``expm1(a + B x̄ + c log1p(n))`` of bags with linear part ``base`` and
+        ``n_cells`` cells (bags, genes)."""
+        assert self.bag_count is not None
+        return bag_scale(base + self.bag_count[None, :] * torch.log1p(n_cells)[:, None])
 
     def set_gene_bias(self, mean_per_cell: torch.Tensor) -> None:
         """Initialise the head bias so that each cell predicts ``mean_per_cell`` (per gene) on average."""
@@ -224,6 +257,12 @@ class BiTroNet(nn.Module):
             raise ValueError("This network has no phenotype profiles (ModelParams.phenotype_profiles=False).")
         with torch.no_grad():
             self.profiles.weight.copy_(log_profiles.to(self.profiles.weight))
+
+
+def _bag_means(x: torch.Tensor, index: torch.Tensor, n_bags: int) -> torch.Tensor:
+    """Mean feature vector of the cells of each bag (bags, features)."""
+    counts = torch.bincount(index, minlength=n_bags).clamp(min=1).to(x.dtype)
+    return torch.zeros(n_bags, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, index, x) / counts[:, None]
 
 
 def _layout(index: torch.Tensor, n_bags: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:

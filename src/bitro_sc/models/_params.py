@@ -116,6 +116,15 @@ class ModelParams(_Params):
         on 2 of 4 held-out sections); on the synthetic spot benchmark (4 slides, seed 0,
         ``benchmarks/results/accuracy.md``) spot Pearson 0.424 vs 0.425 and cell level 0.709 vs
         0.718 with ``"constant"``. Needs at least 2 training spots.
+    bag_linear
+        A bag-level linear term: every bag's profile is multiplied by ``expm1(a + B x̄ + c log1p(n))``
+        (``x̄`` the mean features of its cells, ``n`` its cells; per gene ``a``, ``B``, ``c``) and
+        the cells' values by the same with ``n`` at the average training bag's size, so the network
+        models what a ridge on bag-mean features misses. With ``linear_start="ridge"`` it starts at
+        that ridge fit **exactly** (a closed-form ridge of the bags' log1p targets, as the
+        ``"ridge"`` baseline), the deep path at a constant 1 and the depth exponents at 0: training
+        starts from the ridge baseline's spot predictions in the quantity the loss fits.
+        ``None`` (default): on for spots with ``linear_start="ridge"`` and no phenotype profiles.
     phenotype_profiles
         A table of per-phenotype log-profiles added to every cell's log-expression, started by a
         deconvolution of the training bags before the first step: each gene's non-negative least
@@ -153,6 +162,7 @@ class ModelParams(_Params):
     rna_head: bool | None = None
     linear_skip: bool = False
     linear_start: Literal["ridge", "constant"] = "ridge"
+    bag_linear: bool | None = None
     phenotype_profiles: bool | None = None
     slide_size_norm: bool = True
     lora_r: int = 8
@@ -186,6 +196,9 @@ class ModelParams(_Params):
             params = dataclasses.replace(params, phenotype_profiles=level == "bulk")
         if params.rna_head is None:
             params = dataclasses.replace(params, rna_head=level == "spot")
+        if params.bag_linear is None:
+            on = level == "spot" and params.linear_start == "ridge" and not params.phenotype_profiles
+            params = dataclasses.replace(params, bag_linear=on)
         return params
 
 

@@ -125,7 +125,9 @@ class ScratchStart:
         report: dict[str, Any] = {}
         skip = net.skip is not None and net.profiles is None
         depth = net.depth is not None and level == "spot"
-        if params.linear_start == "ridge" and (skip or depth):
+        if net.bag_linear is not None:
+            report = _bag_start(net, data, params, len(genes), bag_cells)
+        elif params.linear_start == "ridge" and (skip or depth):
             from ._linear import ridge_start
 
             fit = ridge_start(data, len(genes), bag_cells=bag_cells)
@@ -150,3 +152,26 @@ class ScratchStart:
     def record(self, report: dict[str, Any], genes: list[str]) -> dict[str, Any]:
         extra = {"linear_start": report["linear_start"]} if "linear_start" in report else {}
         return {"matched_genes": [], "new_genes": list(genes), **extra}
+
+
+def _bag_start(net: BiTroNet, data: list[Any], params: ModelParams, n_genes: int, bag_cells: float) -> dict[str, Any]:
+    """Start of a network with a bag-level linear term: the term at the ridge fit of the training bags
+    (``linear_start="ridge"``; else at their mean log1p target), every cell's profile at 1 (zero gene
+    head), depth exponents at 0 and a zero skip: the bags' starting predictions are the ridge's."""
+    assert net.bag_linear is not None and net.bag_count is not None
+    with torch.no_grad():
+        net.head.weight.zero_()
+        net.head.bias.zero_()
+        if net.depth is not None:
+            net.depth.zero_()
+        if params.linear_start == "ridge":
+            from ._linear import ridge_start
+
+            fit = ridge_start(data, n_genes, bag_cells=bag_cells)
+            net.bag_linear.weight.copy_(torch.as_tensor(fit.bag_weight))
+            net.bag_linear.bias.copy_(torch.as_tensor(fit.bag_bias))
+            net.bag_count.copy_(torch.as_tensor(fit.bag_count))
+            return {"linear_start": {**fit.info, "bag_linear": True}}
+        y = np.log1p(bag_targets(data, n_genes).astype(np.float64)).mean(axis=0)
+        net.bag_linear.bias.copy_(torch.as_tensor(y, dtype=torch.float32))
+    return {}
