@@ -192,3 +192,15 @@ def test_the_bag_term_learns_and_a_fitted_model_saves_and_reloads(tmp_path) -> N
     path = model.save(tmp_path / "m")
     again = type(model).load(path)
     np.testing.assert_allclose(again.predict_arrays(test, level="spot"), spots, rtol=1e-5)
+
+
+def test_early_stopping_keeps_the_ridge_start_when_no_epoch_beats_it() -> None:
+    train = [toy_slide(seed=i, grid=4) for i in range(3)]
+    genes = [f"gene{g}" for g in range(6)]
+    frozen = bs.tl.fit_bitro(
+        train, epochs=2, genes=genes, model=SMALL, train={"lr": 1e-12, "patience": 1}, progress=False
+    )
+    assert frozen.record["best_epoch"] == -1  # no step can lower the validation loss: the start is kept
+    assert frozen.record["refit"]["epochs"] == 0
+    learns = bs.tl.fit_bitro(train, epochs=2, genes=genes, model=SMALL, train={"lr": 3e-2}, progress=False)
+    assert learns.record["best_epoch"] >= 0

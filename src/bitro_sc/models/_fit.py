@@ -174,23 +174,33 @@ def fit(
     else:
         net, lora, report = begin(start, train_data, inputs)
         history, best_epoch = train_loop(
-            net, train_data, val_data, params=tp, device=dev, seed=seed, progress=progress
+            net,
+            train_data,
+            val_data,
+            params=tp,
+            device=dev,
+            seed=seed,
+            progress=progress,
+            keep_start=inputs.params.bag_linear is True,  # the ridge start competes with every epoch
         )
         hist = _columns(history)
         if tp.refit and val_data:
             # the validation bags chose the number of epochs; train again from the start on all bags
+            # (0 epochs: no epoch beat the start, which is kept as fitted on all bags)
             epochs = best_epoch + 1
             all_bags: list[Any] = [*train_data, *val_data]
             net, lora, report = begin(start, all_bags, inputs, scale=train_data)
-            refit_history, _ = train_loop(
-                net,
-                all_bags,
-                [],
-                params=dataclasses.replace(tp, epochs=epochs),
-                device=dev,
-                seed=seed,
-                progress=progress,
-            )
+            refit_history: list[dict[str, float]] = []
+            if epochs > 0:
+                refit_history, _ = train_loop(
+                    net,
+                    all_bags,
+                    [],
+                    params=dataclasses.replace(tp, epochs=epochs),
+                    device=dev,
+                    seed=seed,
+                    progress=progress,
+                )
             refit_record = {"epochs": epochs, "train_loss": [row["train_loss"] for row in refit_history]}
         n_bags = (sum(_n_bags(d) for d in train_data), sum(_n_bags(d) for d in val_data))
     params = inputs.params

@@ -217,7 +217,10 @@ class TrainParams(_Params):
     batch_size
         Spots per step (``level="spot"``); slides per step (``level="bulk"``).
     patience
-        Early stopping: epochs without improvement of the validation loss (0: off).
+        Early stopping: epochs without improvement of the validation loss (0: off). With the
+        bag-level linear term (``ModelParams.bag_linear``) the start itself — the ridge fit —
+        competes with every epoch: when no epoch lowers the validation loss below the start's, the
+        start is kept (best epoch ``-1``; the refit then trains 0 epochs).
     loss
         ``"mse"`` on log1p counts-per-10k (default) or ``"poisson"`` on counts.
     chunk_cells
