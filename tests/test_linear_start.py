@@ -173,7 +173,8 @@ def test_with_the_bag_term_a_fresh_network_predicts_exactly_the_ridge_fit() -> N
     )
     np.testing.assert_allclose(np.log1p(pred), np.maximum(ridge, 1e-4), atol=2e-3)
     # cells: RNA content times their bag's level at the reference size (every profile starts at 1)
-    assert cells is not None and rna is not None
+    assert cells is not None
+    assert rna is not None
     profile = cells[data.slide.spot_index == 0] / rna[data.slide.spot_index == 0, None]
     np.testing.assert_allclose(profile, np.broadcast_to(profile[0], profile.shape), rtol=1e-5)
 

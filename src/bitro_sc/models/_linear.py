@@ -62,7 +62,8 @@ class RidgeStart(NamedTuple):
     skip_shift: np.ndarray  #: (genes,) head-bias shift that centres the skip on the training bags
     depth_shift: np.ndarray  #: (genes,) head-bias shift that centres the depth term
     info: dict[str, object]  #: for the run record (penalty, cross-validated Pearson)
-    #: the ridge itself on the log1p scale: a bag's log1p target ≈ bag_bias + bag_weight @ x̄ + bag_count * log1p(n)
+    #: the ridge itself on the log1p scale:
+    #: a bag's log1p target ≈ bag_bias + bag_weight @ x̄ + bag_count * log1p(n)
     bag_weight: np.ndarray  #: (genes, features)
     bag_count: np.ndarray  #: (genes,)
     bag_bias: np.ndarray  #: (genes,)

@@ -262,7 +262,8 @@ class BiTroNet(nn.Module):
 def _bag_means(x: torch.Tensor, index: torch.Tensor, n_bags: int) -> torch.Tensor:
     """Mean feature vector of the cells of each bag (bags, features)."""
     counts = torch.bincount(index, minlength=n_bags).clamp(min=1).to(x.dtype)
-    return torch.zeros(n_bags, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, index, x) / counts[:, None]
+    total = torch.zeros(n_bags, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, index, x)
+    return total / counts[:, None]
 
 
 def _layout(index: torch.Tensor, n_bags: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:

@@ -154,11 +154,14 @@ class ScratchStart:
         return {"matched_genes": [], "new_genes": list(genes), **extra}
 
 
-def _bag_start(net: BiTroNet, data: list[Any], params: ModelParams, n_genes: int, bag_cells: float) -> dict[str, Any]:
+def _bag_start(
+    net: BiTroNet, data: list[Any], params: ModelParams, n_genes: int, bag_cells: float
+) -> dict[str, Any]:
     """Start of a network with a bag-level linear term: the term at the ridge fit of the training bags
     (``linear_start="ridge"``; else at their mean log1p target), every cell's profile at 1 (zero gene
     head), depth exponents at 0 and a zero skip: the bags' starting predictions are the ridge's."""
-    assert net.bag_linear is not None and net.bag_count is not None
+    assert net.bag_linear is not None
+    assert net.bag_count is not None
     with torch.no_grad():
         net.head.weight.zero_()
         net.head.bias.zero_()
