@@ -147,8 +147,9 @@ def _fresh(data: SpotSet, **model: object) -> tuple[torch.nn.Module, dict, Model
     return net.eval(), report, params
 
 
-def test_the_bag_linear_term_is_on_by_default_for_spots_with_the_ridge_start() -> None:
-    assert ModelParams().resolved("spot").bag_linear
+def test_the_bag_linear_term_is_chosen_by_validation_for_spots_with_the_ridge_start() -> None:
+    assert ModelParams().resolved("spot").bag_linear == "auto"
+    assert ModelParams(bag_linear=True).resolved("spot").bag_linear is True
     assert not ModelParams().resolved("bulk").bag_linear  # whole slides: phenotype profiles instead
     assert not ModelParams(linear_start="constant").resolved("spot").bag_linear
     assert not ModelParams(bag_linear=False).resolved("spot").bag_linear
@@ -158,8 +159,8 @@ def test_with_the_bag_term_a_fresh_network_predicts_exactly_the_ridge_fit() -> N
     from sklearn.linear_model import Ridge
 
     data, _ = _spots(3)
-    net, report, params = _fresh(data)
-    assert params.bag_linear
+    net, report, params = _fresh(data, bag_linear=True)
+    assert params.bag_linear is True
     alpha = report["linear_start"]["alpha"]
     # the ridge, solved independently: log1p targets on the standardised [mean features, log1p(n)]
     sizes = data.part.sizes()[data.rows].astype(np.float64)
@@ -182,8 +183,9 @@ def test_with_the_bag_term_a_fresh_network_predicts_exactly_the_ridge_fit() -> N
 def test_the_bag_term_learns_and_a_fitted_model_saves_and_reloads(tmp_path) -> None:
     train = [toy_slide(seed=i, grid=4) for i in range(2)]
     genes = [f"gene{g}" for g in range(6)]
-    model = bs.tl.fit_bitro(train, epochs=2, genes=genes, model=SMALL, progress=False)
-    assert model.record["model"]["bag_linear"]
+    model = bs.tl.fit_bitro(train, epochs=2, genes=genes, model={**SMALL, "bag_linear": True}, progress=False)
+    assert model.record["model"]["bag_linear"] is True
+    assert model.record["bag_linear_selection"] is None  # given, not chosen
     assert model.record["linear_start"]["bag_linear"]
     test = toy_slide(seed=5, grid=4)
     spots = model.predict_arrays(test, level="spot")
@@ -198,10 +200,27 @@ def test_the_bag_term_learns_and_a_fitted_model_saves_and_reloads(tmp_path) -> N
 def test_early_stopping_keeps_the_ridge_start_when_no_epoch_beats_it() -> None:
     train = [toy_slide(seed=i, grid=4) for i in range(3)]
     genes = [f"gene{g}" for g in range(6)]
+    small = {**SMALL, "bag_linear": True}
     frozen = bs.tl.fit_bitro(
-        train, epochs=2, genes=genes, model=SMALL, train={"lr": 1e-12, "patience": 1}, progress=False
+        train, epochs=2, genes=genes, model=small, train={"lr": 1e-12, "patience": 1}, progress=False
     )
     assert frozen.record["best_epoch"] == -1  # no step can lower the validation loss: the start is kept
     assert frozen.record["refit"]["epochs"] == 0
-    learns = bs.tl.fit_bitro(train, epochs=2, genes=genes, model=SMALL, train={"lr": 3e-2}, progress=False)
+    learns = bs.tl.fit_bitro(train, epochs=2, genes=genes, model=small, train={"lr": 3e-2}, progress=False)
     assert learns.record["best_epoch"] >= 0
+
+
+def test_auto_trains_with_and_without_the_bag_term_and_keeps_the_lower_validation_loss() -> None:
+    train = [toy_slide(seed=i, grid=4) for i in range(3)]
+    genes = [f"gene{g}" for g in range(6)]
+    model = bs.tl.fit_bitro(train, epochs=2, genes=genes, model=SMALL, progress=False)
+    sel = model.record["bag_linear_selection"]
+    losses = sel["val_loss"]
+    assert set(losses) == {"True", "False"}
+    assert sel["chosen"] is (losses["True"] < losses["False"])
+    assert model.record["model"]["bag_linear"] is sel["chosen"]
+    assert (model.net.bag_linear is not None) is sel["chosen"]
+    # no validation bags: nothing to choose with, the plain network
+    plain = bs.tl.fit_bitro(train, epochs=1, genes=genes, model=SMALL, validation=None, progress=False)
+    assert plain.record["bag_linear_selection"] is None
+    assert plain.net.bag_linear is None

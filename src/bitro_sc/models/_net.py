@@ -143,8 +143,9 @@ class BiTroNet(nn.Module):
             nn.init.zeros_(self.attn_head.weight)
             nn.init.zeros_(self.attn_head.bias)
         # bag-level linear term (`ModelParams.bag_linear`): log1p level a + B x̄ + c log1p(n) of each bag
-        self.bag_linear = nn.Linear(n_features, n_genes) if p.bag_linear else None
-        self.bag_count = nn.Parameter(torch.zeros(n_genes)) if p.bag_linear else None
+        on = p.bag_linear is True  # "auto" is decided by `models.fit` before a network is built
+        self.bag_linear = nn.Linear(n_features, n_genes) if on else None
+        self.bag_count = nn.Parameter(torch.zeros(n_genes)) if on else None
         self._bag_base: torch.Tensor | None = None  # a + B x̄ of the bags of the last forward pass
         if self.bag_linear is not None:
             nn.init.zeros_(self.bag_linear.weight)

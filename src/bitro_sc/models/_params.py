@@ -124,7 +124,15 @@ class ModelParams(_Params):
         that ridge fit **exactly** (a closed-form ridge of the bags' log1p targets, as the
         ``"ridge"`` baseline), the deep path at a constant 1 and the depth exponents at 0: training
         starts from the ridge baseline's spot predictions in the quantity the loss fits.
-        ``None`` (default): on for spots with ``linear_start="ridge"`` and no phenotype profiles.
+        ``None`` / ``"auto"`` (default): for spots with ``linear_start="ridge"`` and no phenotype
+        profiles, chosen by validation: the network is trained with and without the term on the
+        training bags and the one with the lower validation loss is kept (and refitted), so a
+        fit costs one more training run; without validation bags, and elsewhere, off. Measured
+        (``benchmarks/results/encoders.md``, 2026-12-05): on HER2ST (morphology, 3 seeds) the term
+        raised the marker-panel Pearson from 0.307 to 0.337 (ridge 0.328) and lowered the HEST
+        score from 0.154 to 0.143 (ridge 0.139); on synthetic spots it lowered the spot score from
+        0.424 to 0.395 and the cell level from 0.709 to 0.479 (the cells of a spot share its
+        linear level, and the deep path learns less), hence the choice by validation.
     phenotype_profiles
         A table of per-phenotype log-profiles added to every cell's log-expression, started by a
         deconvolution of the training bags before the first step: each gene's non-negative least
@@ -162,7 +170,7 @@ class ModelParams(_Params):
     rna_head: bool | None = None
     linear_skip: bool = False
     linear_start: Literal["ridge", "constant"] = "ridge"
-    bag_linear: bool | None = None
+    bag_linear: bool | Literal["auto"] | None = None
     phenotype_profiles: bool | None = None
     slide_size_norm: bool = True
     lora_r: int = 8
@@ -196,9 +204,9 @@ class ModelParams(_Params):
             params = dataclasses.replace(params, phenotype_profiles=level == "bulk")
         if params.rna_head is None:
             params = dataclasses.replace(params, rna_head=level == "spot")
-        if params.bag_linear is None:
-            on = level == "spot" and params.linear_start == "ridge" and not params.phenotype_profiles
-            params = dataclasses.replace(params, bag_linear=on)
+        if params.bag_linear in (None, "auto"):
+            ok = level == "spot" and params.linear_start == "ridge" and not params.phenotype_profiles
+            params = dataclasses.replace(params, bag_linear="auto" if ok else False)
         return params
 
 

@@ -5,6 +5,7 @@ before its first step and what the run record says about it."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -34,6 +35,19 @@ class Inputs:
     stats: FeatureStats
     phenotypes: list[str]
     params: ModelParams
+
+
+def bag_options(inputs: Inputs, validate: bool) -> list[Inputs]:
+    """The inputs to train with: as given, or for ``ModelParams.bag_linear="auto"`` with and
+    without the bag-level linear term (the fit keeps the one with the lower validation loss),
+    without it when there are no validation bags to choose with."""
+    if inputs.params.bag_linear != "auto":
+        return [inputs]
+    on, off = (
+        dataclasses.replace(inputs, params=dataclasses.replace(inputs.params, bag_linear=flag))
+        for flag in (True, False)
+    )
+    return [on, off] if validate else [off]
 
 
 class Start(Protocol):
