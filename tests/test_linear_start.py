@@ -178,6 +178,14 @@ def test_with_the_bag_term_a_fresh_network_predicts_exactly_the_ridge_fit() -> N
     assert rna is not None
     profile = cells[data.slide.spot_index == 0] / rna[data.slide.spot_index == 0, None]
     np.testing.assert_allclose(profile, np.broadcast_to(profile[0], profile.shape), rtol=1e-5)
+    # a spot = Σ values / Σ RNA of its cells times the depth factor at its mean features
+    inside = data.slide.spot_index[:, None] == np.asarray(data.rows)[None, :]
+    pooled = (inside.T @ cells.astype(np.float64)) / (inside.T @ rna.astype(np.float64))[:, None]
+    with torch.no_grad():
+        factor = net.depth_factor(torch.as_tensor(sizes), bag_means=torch.as_tensor(xbar)).numpy()
+    np.testing.assert_allclose(pooled * factor, pred, rtol=1e-4)
+    with pytest.raises(ValueError, match="bag_means"):
+        net.depth_factor(torch.tensor([10.0, 20.0, 30.0]))  # not the bags of the last forward pass
 
 
 def test_the_bag_term_learns_and_a_fitted_model_saves_and_reloads(tmp_path) -> None:

@@ -214,24 +214,32 @@ class BiTroNet(nn.Module):
             mask = torch.ones_like(self.depth, dtype=torch.bool) if genes is None else genes
             self.depth[mask] = DEPTH_INIT[level]
 
-    def depth_factor(self, n_cells: torch.Tensor) -> torch.Tensor | None:
+    def depth_factor(
+        self, n_cells: torch.Tensor, bag_means: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """Per-gene measurement factor ``(n / ref_cells) ** depth`` of bags of ``n_cells`` cells
         (n_bags, genes), or ``None`` without the RNA-content head.
 
         A bag's library grows with its cells, and the mean of log1p counts-per-10k of a sparse gene
         grows with the library (more spots leave zero): a learned per-gene exponent absorbs that
         measurement effect at the training level, so that the cells' profiles stay free of it. It is
-        applied to bag predictions at the level the model was trained on only, never to cells."""
+        applied to bag predictions at the level the model was trained on only, never to cells.
+
+        With the bag-level linear term it also carries that term's cell-count effect, which depends
+        on the bags' mean features ``bag_means`` (default: the bags of the last forward pass)."""
         factor = None
         if self.depth is not None:
             ratio = n_cells.to(self.depth.dtype).clamp(min=1.0) / self.ref_cells
             factor = torch.exp(self.depth[None, :] * torch.log(ratio)[:, None])
         if self.bag_linear is not None:
-            # the bag-level term at the bags' own cell counts instead of the reference size (the bags
-            # of the forward pass just made: `with_depth` always follows the pooling of that pass)
-            base = self._bag_base
+            # the bag-level term at the bags' own cell counts instead of the reference size; the bags'
+            # mean (scaled) features are given, or those of the forward pass just made
+            base = self.bag_linear(bag_means) if bag_means is not None else self._bag_base
             if base is None or base.shape[0] != n_cells.shape[0]:
-                raise RuntimeError("depth_factor of a bag-level linear term must follow the forward pass.")
+                raise ValueError(
+                    "This network has a bag-level linear term (ModelParams.bag_linear): pass the bags' "
+                    "mean scaled cell features, `depth_factor(n_cells, bag_means=...)` (bags x features)."
+                )
             n = n_cells.to(base.dtype).clamp(min=1.0)
             own = self._bag_level(base, n) / self._bag_level(base, self.ref_cells.reshape(1))
             factor = own if factor is None else factor * own
