@@ -232,3 +232,17 @@ def test_auto_trains_with_and_without_the_bag_term_and_keeps_the_lower_validatio
     plain = bs.tl.fit_bitro(train, epochs=1, genes=genes, model=SMALL, validation=None, progress=False)
     assert plain.record["bag_linear_selection"] is None
     assert plain.net.bag_linear is None
+
+
+def test_the_bag_term_never_extrapolates_far_above_the_training_bags() -> None:
+    data, _ = _spots(4)
+    net, _, _ = _fresh(data, bag_linear=True)
+    y = np.log1p(bag_targets([data], 4).astype(np.float64))
+    assert net.bag_ceiling is not None
+    np.testing.assert_allclose(net.bag_ceiling.numpy(), y.max(axis=0) + 1.0, rtol=1e-6)
+    with torch.no_grad():  # bags with features far outside the training range
+        far = net.depth_factor(torch.tensor([15.0, 15.0]), bag_means=torch.full((2, 5), 50.0))
+        level = net._bag_level(net.bag_linear(torch.full((2, 5), 50.0)), torch.tensor([15.0, 15.0]))
+    assert far is not None
+    assert torch.isfinite(far).all()
+    assert (level <= torch.expm1(net.bag_ceiling) * (1 + 1e-5)).all()

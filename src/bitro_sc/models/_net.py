@@ -28,11 +28,18 @@ _MAX_LOGIT = 30.0
 DEPTH_INIT = {"spot": 1.0, "bulk": 0.0}
 #: floor of a bag's log1p level in the bag-level linear term (its ``expm1`` stays positive)
 BAG_MIN_LOG1P = 1e-4
+#: a bag's linear log1p level stays below the highest of the training bags plus this margin (no
+#: runaway extrapolation of the linear term on unusual windows, e.g. cells outside the spots)
+BAG_MARGIN_LOG1P = 1.0
 
 
-def bag_scale(logit: torch.Tensor) -> torch.Tensor:
-    """Counts per 10k of a bag-level log1p level: ``expm1`` of it, floored at :data:`BAG_MIN_LOG1P`."""
-    return torch.expm1(logit.clamp(min=BAG_MIN_LOG1P, max=_MAX_LOGIT))
+def bag_scale(logit: torch.Tensor, ceiling: torch.Tensor | None = None) -> torch.Tensor:
+    """Counts per 10k of a bag-level log1p level: ``expm1`` of it, floored at :data:`BAG_MIN_LOG1P`
+    and capped at ``ceiling`` (per gene)."""
+    logit = logit.clamp(min=BAG_MIN_LOG1P, max=_MAX_LOGIT)
+    if ceiling is not None:
+        logit = torch.minimum(logit, ceiling)
+    return torch.expm1(logit)
 
 
 class PositionEncoding(nn.Module):
@@ -147,6 +154,10 @@ class BiTroNet(nn.Module):
         self.bag_linear = nn.Linear(n_features, n_genes) if on else None
         self.bag_count = nn.Parameter(torch.zeros(n_genes)) if on else None
         self._bag_base: torch.Tensor | None = None  # a + B x̄ of the bags of the last forward pass
+        self.bag_ceiling: torch.Tensor | None
+        # highest training bag's log1p level + BAG_MARGIN_LOG1P, set by the start
+        ceiling = torch.full((n_genes,), _MAX_LOGIT) if self.bag_linear is not None else None
+        self.register_buffer("bag_ceiling", ceiling)
         if self.bag_linear is not None:
             nn.init.zeros_(self.bag_linear.weight)
             nn.init.zeros_(self.bag_linear.bias)
@@ -249,7 +260,7 @@ class BiTroNet(nn.Module):
         """Counts per 10k ``expm1(a + B x̄ + c log1p(n))`` of bags with linear part ``base`` and
         ``n_cells`` cells (bags, genes)."""
         assert self.bag_count is not None
-        return bag_scale(base + self.bag_count[None, :] * torch.log1p(n_cells)[:, None])
+        return bag_scale(base + self.bag_count[None, :] * torch.log1p(n_cells)[:, None], self.bag_ceiling)
 
     def set_gene_bias(self, mean_per_cell: torch.Tensor) -> None:
         """Initialise the head bias so that each cell predicts ``mean_per_cell`` (per gene) on average."""

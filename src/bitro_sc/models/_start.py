@@ -16,7 +16,7 @@ import torch
 from ._data import FeatureStats, cells_table, phenotype_categories
 from ._deconv import bag_design, deconvolve
 from ._model import build_net
-from ._net import design_scale
+from ._net import BAG_MARGIN_LOG1P, design_scale
 from ._params import DataKeys, ModelParams
 from ._split import choose_genes
 from ._train import bag_targets
@@ -176,7 +176,10 @@ def _bag_start(
     head), depth exponents at 0 and a zero skip: the bags' starting predictions are the ridge's."""
     assert net.bag_linear is not None
     assert net.bag_count is not None
+    assert net.bag_ceiling is not None
+    y = np.log1p(bag_targets(data, n_genes).astype(np.float64))
     with torch.no_grad():
+        net.bag_ceiling.copy_(torch.as_tensor(y.max(axis=0) + BAG_MARGIN_LOG1P, dtype=torch.float32))
         net.head.weight.zero_()
         net.head.bias.zero_()
         if net.depth is not None:
@@ -189,6 +192,5 @@ def _bag_start(
             net.bag_linear.bias.copy_(torch.as_tensor(fit.bag_bias))
             net.bag_count.copy_(torch.as_tensor(fit.bag_count))
             return {"linear_start": {**fit.info, "bag_linear": True}}
-        y = np.log1p(bag_targets(data, n_genes).astype(np.float64)).mean(axis=0)
-        net.bag_linear.bias.copy_(torch.as_tensor(y, dtype=torch.float32))
+        net.bag_linear.bias.copy_(torch.as_tensor(y.mean(axis=0), dtype=torch.float32))
     return {}

@@ -104,7 +104,7 @@ def transfer_net(
         )
     net: BiTroNet = merge_lora(copy.deepcopy(base.net))  # type: ignore[assignment]
     if net.bag_linear is not None:  # a bag-level linear term is specific to the base's bags: dropped
-        net.bag_linear, net.bag_count, net._bag_base = None, None, None
+        net.bag_linear, net.bag_count, net._bag_base, net.bag_ceiling = None, None, None, None
         net.params = without_bag_term(net.params)
     shift = 0.0
     if (
