@@ -123,7 +123,9 @@ class ModelParams(_Params):
         models what a ridge on bag-mean features misses. With ``linear_start="ridge"`` it starts at
         that ridge fit **exactly** (a closed-form ridge of the bags' log1p targets, as the
         ``"ridge"`` baseline), the deep path at a constant 1 and the depth exponents at 0: training
-        starts from the ridge baseline's spot predictions in the quantity the loss fits.
+        starts from the ridge baseline's spot predictions in the quantity the loss fits. The
+        level is capped at the highest training bag's log1p target + 1 (no runaway
+        extrapolation on unusual windows). Transfer from a base model drops the term.
         ``None`` / ``"auto"`` (default): for spots with ``linear_start="ridge"`` and no phenotype
         profiles, chosen by validation: the network is trained with and without the term on the
         training bags and the one with the lower validation loss is kept (and refitted), so a
