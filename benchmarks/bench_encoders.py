@@ -196,6 +196,14 @@ def bench_her2st(args: argparse.Namespace, t0: float) -> str:
                     progress=False,
                 )
                 sc = res.scores
+                choice = None  # BiTro's validation choice of the bag-level linear term (bag_linear="auto")
+                if "bitro" in methods:
+                    sel = res.models["bitro"].record.get("bag_linear_selection")
+                    choice = (
+                        res.models["bitro"].record["model"].get("bag_linear")
+                        if sel is None
+                        else sel["chosen"]
+                    )
                 for m in methods:
                     d = sc[sc["method"] == m].set_index("gene")["pearson"]
                     hv = sc[(sc["method"] == m) & sc["is_hvg"]]["pearson"]
@@ -209,6 +217,7 @@ def bench_her2st(args: argparse.Namespace, t0: float) -> str:
                             "markers": float(d.reindex(markers).mean()),
                             "n_markers": len(markers),
                             "n_features": int(test.tables["cells"].obsm["X_bitro"].shape[1]),
+                            "bag_linear": choice if m == "bitro" else None,
                         }
                     )
             _log(f"{held} {fset}: {rows[-1]}", t0)

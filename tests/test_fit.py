@@ -127,7 +127,11 @@ def test_cell_predictions_sum_to_spot_predictions() -> None:
 def test_rna_head_cell_predictions_pool_to_spot_predictions() -> None:
     """RNA-content pooling: a spot's prediction is Σ values / Σ rna times the depth factor."""
     model = bs.tl.fit_bitro(
-        _slides(2, grid=4), epochs=2, model={**TINY, "rna_head": True}, genes=MARKERS[:6], progress=False
+        _slides(2, grid=4),
+        epochs=2,
+        model={**TINY, "rna_head": True, "bag_linear": False},  # the bag-level term: test_linear_start
+        genes=MARKERS[:6],
+        progress=False,
     )
     assert model.net.rna_head is not None
     slide = toy_slide(seed=12, grid=4)

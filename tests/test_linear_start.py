@@ -64,7 +64,7 @@ def test_ridge_start_needs_two_bags() -> None:
 @pytest.mark.parametrize("start", ["ridge", "constant"])
 def test_a_fresh_network_starts_from_the_ridge_fit(start: str) -> None:
     data, _ = _spots(1)
-    params = ModelParams(**SMALL, linear_skip=True, linear_start=start).resolved("spot")  # type: ignore[arg-type]
+    params = ModelParams(**SMALL, linear_skip=True, linear_start=start, bag_linear=False).resolved("spot")  # type: ignore[arg-type]
     inputs = Inputs(FeatureStats.fit([data.slide.features]), ["a"], params)
     targets = bag_targets([data], 4).astype(np.float64)
     per_cell = np.expm1(np.log1p(targets).mean(axis=0))
@@ -115,7 +115,7 @@ def test_fit_with_the_ridge_start_records_it_and_predicts() -> None:
         train,
         epochs=2,
         genes=genes,
-        model={**SMALL, "linear_skip": True, "linear_start": "ridge"},
+        model={**SMALL, "linear_skip": True, "linear_start": "ridge", "bag_linear": False},
         train={"gene_weights": "variance"},
         progress=False,
     )
@@ -128,3 +128,121 @@ def test_fit_with_the_ridge_start_records_it_and_predicts() -> None:
     pred = np.asarray(table[:, genes].layers["bitro"], dtype=np.float64)
     assert np.isfinite(pred).all()
     assert (pred >= 0).all()
+
+
+def _fresh(data: SpotSet, **model: object) -> tuple[torch.nn.Module, dict, ModelParams]:
+    params = ModelParams(**SMALL, **model).resolved("spot")  # type: ignore[arg-type]
+    inputs = Inputs(FeatureStats.fit([data.slide.features]), ["a"], params)
+    targets = bag_targets([data], 4).astype(np.float64)
+    torch.manual_seed(0)
+    net, _, report = ScratchStart(params).net(
+        [data],
+        inputs=inputs,
+        genes=list("abcd"),
+        per_cell=np.expm1(np.log1p(targets).mean(axis=0)),
+        bag_cells=15.0,
+        level="spot",
+        device=torch.device("cpu"),
+    )
+    return net.eval(), report, params
+
+
+def test_the_bag_linear_term_is_chosen_by_validation_for_spots_with_the_ridge_start() -> None:
+    assert ModelParams().resolved("spot").bag_linear == "auto"
+    assert ModelParams(bag_linear=True).resolved("spot").bag_linear is True
+    assert not ModelParams().resolved("bulk").bag_linear  # whole slides: phenotype profiles instead
+    assert not ModelParams(linear_start="constant").resolved("spot").bag_linear
+    assert not ModelParams(bag_linear=False).resolved("spot").bag_linear
+
+
+def test_with_the_bag_term_a_fresh_network_predicts_exactly_the_ridge_fit() -> None:
+    from sklearn.linear_model import Ridge
+
+    data, _ = _spots(3)
+    net, report, params = _fresh(data, bag_linear=True)
+    assert params.bag_linear is True
+    alpha = report["linear_start"]["alpha"]
+    # the ridge, solved independently: log1p targets on the standardised [mean features, log1p(n)]
+    sizes = data.part.sizes()[data.rows].astype(np.float64)
+    xbar = np.stack([data.slide.features[data.slide.spot_index == s].mean(axis=0) for s in data.rows])
+    raw = np.hstack([xbar, np.log1p(sizes)[:, None]])
+    design = (raw - raw.mean(axis=0)) / raw.std(axis=0)
+    y = np.log1p(bag_targets([data], 4).astype(np.float64))
+    ridge = Ridge(alpha=alpha).fit(design, y).predict(design)
+    pred, cells, rna = spot_values(
+        net, data.slide, data.part, data.rows, device=torch.device("cpu"), with_cells=True
+    )
+    np.testing.assert_allclose(np.log1p(pred), np.maximum(ridge, 1e-4), atol=2e-3)
+    # cells: RNA content times their bag's level at the reference size (every profile starts at 1)
+    assert cells is not None
+    assert rna is not None
+    profile = cells[data.slide.spot_index == 0] / rna[data.slide.spot_index == 0, None]
+    np.testing.assert_allclose(profile, np.broadcast_to(profile[0], profile.shape), rtol=1e-5)
+    # a spot = Σ values / Σ RNA of its cells times the depth factor at its mean features
+    inside = data.slide.spot_index[:, None] == np.asarray(data.rows)[None, :]
+    pooled = (inside.T @ cells.astype(np.float64)) / (inside.T @ rna.astype(np.float64))[:, None]
+    with torch.no_grad():
+        factor = net.depth_factor(torch.as_tensor(sizes), bag_means=torch.as_tensor(xbar)).numpy()
+    np.testing.assert_allclose(pooled * factor, pred, rtol=1e-4)
+    with pytest.raises(ValueError, match="bag_means"):
+        net.depth_factor(torch.tensor([10.0, 20.0, 30.0]))  # not the bags of the last forward pass
+
+
+def test_the_bag_term_learns_and_a_fitted_model_saves_and_reloads(tmp_path) -> None:
+    train = [toy_slide(seed=i, grid=4) for i in range(2)]
+    genes = [f"gene{g}" for g in range(6)]
+    model = bs.tl.fit_bitro(train, epochs=2, genes=genes, model={**SMALL, "bag_linear": True}, progress=False)
+    assert model.record["model"]["bag_linear"] is True
+    assert model.record["bag_linear_selection"] is None  # given, not chosen
+    assert model.record["linear_start"]["bag_linear"]
+    test = toy_slide(seed=5, grid=4)
+    spots = model.predict_arrays(test, level="spot")
+    cells = model.predict_arrays(test, level="cell")
+    assert np.isfinite(spots[~np.isnan(spots).any(axis=1)]).all()
+    assert (cells[np.isfinite(cells)] >= 0).all()
+    path = model.save(tmp_path / "m")
+    again = type(model).load(path)
+    np.testing.assert_allclose(again.predict_arrays(test, level="spot"), spots, rtol=1e-5)
+
+
+def test_early_stopping_keeps_the_ridge_start_when_no_epoch_beats_it() -> None:
+    train = [toy_slide(seed=i, grid=4) for i in range(3)]
+    genes = [f"gene{g}" for g in range(6)]
+    small = {**SMALL, "bag_linear": True}
+    frozen = bs.tl.fit_bitro(
+        train, epochs=2, genes=genes, model=small, train={"lr": 1e-12, "patience": 1}, progress=False
+    )
+    assert frozen.record["best_epoch"] == -1  # no step can lower the validation loss: the start is kept
+    assert frozen.record["refit"]["epochs"] == 0
+    learns = bs.tl.fit_bitro(train, epochs=2, genes=genes, model=small, train={"lr": 3e-2}, progress=False)
+    assert learns.record["best_epoch"] >= 0
+
+
+def test_auto_trains_with_and_without_the_bag_term_and_keeps_the_lower_validation_loss() -> None:
+    train = [toy_slide(seed=i, grid=4) for i in range(3)]
+    genes = [f"gene{g}" for g in range(6)]
+    model = bs.tl.fit_bitro(train, epochs=2, genes=genes, model=SMALL, progress=False)
+    sel = model.record["bag_linear_selection"]
+    losses = sel["val_loss"]
+    assert set(losses) == {"True", "False"}
+    assert sel["chosen"] is (losses["True"] < losses["False"])
+    assert model.record["model"]["bag_linear"] is sel["chosen"]
+    assert (model.net.bag_linear is not None) is sel["chosen"]
+    # no validation bags: nothing to choose with, the plain network
+    plain = bs.tl.fit_bitro(train, epochs=1, genes=genes, model=SMALL, validation=None, progress=False)
+    assert plain.record["bag_linear_selection"] is None
+    assert plain.net.bag_linear is None
+
+
+def test_the_bag_term_never_extrapolates_far_above_the_training_bags() -> None:
+    data, _ = _spots(4)
+    net, _, _ = _fresh(data, bag_linear=True)
+    y = np.log1p(bag_targets([data], 4).astype(np.float64))
+    assert net.bag_ceiling is not None
+    np.testing.assert_allclose(net.bag_ceiling.numpy(), y.max(axis=0) + 1.0, rtol=1e-6)
+    with torch.no_grad():  # bags with features far outside the training range
+        far = net.depth_factor(torch.tensor([15.0, 15.0]), bag_means=torch.full((2, 5), 50.0))
+        level = net._bag_level(net.bag_linear(torch.full((2, 5), 50.0)), torch.tensor([15.0, 15.0]))
+    assert far is not None
+    assert torch.isfinite(far).all()
+    assert (level <= torch.expm1(net.bag_ceiling) * (1 + 1e-5)).all()

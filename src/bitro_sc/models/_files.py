@@ -170,6 +170,7 @@ def load_bitro(cls: Any, path: Path, *, device: Any, weights: str, config_name: 
     model_cfg.setdefault("rna_head", False)  # checkpoints written before the RNA-content head
     model_cfg.setdefault("phenotype_profiles", False)  # ... before phenotype profiles
     model_cfg.setdefault("slide_size_norm", False)  # ... and before slide-size normalisation
+    model_cfg.setdefault("bag_linear", False)  # ... and before the bag-level linear term
     try:
         params = ModelParams.coerce(model_cfg)
         train_params = TrainParams.coerce(cfg["train"])

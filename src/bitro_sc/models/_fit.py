@@ -37,8 +37,8 @@ from ._route import (
     without_scratch,
 )
 from ._split import slide_groups, split_slides, training_hvgs
-from ._start import Inputs, ScratchStart, Start
-from ._train import bag_targets, mean_log_rna
+from ._start import Inputs, ScratchStart, Start, bag_options
+from ._train import bag_targets, evaluate_loss, mean_log_rna
 from ._train import train as train_loop
 from ._transfer import TransferStart
 
@@ -150,7 +150,7 @@ def fit(
 
     # training ---------------------------------------------------------------------------------
     route_record: dict[str, Any] | None = None
-    refit_record = None
+    refit_record = bag_choice = None
     if base is not None:
         route_record, start, inputs, net, lora, report, hist, best_epoch, refit_record = _transfer(
             base=base,
@@ -172,25 +172,45 @@ def fit(
         n_bags = (sum(_n_bags(d) for d in tr), sum(_n_bags(d) for d in va))
         train_data = [*tr, *va]  # the final network saw every bag
     else:
-        net, lora, report = begin(start, train_data, inputs)
-        history, best_epoch = train_loop(
-            net, train_data, val_data, params=tp, device=dev, seed=seed, progress=progress
-        )
-        hist = _columns(history)
-        if tp.refit and val_data:
-            # the validation bags chose the number of epochs; train again from the start on all bags
-            epochs = best_epoch + 1
-            all_bags: list[Any] = [*train_data, *val_data]
-            net, lora, report = begin(start, all_bags, inputs, scale=train_data)
-            refit_history, _ = train_loop(
+        runs = []  # one run, or with and without the bag-level term (chosen by validation loss)
+        for inp in bag_options(inputs, bool(val_data)):
+            net, lora, report = begin(start, train_data, inp)
+            history, best_epoch = train_loop(
                 net,
-                all_bags,
-                [],
-                params=dataclasses.replace(tp, epochs=epochs),
+                train_data,
+                val_data,
+                params=tp,
                 device=dev,
                 seed=seed,
                 progress=progress,
+                keep_start=inp.params.bag_linear is True,  # the ridge start competes with every epoch
             )
+            val = evaluate_loss(net, val_data, loss=tp.loss, device=dev, chunk_cells=tp.chunk_cells)
+            runs.append((val, inp, net, lora, report, history, best_epoch))
+        _, inputs, net, lora, report, history, best_epoch = min(runs, key=lambda run: run[0])
+        if len(runs) > 1:
+            bag_choice = {
+                "chosen": inputs.params.bag_linear,
+                "val_loss": {str(r[1].params.bag_linear): r[0] for r in runs},
+            }
+        hist = _columns(history)
+        if tp.refit and val_data:
+            # the validation bags chose the number of epochs; train again from the start on all bags
+            # (0 epochs: no epoch beat the start, which is kept as fitted on all bags)
+            epochs = best_epoch + 1
+            all_bags: list[Any] = [*train_data, *val_data]
+            net, lora, report = begin(start, all_bags, inputs, scale=train_data)
+            refit_history: list[dict[str, float]] = []
+            if epochs > 0:
+                refit_history, _ = train_loop(
+                    net,
+                    all_bags,
+                    [],
+                    params=dataclasses.replace(tp, epochs=epochs),
+                    device=dev,
+                    seed=seed,
+                    progress=progress,
+                )
             refit_record = {"epochs": epochs, "train_loss": [row["train_loss"] for row in refit_history]}
         n_bags = (sum(_n_bags(d) for d in train_data), sum(_n_bags(d) for d in val_data))
     params = inputs.params
@@ -232,6 +252,7 @@ def fit(
         "refit": refit_record,
         "n_trainable": int(n_trainable),
         "n_frozen": int(n_frozen),
+        "bag_linear_selection": bag_choice,
         **start.record(report, chosen),
     }
     if base is not None and "base" not in record:  # the route chosen was training from scratch

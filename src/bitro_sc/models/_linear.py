@@ -62,6 +62,11 @@ class RidgeStart(NamedTuple):
     skip_shift: np.ndarray  #: (genes,) head-bias shift that centres the skip on the training bags
     depth_shift: np.ndarray  #: (genes,) head-bias shift that centres the depth term
     info: dict[str, object]  #: for the run record (penalty, cross-validated Pearson)
+    #: the ridge itself on the log1p scale:
+    #: a bag's log1p target ≈ bag_bias + bag_weight @ x̄ + bag_count * log1p(n)
+    bag_weight: np.ndarray  #: (genes, features)
+    bag_count: np.ndarray  #: (genes,)
+    bag_bias: np.ndarray  #: (genes,)
 
 
 def ridge_start(
@@ -86,8 +91,9 @@ def ridge_start(
         alpha, cv = _select_alpha(design, y, groups, DEFAULT_ALPHAS, seed)
     else:  # too few bags to cross-validate: the middle of the baseline's grid
         alpha, cv = float(DEFAULT_ALPHAS[len(DEFAULT_ALPHAS) // 2]), {"cv": "none (too few bags)"}
-    coef, _ = _fit_ridge(design, y, alpha)  # (F + 1, genes) on the scaled design
+    coef, intercept = _fit_ridge(design, y, alpha)  # (F + 1, genes) on the scaled design
     coef = coef / scale[:, None]  # per unit of the scaled cell features / of log1p(n)
+    intercept = intercept - mean @ coef  # the same fit on the unscaled design
     m = y.mean(axis=0)
     link = np.minimum(np.exp(m) / np.maximum(np.expm1(m), 1e-12), MAX_LINK_FACTOR)
     weight = coef[:-1].T * link[:, None]
@@ -100,4 +106,7 @@ def ridge_start(
         (-weight @ x.mean(axis=0)).astype(f32),
         (-depth * log_ratio).astype(f32),
         {"alpha": float(alpha), **cv},
+        coef[:-1].T.astype(f32),
+        coef[-1].astype(f32),
+        intercept.astype(f32),
     )

@@ -26,6 +26,20 @@ _MAX_LOGIT = 30.0
 #: counts grows with the spot's cells; measured in benchmarks/results/accuracy.md), whole slides as
 #: an RNA-weighted mean (deep libraries: no such effect)
 DEPTH_INIT = {"spot": 1.0, "bulk": 0.0}
+#: floor of a bag's log1p level in the bag-level linear term (its ``expm1`` stays positive)
+BAG_MIN_LOG1P = 1e-4
+#: a bag's linear log1p level stays below the highest of the training bags plus this margin (no
+#: runaway extrapolation of the linear term on unusual windows, e.g. cells outside the spots)
+BAG_MARGIN_LOG1P = 1.0
+
+
+def bag_scale(logit: torch.Tensor, ceiling: torch.Tensor | None = None) -> torch.Tensor:
+    """Counts per 10k of a bag-level log1p level: ``expm1`` of it, floored at :data:`BAG_MIN_LOG1P`
+    and capped at ``ceiling`` (per gene)."""
+    logit = logit.clamp(min=BAG_MIN_LOG1P, max=_MAX_LOGIT)
+    if ceiling is not None:
+        logit = torch.minimum(logit, ceiling)
+    return torch.expm1(logit)
 
 
 class PositionEncoding(nn.Module):
@@ -135,6 +149,18 @@ class BiTroNet(nn.Module):
         if self.attn_head is not None:
             nn.init.zeros_(self.attn_head.weight)
             nn.init.zeros_(self.attn_head.bias)
+        # bag-level linear term (`ModelParams.bag_linear`): log1p level a + B x̄ + c log1p(n) of each bag
+        on = p.bag_linear is True  # "auto" is decided by `models.fit` before a network is built
+        self.bag_linear = nn.Linear(n_features, n_genes) if on else None
+        self.bag_count = nn.Parameter(torch.zeros(n_genes)) if on else None
+        self._bag_base: torch.Tensor | None = None  # a + B x̄ of the bags of the last forward pass
+        self.bag_ceiling: torch.Tensor | None
+        # highest training bag's log1p level + BAG_MARGIN_LOG1P, set by the start
+        ceiling = torch.full((n_genes,), _MAX_LOGIT) if self.bag_linear is not None else None
+        self.register_buffer("bag_ceiling", ceiling)
+        if self.bag_linear is not None:
+            nn.init.zeros_(self.bag_linear.weight)
+            nn.init.zeros_(self.bag_linear.bias)
         self.rna_head = nn.Linear(p.hidden, 1) if p.normalized else None
         self.depth: nn.Parameter | None = None
         self.ref_cells: torch.Tensor
@@ -179,6 +205,9 @@ class BiTroNet(nn.Module):
         if self.profiles is not None:
             z = z + self.profiles(batch.phenotype)
         y = torch.exp(z.clamp(max=_MAX_LOGIT)) if self.params.activation == "exp" else F.softplus(z)
+        if self.bag_linear is not None:  # every cell times its bag's linear level at the reference size
+            self._bag_base = self.bag_linear(_bag_means(batch.x, batch.batch, batch.num_graphs))
+            y = y * self._bag_level(self._bag_base, self.ref_cells.reshape(1))[batch.batch]
         s = self.attn_head(h) if self.attn_head is not None else None
         r = None
         if self.rna_head is not None:
@@ -196,18 +225,42 @@ class BiTroNet(nn.Module):
             mask = torch.ones_like(self.depth, dtype=torch.bool) if genes is None else genes
             self.depth[mask] = DEPTH_INIT[level]
 
-    def depth_factor(self, n_cells: torch.Tensor) -> torch.Tensor | None:
+    def depth_factor(
+        self, n_cells: torch.Tensor, bag_means: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """Per-gene measurement factor ``(n / ref_cells) ** depth`` of bags of ``n_cells`` cells
         (n_bags, genes), or ``None`` without the RNA-content head.
 
         A bag's library grows with its cells, and the mean of log1p counts-per-10k of a sparse gene
         grows with the library (more spots leave zero): a learned per-gene exponent absorbs that
         measurement effect at the training level, so that the cells' profiles stay free of it. It is
-        applied to bag predictions at the level the model was trained on only, never to cells."""
-        if self.depth is None:
-            return None
-        ratio = n_cells.to(self.depth.dtype).clamp(min=1.0) / self.ref_cells
-        return torch.exp(self.depth[None, :] * torch.log(ratio)[:, None])
+        applied to bag predictions at the level the model was trained on only, never to cells.
+
+        With the bag-level linear term it also carries that term's cell-count effect, which depends
+        on the bags' mean features ``bag_means`` (default: the bags of the last forward pass)."""
+        factor = None
+        if self.depth is not None:
+            ratio = n_cells.to(self.depth.dtype).clamp(min=1.0) / self.ref_cells
+            factor = torch.exp(self.depth[None, :] * torch.log(ratio)[:, None])
+        if self.bag_linear is not None:
+            # the bag-level term at the bags' own cell counts instead of the reference size; the bags'
+            # mean (scaled) features are given, or those of the forward pass just made
+            base = self.bag_linear(bag_means) if bag_means is not None else self._bag_base
+            if base is None or base.shape[0] != n_cells.shape[0]:
+                raise ValueError(
+                    "This network has a bag-level linear term (ModelParams.bag_linear): pass the bags' "
+                    "mean scaled cell features, `depth_factor(n_cells, bag_means=...)` (bags x features)."
+                )
+            n = n_cells.to(base.dtype).clamp(min=1.0)
+            own = self._bag_level(base, n) / self._bag_level(base, self.ref_cells.reshape(1))
+            factor = own if factor is None else factor * own
+        return factor
+
+    def _bag_level(self, base: torch.Tensor, n_cells: torch.Tensor) -> torch.Tensor:
+        """Counts per 10k ``expm1(a + B x̄ + c log1p(n))`` of bags with linear part ``base`` and
+        ``n_cells`` cells (bags, genes)."""
+        assert self.bag_count is not None
+        return bag_scale(base + self.bag_count[None, :] * torch.log1p(n_cells)[:, None], self.bag_ceiling)
 
     def set_gene_bias(self, mean_per_cell: torch.Tensor) -> None:
         """Initialise the head bias so that each cell predicts ``mean_per_cell`` (per gene) on average."""
@@ -224,6 +277,13 @@ class BiTroNet(nn.Module):
             raise ValueError("This network has no phenotype profiles (ModelParams.phenotype_profiles=False).")
         with torch.no_grad():
             self.profiles.weight.copy_(log_profiles.to(self.profiles.weight))
+
+
+def _bag_means(x: torch.Tensor, index: torch.Tensor, n_bags: int) -> torch.Tensor:
+    """Mean feature vector of the cells of each bag (bags, features)."""
+    counts = torch.bincount(index, minlength=n_bags).clamp(min=1).to(x.dtype)
+    total = torch.zeros(n_bags, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, index, x)
+    return total / counts[:, None]
 
 
 def _layout(index: torch.Tensor, n_bags: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:

@@ -116,6 +116,27 @@ class ModelParams(_Params):
         on 2 of 4 held-out sections); on the synthetic spot benchmark (4 slides, seed 0,
         ``benchmarks/results/accuracy.md``) spot Pearson 0.424 vs 0.425 and cell level 0.709 vs
         0.718 with ``"constant"``. Needs at least 2 training spots.
+    bag_linear
+        A bag-level linear term: every bag's profile is multiplied by ``expm1(a + B x̄ + c log1p(n))``
+        (``x̄`` the mean features of its cells, ``n`` its cells; per gene ``a``, ``B``, ``c``) and
+        the cells' values by the same with ``n`` at the average training bag's size, so the network
+        models what a ridge on bag-mean features misses. With ``linear_start="ridge"`` it starts at
+        that ridge fit **exactly** (a closed-form ridge of the bags' log1p targets, as the
+        ``"ridge"`` baseline), the deep path at a constant 1 and the depth exponents at 0: training
+        starts from the ridge baseline's spot predictions in the quantity the loss fits. The
+        level is capped at the highest training bag's log1p target + 1 (no runaway
+        extrapolation on unusual windows). Transfer from a base model drops the term.
+        ``None`` / ``"auto"`` (default): for spots with ``linear_start="ridge"`` and no phenotype
+        profiles, chosen by validation: the network is trained with and without the term on the
+        training bags and the one with the lower validation loss is kept (and refitted), so a
+        fit costs one more training run; without validation bags, and elsewhere, off. Measured
+        (``benchmarks/results/encoders.md``, 2026-12-05): on HER2ST (morphology, 3 seeds) the term
+        forced on raised the marker-panel Pearson from 0.307 to 0.337 (ridge 0.328) and lowered the
+        HEST score from 0.154 to 0.143 (ridge 0.139); on synthetic spots it lowered the spot score
+        from 0.424 to 0.395 and the cell level from 0.709 to 0.479 (the cells of a spot share its
+        linear level, and the deep path learns less), hence the choice by validation: ``"auto"``
+        gave 0.334 markers / 0.145 HEST on HER2ST (term chosen in 11 of 12 fits) and 0.424 / 0.709
+        on the synthetic spots (never chosen).
     phenotype_profiles
         A table of per-phenotype log-profiles added to every cell's log-expression, started by a
         deconvolution of the training bags before the first step: each gene's non-negative least
@@ -153,6 +174,7 @@ class ModelParams(_Params):
     rna_head: bool | None = None
     linear_skip: bool = False
     linear_start: Literal["ridge", "constant"] = "ridge"
+    bag_linear: bool | Literal["auto"] | None = None
     phenotype_profiles: bool | None = None
     slide_size_norm: bool = True
     lora_r: int = 8
@@ -186,6 +208,9 @@ class ModelParams(_Params):
             params = dataclasses.replace(params, phenotype_profiles=level == "bulk")
         if params.rna_head is None:
             params = dataclasses.replace(params, rna_head=level == "spot")
+        if params.bag_linear in (None, "auto"):
+            ok = level == "spot" and params.linear_start == "ridge" and not params.phenotype_profiles
+            params = dataclasses.replace(params, bag_linear="auto" if ok else False)
         return params
 
 
@@ -204,7 +229,10 @@ class TrainParams(_Params):
     batch_size
         Spots per step (``level="spot"``); slides per step (``level="bulk"``).
     patience
-        Early stopping: epochs without improvement of the validation loss (0: off).
+        Early stopping: epochs without improvement of the validation loss (0: off). With the
+        bag-level linear term (``ModelParams.bag_linear``) the start itself — the ridge fit —
+        competes with every epoch: when no epoch lowers the validation loss below the start's, the
+        start is kept (best epoch ``-1``; the refit then trains 0 epochs).
     loss
         ``"mse"`` on log1p counts-per-10k (default) or ``"poisson"`` on counts.
     chunk_cells

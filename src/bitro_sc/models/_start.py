@@ -5,6 +5,7 @@ before its first step and what the run record says about it."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -15,7 +16,7 @@ import torch
 from ._data import FeatureStats, cells_table, phenotype_categories
 from ._deconv import bag_design, deconvolve
 from ._model import build_net
-from ._net import design_scale
+from ._net import BAG_MARGIN_LOG1P, design_scale
 from ._params import DataKeys, ModelParams
 from ._split import choose_genes
 from ._train import bag_targets
@@ -34,6 +35,19 @@ class Inputs:
     stats: FeatureStats
     phenotypes: list[str]
     params: ModelParams
+
+
+def bag_options(inputs: Inputs, validate: bool) -> list[Inputs]:
+    """The inputs to train with: as given, or for ``ModelParams.bag_linear="auto"`` with and
+    without the bag-level linear term (the fit keeps the one with the lower validation loss),
+    without it when there are no validation bags to choose with."""
+    if inputs.params.bag_linear != "auto":
+        return [inputs]
+    on, off = (
+        dataclasses.replace(inputs, params=dataclasses.replace(inputs.params, bag_linear=flag))
+        for flag in (True, False)
+    )
+    return [on, off] if validate else [off]
 
 
 class Start(Protocol):
@@ -125,7 +139,9 @@ class ScratchStart:
         report: dict[str, Any] = {}
         skip = net.skip is not None and net.profiles is None
         depth = net.depth is not None and level == "spot"
-        if params.linear_start == "ridge" and (skip or depth):
+        if net.bag_linear is not None:
+            report = _bag_start(net, data, params, len(genes), bag_cells)
+        elif params.linear_start == "ridge" and (skip or depth):
             from ._linear import ridge_start
 
             fit = ridge_start(data, len(genes), bag_cells=bag_cells)
@@ -150,3 +166,31 @@ class ScratchStart:
     def record(self, report: dict[str, Any], genes: list[str]) -> dict[str, Any]:
         extra = {"linear_start": report["linear_start"]} if "linear_start" in report else {}
         return {"matched_genes": [], "new_genes": list(genes), **extra}
+
+
+def _bag_start(
+    net: BiTroNet, data: list[Any], params: ModelParams, n_genes: int, bag_cells: float
+) -> dict[str, Any]:
+    """Start of a network with a bag-level linear term: the term at the ridge fit of the training bags
+    (``linear_start="ridge"``; else at their mean log1p target), every cell's profile at 1 (zero gene
+    head), depth exponents at 0 and a zero skip: the bags' starting predictions are the ridge's."""
+    assert net.bag_linear is not None
+    assert net.bag_count is not None
+    assert net.bag_ceiling is not None
+    y = np.log1p(bag_targets(data, n_genes).astype(np.float64))
+    with torch.no_grad():
+        net.bag_ceiling.copy_(torch.as_tensor(y.max(axis=0) + BAG_MARGIN_LOG1P, dtype=torch.float32))
+        net.head.weight.zero_()
+        net.head.bias.zero_()
+        if net.depth is not None:
+            net.depth.zero_()
+        if params.linear_start == "ridge":
+            from ._linear import ridge_start
+
+            fit = ridge_start(data, n_genes, bag_cells=bag_cells)
+            net.bag_linear.weight.copy_(torch.as_tensor(fit.bag_weight))
+            net.bag_linear.bias.copy_(torch.as_tensor(fit.bag_bias))
+            net.bag_count.copy_(torch.as_tensor(fit.bag_count))
+            return {"linear_start": {**fit.info, "bag_linear": True}}
+        net.bag_linear.bias.copy_(torch.as_tensor(y.mean(axis=0), dtype=torch.float32))
+    return {}

@@ -197,9 +197,11 @@ def train(
     device: torch.device,
     seed: int,
     progress: bool,
+    keep_start: bool = False,
 ) -> tuple[list[dict[str, float]], int]:
     """Train ``net`` in place (AdamW; early stopping on ``val_data`` when given; the best weights are
-    restored). Returns (history: one dict per epoch, best epoch)."""
+    restored). Returns (history: one dict per epoch, best epoch). ``keep_start``: the network before
+    the first step competes too (best epoch ``-1`` when no epoch improves its validation loss)."""
     rng = np.random.default_rng(seed)
     trainable = [p for p in net.parameters() if p.requires_grad]
     if not trainable:
@@ -210,7 +212,15 @@ def train(
         torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         return _train_epochs(
-            net, train_data, val_data, trainable, params=params, device=device, rng=rng, progress=progress
+            net,
+            train_data,
+            val_data,
+            trainable,
+            params=params,
+            device=device,
+            rng=rng,
+            progress=progress,
+            keep_start=keep_start,
         )
     finally:
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
@@ -226,6 +236,7 @@ def _train_epochs(
     device: torch.device,
     rng: np.random.Generator,
     progress: bool,
+    keep_start: bool = False,
 ) -> tuple[list[dict[str, float]], int]:
     from tqdm.auto import tqdm
 
@@ -244,6 +255,11 @@ def _train_epochs(
     weights = None
     if spot_level:
         weights = gene_weights(train_data, params.gene_weights, device)  # type: ignore[arg-type]
+    if keep_start and val_data:  # the start (e.g. the ridge fit) is kept unless an epoch beats it
+        best = evaluate_loss(
+            net, val_data, loss=params.loss, device=device, chunk_cells=params.chunk_cells, weights=weights
+        )
+        best_state = copy.deepcopy(net.state_dict())
     desc = "fit_bitro" if val_data else "fit_bitro (all bags)"  # no validation: the refit, or no split
     bar = tqdm(range(params.epochs), desc=desc, unit="epoch", disable=not progress, leave=True)
     for epoch in bar:

@@ -7,6 +7,7 @@ start at the target's head bias), apply a freeze policy, and match the start to 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -102,6 +103,9 @@ def transfer_net(
             "trained on the same gene symbols, or pass `genes=` that the base knows."
         )
     net: BiTroNet = merge_lora(copy.deepcopy(base.net))  # type: ignore[assignment]
+    if net.bag_linear is not None:  # a bag-level linear term is specific to the base's bags: dropped
+        net.bag_linear, net.bag_count, net._bag_base, net.bag_ceiling = None, None, None, None
+        net.params = without_bag_term(net.params)
     shift = 0.0
     if (
         base.params.pooling != "mean"
@@ -162,6 +166,11 @@ def transfer_net(
         "base_genes": len(base.genes),
     }
     return net, lora, report
+
+
+def without_bag_term(params: ModelParams) -> ModelParams:
+    """``params`` without the bag-level linear term (``ModelParams.bag_linear``), which transfer drops."""
+    return dataclasses.replace(params, bag_linear=False) if params.bag_linear is True else params
 
 
 def head_bias(per_cell: torch.Tensor, params: ModelParams) -> torch.Tensor:
@@ -227,7 +236,7 @@ class TransferStart:
                 f"{n_feat} (obsm[{keys.features_key!r}]). Compute the features with the base's encoder "
                 "and settings."
             )
-        return Inputs(base.stats, base.phenotypes, base.params)
+        return Inputs(base.stats, base.phenotypes, without_bag_term(base.params))
 
     def genes(
         self, tables: list[AnnData], genes: Sequence[str] | None, hvgs: list[str], n_top: int, level: str

@@ -49,7 +49,9 @@ def predict_bitro(
       Spot-trained models (RNA-content head, the default for spots) write each cell's own
       expression (counts per 10k of a cell of typical RNA content) and its RNA content in
       ``obs[f"{key_added}_rna_content"]``; a spot's prediction is then ``Σ values / Σ rna_content``
-      over its cells times the model's per-gene depth factor (``model.net.depth_factor``). Without
+      over its cells times the model's per-gene depth factor (``model.net.depth_factor``; with the
+      bag-level linear term, ``ModelParams.bag_linear``, it needs the spot's mean scaled cell
+      features, and every cell of a spot shares the spot's linear level). Without
       the RNA-content head (``ModelParams(rna_head=False)``, bulk-trained models) the values of a
       spot's cells sum to its spot prediction.
 
