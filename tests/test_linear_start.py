@@ -169,8 +169,10 @@ def test_with_the_bag_term_a_fresh_network_predicts_exactly_the_ridge_fit() -> N
     design = (raw - raw.mean(axis=0)) / raw.std(axis=0)
     y = np.log1p(bag_targets([data], 4).astype(np.float64))
     ridge = Ridge(alpha=alpha).fit(design, y).predict(design)
-    pred, cells, rna = spot_values(
-        net, data.slide, data.part, data.rows, device=torch.device("cpu"), with_cells=True
+    cells = np.full((data.slide.n_cells, net.n_genes), np.nan, dtype=np.float32)
+    rna = np.full(data.slide.n_cells, np.nan, dtype=np.float32)
+    pred = spot_values(
+        net, data.slide, data.part, data.rows, device=torch.device("cpu"), cells_out=cells, rna_out=rna
     )
     np.testing.assert_allclose(np.log1p(pred), np.maximum(ridge, 1e-4), atol=2e-3)
     # cells: RNA content times their bag's level at the reference size (every profile starts at 1)
