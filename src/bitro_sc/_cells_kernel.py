@@ -47,13 +47,7 @@ def label_moments(lab, nmax):
                 ymin[v] = y
             if y > ymax[v]:
                 ymax[v] = y
-    # per-label, per-row extents
-    off = np.zeros(nmax + 2, np.int64)
-    for v in range(1, nmax + 1):
-        off[v + 1] = off[v] + (ymax[v] - ymin[v] + 1 if ymax[v] >= 0 else 0)
-    total = off[nmax + 1]
-    rxmin = np.full(total, w + 1, np.int64)
-    rxmax = np.full(total, -1, np.int64)
+    off, rxmin, rxmax = _row_extents(nmax, w, ymin, ymax)
     for y in range(h):
         for x in range(w):
             v = lab[y, x]
@@ -148,11 +142,7 @@ def label_moments_blocks(lab, nmax, f, h, w):  # pragma: no cover - compiled
         if y0 >= h:
             break
         fy = y1 - y0
-        sy = 0.0
-        syy = 0.0
-        for y in range(y0, y1):
-            sy += y
-            syy += y * y
+        sy, syy = _range_sums(y0, y1)
         for bx in range(bw):
             v = lab[by, bx]
             if v <= 0:
@@ -162,11 +152,7 @@ def label_moments_blocks(lab, nmax, f, h, w):  # pragma: no cover - compiled
             if x0 >= w:
                 break
             fx = x1 - x0
-            sx = 0.0
-            sxx = 0.0
-            for x in range(x0, x1):
-                sx += x
-                sxx += x * x
+            sx, sxx = _range_sums(x0, x1)
             s = stats[v]
             s[0] += fy * fx
             s[1] += fx * sy
@@ -188,12 +174,7 @@ def label_moments_blocks(lab, nmax, f, h, w):  # pragma: no cover - compiled
                 ymin[v] = y0
             if y1 - 1 > ymax[v]:
                 ymax[v] = y1 - 1
-    off = np.zeros(nmax + 2, np.int64)
-    for v in range(1, nmax + 1):
-        off[v + 1] = off[v] + (ymax[v] - ymin[v] + 1 if ymax[v] >= 0 else 0)
-    total = off[nmax + 1]
-    rxmin = np.full(total, w + 1, np.int64)
-    rxmax = np.full(total, -1, np.int64)
+    off, rxmin, rxmax = _row_extents(nmax, w, ymin, ymax)
     for by in range(bh):
         y0 = by * f
         if y0 >= h:
@@ -214,3 +195,25 @@ def label_moments_blocks(lab, nmax, f, h, w):  # pragma: no cover - compiled
                 if x1 > rxmax[i]:
                     rxmax[i] = x1
     return stats, _hull_areas(nmax, w, ymin, ymax, off, rxmin, rxmax)
+
+
+@numba.njit(cache=True, nogil=True)
+def _row_extents(nmax, w, ymin, ymax):  # pragma: no cover - compiled
+    """Storage of each label's per-row x extents: ``(off, rxmin, rxmax)``, label ``v``'s row ``y`` at
+    ``off[v] + y - ymin[v]``, started empty (``rxmin = w + 1``, ``rxmax = -1``)."""
+    off = np.zeros(nmax + 2, np.int64)
+    for v in range(1, nmax + 1):
+        off[v + 1] = off[v] + (ymax[v] - ymin[v] + 1 if ymax[v] >= 0 else 0)
+    total = off[nmax + 1]
+    return off, np.full(total, w + 1, np.int64), np.full(total, -1, np.int64)
+
+
+@numba.njit(cache=True, nogil=True)
+def _range_sums(a, b):  # pragma: no cover - compiled
+    """``(Σ i, Σ i²)`` over the integers ``a <= i < b``, in float64 as the pixel loops sum them."""
+    s = 0.0
+    ss = 0.0
+    for i in range(a, b):
+        s += i
+        ss += i * i
+    return s, ss

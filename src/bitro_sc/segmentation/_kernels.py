@@ -176,10 +176,7 @@ def fill_small_holes(fg, bg_lab, n_bg, max_px):
     """Set ``fg`` (in place) on background components (``bg_lab``, ``1..n_bg``) of at most ``max_px``
     pixels that do not touch the array border (a piece cut by a tile border is not a hole)."""
     h, w = fg.shape
-    sizes = np.zeros(n_bg + 1, np.int64)
-    for y in range(h):
-        for x in range(w):
-            sizes[bg_lab[y, x]] += 1
+    sizes = _label_sizes(bg_lab, n_bg)
     small = np.zeros(n_bg + 1, np.bool_)
     for i in range(1, n_bg + 1):
         small[i] = sizes[i] <= max_px
@@ -205,10 +202,7 @@ def drop_by_size(labels, min_px, max_px):
         for x in range(w):
             if labels[y, x] > n:
                 n = labels[y, x]
-    sizes = np.zeros(n + 1, np.int64)
-    for y in range(h):
-        for x in range(w):
-            sizes[labels[y, x]] += 1
+    sizes = _label_sizes(labels, n)
     keep = np.zeros(n + 1, np.bool_)
     for i in range(1, n + 1):
         keep[i] = sizes[i] >= min_px and sizes[i] <= max_px
@@ -216,3 +210,14 @@ def drop_by_size(labels, min_px, max_px):
         for x in range(w):
             if not keep[labels[y, x]]:
                 labels[y, x] = 0
+
+
+@numba.njit(cache=True, nogil=True)
+def _label_sizes(labels, n):
+    """Pixel count of each label ``0..n`` of an int label image."""
+    sizes = np.zeros(n + 1, np.int64)
+    h, w = labels.shape
+    for y in range(h):
+        for x in range(w):
+            sizes[labels[y, x]] += 1
+    return sizes
