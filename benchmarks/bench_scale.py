@@ -157,7 +157,10 @@ def run_one(path: Path, model_path: Path | None = None) -> dict:
     if model_path is not None:
         model = bs.models.BiTroModel.load(model_path)
         t0 = time.perf_counter()
-        bs.tl.predict_bitro(sdata, model, level="cell")
+        # as `bs.tl.run_batch` predicts: cell values written to disk by row blocks as they are computed
+        bs.tl.predict_bitro(
+            sdata, model, level="cell", store=path.with_suffix(".predictions.zarr"), overwrite=True
+        )
         t["predict_s"] = time.perf_counter() - t0
         layer = sdata.tables["cells"].layers["bitro"]
         t["n_genes"], t["layer_dtype"] = int(layer.shape[1]), str(layer.dtype)

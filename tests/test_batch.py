@@ -214,6 +214,30 @@ def test_batch_predict_step_writes_cell_level_predictions(tmp_path, slide_folder
     assert pred.shape == (cells.n_obs, len(model.genes))
     assert np.isfinite(pred).all()
     assert (pred >= 0).all()
+    assert not (tmp_path / "stores" / ".slide00.partial").exists()  # the on-disk predictions: removed
+
+    # interrupted after the predict checkpoint, before the store was written: resumed from the
+    # checkpoint, whose layer reads the predictions array kept in the partial folder
+    calls = {"n": 0}
+    write = _batch._write
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+        write(*args, **kwargs)
+
+    import unittest.mock
+
+    again = tmp_path / "again"
+    with unittest.mock.patch.object(_batch, "_write", interrupted), pytest.raises(KeyboardInterrupt):
+        bs.tl.run_batch(slides[:1], stores=again, steps=steps, params=params, progress=False)
+    assert (again / ".slide00.partial" / "predictions.zarr").is_dir()
+    with unittest.mock.patch.object(_batch, "_write", interrupted):
+        table = bs.tl.run_batch(slides[:1], stores=again, steps=steps, params=params, progress=False)
+    assert table["steps_run"].tolist() == [""]  # every step came from the checkpoints
+    resumed = read_zarr(again / "slide00.zarr").tables["cells"]
+    np.testing.assert_array_equal(np.asarray(resumed.layers["bitro"]), pred)
 
 
 @pytest.mark.slow

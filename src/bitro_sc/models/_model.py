@@ -177,22 +177,37 @@ class BiTroModel:
         keys: DataKeys | None = None,
         table_key: str | None = None,
         cells_key: str | None = None,
+        out: Any = None,
     ) -> np.ndarray:
         """Predictions (counts per 1e4) as an array: spot-table rows (spot; NaN rows for spots without
-        cells), one slide profile (bulk, shape ``(1, genes)``) or cells-table rows (cell)."""
+        cells), one slide profile (bulk, shape ``(1, genes)``) or cells-table rows (cell).
+
+        ``out`` (``level="cell"`` only): an array-like of shape cells × genes (float32, NaN fill)
+        with slice assignment, e.g. a zarr array chunked by rows, that receives the predictions
+        block by block (only a band of rows is ever held in memory); it is returned."""
         keys = (keys or self.keys).replace(table_key=table_key, cells_key=cells_key)
-        return self._predict(sdata, level=level, device=device, keys=keys)[0]
+        return self._predict(sdata, level=level, device=device, keys=keys, out=out)[0]
 
     def _predict(
-        self, sdata: SpatialData, *, level: str, device: str | torch.device | None, keys: DataKeys
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """(predictions, RNA content per cell or None); the RNA contents only for ``level="cell"``."""
+        self,
+        sdata: SpatialData,
+        *,
+        level: str,
+        device: str | torch.device | None,
+        keys: DataKeys,
+        out: Any = None,
+    ) -> tuple[Any, np.ndarray | None]:
+        """(predictions, RNA content per cell or None); the RNA contents only for ``level="cell"``.
+        ``out``: see :meth:`predict_arrays`."""
         import torch
 
+        from ._sink import RowBlocks, sweep, window_first_rows
         from ._slide import slide_cell_values, with_depth
-        from ._train import spot_values
+        from ._train import SPOT_BATCH, spot_values
 
         _sdata.check_level(level, K.PREDICT_LEVELS)
+        if out is not None and level != "cell":
+            raise ValueError(f"`out` is for level='cell' predictions only, not level={level!r}.")
         table_key = keys.table_key
         dev = resolve_device(device)
         net = self.net.to(dev).eval()
@@ -211,11 +226,17 @@ class BiTroModel:
             out[groups] = prof * self._scale_for("spot", mean_cells)
             return out, None
         slide = self._inputs(sdata, need_spots=False, keys=keys)
+        shape = (slide.n_cells, len(self.genes))
+        if out is not None and tuple(out.shape) != shape:
+            raise ValueError(f"`out` has shape {tuple(out.shape)}; the slide's cells × genes are {shape}.")
         if level == "bulk" or self.level == "bulk":
             part = slide.chunk_partition(self.window_cells)
-            values, rna = slide_cell_values(net, slide, part, device=dev)
             if level == "cell":
-                return values * self._scale_for("bulk", slide.n_cells), rna
+                target = out if out is not None else np.full(shape, np.nan, dtype=np.float32)
+                sink = RowBlocks(target, scale=self._scale_for("bulk", slide.n_cells))
+                rna = slide_cell_values(net, slide, part, device=dev, out=sink)[1]
+                return target, rna
+            values, rna = slide_cell_values(net, slide, part, device=dev)
             if rna is not None:
                 profile = torch.from_numpy(values.sum(0, keepdims=True) / rna.sum()).to(dev)
                 if self.level == "bulk":
@@ -226,7 +247,8 @@ class BiTroModel:
             return values.sum(0, keepdims=True) * self._scale_for("bulk", slide.n_cells), None
         # cell level, spot-trained model: spot cells in their spot's window, others in small chunks
         n_spots = sdata.tables[table_key].n_obs if table_key in sdata.tables else 0
-        values = np.full((slide.n_cells, len(self.genes)), np.nan, dtype=np.float32)
+        values = out if out is not None else np.full(shape, np.nan, dtype=np.float32)
+        sink = RowBlocks(values)
         rna_all = np.full(slide.n_cells, np.nan, dtype=np.float32) if self.params.normalized else None
         windows = []  # each partition holds only its own cells: spot cells, then the others
         if n_spots and (slide.spot_index >= 0).any():
@@ -238,9 +260,29 @@ class BiTroModel:
             group[outside] = spatial_chunks(slide.xy_um[outside], self.window_cells)
             part = Partition.build(group, int(group.max()) + 1, slide.graph)
             windows.append((part, np.arange(part.n_groups)))
+        batches = []  # batches of SPOT_BATCH windows, visited in order of their smallest cell row
         for part, groups in windows:
-            spot_values(net, slide, part, groups, device=dev, cells_out=values, rna_out=rna_all)
+            first = window_first_rows(part.order, part.cell_ptr)
+            for start in range(0, len(groups), SPOT_BATCH):
+                chunk = groups[start : start + SPOT_BATCH]
+                batches.append((int(first[chunk].min()), (part, chunk)))
+        for part, chunk in sweep(batches, sink):
+            spot_values(net, slide, part, chunk, device=dev, cells_out=sink, rna_out=rna_all)
         return values, rna_all
+
+    def predict_cells_into(
+        self,
+        out: Any,
+        sdata: SpatialData,
+        *,
+        keys: DataKeys | None = None,
+        device: str | torch.device | None = None,
+    ) -> np.ndarray | None:
+        """Cell-level predictions written into ``out`` (cells-table rows × :attr:`genes`, float32,
+        NaN fill; e.g. a zarr array chunked by rows) block by block, holding only a band of rows
+        in memory; returns the cells' RNA contents (``None`` without the RNA-content head). The
+        values are those of ``predict_frame(sdata, level="cell")``, bit for bit."""
+        return self._predict(sdata, level="cell", device=device, keys=keys or self.keys, out=out)[1]
 
     def predict_frame(
         self,

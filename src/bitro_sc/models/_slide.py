@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from ._bags import BulkSlide, Partition, SlideCells, make_batch
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._net import BiTroNet
+    from ._sink import RowBlocks
 
 #: cells per forward batch when a slide is processed in chunks (several chunks per batch)
 CELLS_PER_BATCH = 4096
@@ -229,17 +230,24 @@ def slide_cell_values(
     part: Partition,
     *,
     device: torch.device,
-    cells_per_batch: int = CELLS_PER_BATCH,
-) -> tuple[np.ndarray, np.ndarray | None]:
+    cells_per_batch: int | None = None,
+    out: RowBlocks | None = None,
+) -> tuple[np.ndarray | Any, np.ndarray | None]:
     """Per-cell values (n_cells, genes) of a whole slide and the cells' RNA contents (n_cells,) or
     ``None`` (eval; rows of cells outside the partition are NaN).
 
     With the RNA-content head the values are each cell's expression ``r · p`` and the slide profile
-    is ``values.sum(0) / rna.sum()``; otherwise they are contributions that sum to the profile."""
+    is ``values.sum(0) / rna.sum()``; otherwise they are contributions that sum to the profile.
+    ``out``: where the values go, by row blocks (the values returned are its target); default a
+    new in-memory array."""
+    from ._sink import RowBlocks, sweep, window_first_rows
+
     pooling = net.params.pooling
-    batches = chunk_batches(part, cells_per_batch)
+    batches = chunk_batches(part, cells_per_batch or CELLS_PER_BATCH)
     n = int(part.order.size)
-    out = np.full((slide.n_cells, net.n_genes), np.nan, dtype=np.float32)
+    if out is None:
+        out = RowBlocks(np.full((slide.n_cells, net.n_genes), np.nan, dtype=np.float32))
+    first = window_first_rows(part.order, part.cell_ptr)
     rna = np.full(slide.n_cells, np.nan, dtype=np.float32) if net.params.normalized else None
     with torch.no_grad():
         shift = denom = None
@@ -249,7 +257,7 @@ def slide_cell_values(
                 acc = _combine(acc, _terms(net, slide, part, groups, device, None))
             assert acc is not None
             shift, denom = acc[1], acc[0][1]
-        for groups in batches:
+        for groups in sweep([(int(first[groups].min()), groups) for groups in batches], out):
             batch, cells = make_batch([slide], [part], [(0, g) for g in groups], device=device)
             y, s, r = net(batch)
             if rna is not None:
@@ -265,4 +273,4 @@ def slide_cell_values(
                 assert denom is not None
                 y = n * torch.exp(s - shift) * y / denom
             out[cells] = y.float().cpu().numpy()
-    return out, rna
+    return out.target, rna

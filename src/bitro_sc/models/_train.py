@@ -17,8 +17,13 @@ from ._slide import CELLS_PER_BATCH, chunk_batches, loss_fn, slide_profile, slid
 if TYPE_CHECKING:  # pragma: no cover
     from ._net import BiTroNet
     from ._params import TrainParams
+    from ._sink import RowBlocks
 
 __all__ = ["bag_predictions", "bag_targets", "spot_values", "train"]
+
+
+#: spot windows per forward pass when predicting
+SPOT_BATCH = 256
 
 
 def spot_values(
@@ -28,13 +33,14 @@ def spot_values(
     groups: np.ndarray,
     *,
     device: torch.device,
-    batch_size: int = 256,
-    cells_out: np.ndarray | None = None,
+    batch_size: int = SPOT_BATCH,
+    cells_out: np.ndarray | RowBlocks | None = None,
     rna_out: np.ndarray | None = None,
     calibrate: bool = True,
 ) -> np.ndarray:
     """Profiles of spot windows ``groups`` (len, genes); with ``cells_out`` (slide cells × genes,
-    float32) the per-cell values of these windows' cells are written into its rows, and with
+    float32, or a :class:`~bitro_sc.models._sink.RowBlocks` over one) the per-cell values of these
+    windows' cells are written into its rows, and with
     ``rna_out`` (slide cells) their RNA contents (see :func:`slide_cell_values`); other rows are left
     as they are, so that a whole slide's cells never need a second cells × genes array.
     ``calibrate``: apply the depth factor (a spot-trained model predicting spots). Eval mode is the

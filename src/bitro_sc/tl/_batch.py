@@ -9,6 +9,9 @@ Layout under ``stores``::
                                 step added or changed (tables always), pickled (writing a zarr store
                                 per step costs seconds even for a tiny slide); made under a temporary
                                 name and renamed when complete, so a checkpoint is whole or absent
+    .<name>.partial/predictions.zarr
+                                cell-level predictions, written by row blocks as they are computed
+                                (``predict_bitro(store=...)``) and copied into ``<name>.zarr``
 
 A resumed run skips slides whose store already holds every requested step, reloads the checkpoints
 of an interrupted slide and goes on from its first unfinished step. A slide whose step raises is
@@ -195,7 +198,13 @@ def process_slide(
             before = {
                 n: id(e) for kind in ("labels", "shapes", "points") for n, e in getattr(sdata, kind).items()
             }
-            _run_step(sdata, step, params.get(step, {}))
+            kw = dict(params.get(step, {}))
+            if step == "predict" and kw.get("level", "cell") == "cell":
+                # cell-level predictions go to disk by row blocks (bounded memory on 10⁶ cells); the
+                # final store copies them chunk by chunk, then the partial folder is removed
+                partial.mkdir(parents=True, exist_ok=True)
+                kw.setdefault("store", partial / "predictions.zarr")
+            _run_step(sdata, step, kw)
             ran.append(step)
             elements = _elements(sdata, images=False)
             for kind in ("labels", "shapes", "points"):
@@ -268,7 +277,8 @@ def run_batch(
     steps
         Per-slide steps, in the order of :data:`BATCH_STEPS`: ``segment``, ``cell_features``,
         ``assign_cells``, ``cell_graph``, ``predict`` (``bs.tl.predict_bitro``, ``level="cell"`` by
-        default, with ``params["predict"]["model"]`` a model or the path of a saved one).
+        default, with ``params["predict"]["model"]`` a model or the path of a saved one; cell-level
+        values go to disk by row blocks, ``store`` defaulting to the slide's partial folder).
     params
         Keyword arguments of each step. Features are standardised per slide unless
         ``params["cell_features"]["scaler"]`` gives the reference (a featurised slide, its store path,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -31,6 +32,7 @@ def predict_bitro(
     phenotype_key: str | None = None,
     spot_key: str | None = None,
     graph_key: str | None = None,
+    store: str | Path | None = None,
 ) -> None:
     """Predict expression with ``model`` and write it into ``sdata`` (in place).
 
@@ -89,6 +91,15 @@ def predict_bitro(
         Where the slide holds its tables, cell features, phenotypes, cell → spot ids and cell graph
         (see :class:`~bitro_sc.models.DataKeys`). ``None`` (default): the keys the model was
         fitted on (``model.record["keys"]``; the data contract's defaults when it names none).
+    store
+        ``level="cell"`` only: path of a zarr array to create (float32, chunked by rows of ~16 MB)
+        into which the predictions are written block by block as they are computed;
+        ``layers[key_added]`` then holds them as a dask array reading from it. Memory stays bounded
+        on slides of 10⁶ cells: a BiTro model holds only a band of rows at a time (other models
+        compute their whole frame first). The array must outlive the SpatialData: write the slide
+        with ``bs.io.write_zarr`` for a self-contained copy. An array there that ``predict_bitro``
+        wrote for the same ``key_added`` is replaced; anything else at the path is refused unless
+        ``overwrite=True``. ``None`` (default): in memory.
 
     Examples
     --------
@@ -106,6 +117,11 @@ def predict_bitro(
     (True, True)
     """
     _sdata.check_level(level, K.PREDICT_LEVELS)
+    if store is not None and level != "cell":
+        raise ValueError(
+            f"`store` holds cell-level predictions; level={level!r} predictions are small and stay in "
+            "memory. Pass level='cell', or leave `store` out."
+        )
     if not isinstance(model, ExpressionModel):
         raise TypeError(
             f"`model` must implement bitro_sc.models.ExpressionModel (genes, levels, record, predict_frame); "
@@ -138,12 +154,15 @@ def predict_bitro(
             sdata, genes_key, exists=there, overwrite=overwrite, writer=_WRITERS, what="gene list"
         )
         written.append(genes_key)
+        if store is not None:
+            _check_store(Path(store), key_added, overwrite=overwrite)
     plan.run()
-    frame = model.predict_frame(sdata, level=level, keys=keys)
     if level == "cell":
-        _write_cells(sdata, frame, model, cells_key=cells_key, key_added=key_added)
+        values, rna = _cell_values(sdata, model, keys, key_added=key_added, store=store)
+        _write_cells(sdata, values, rna, model, cells_key=cells_key, key_added=key_added)
         _sdata.record_writer(sdata, "bs.tl.predict_bitro", *written)
         return
+    frame = model.predict_frame(sdata, level=level, keys=keys)
     key = table_key if level == "spot" else bulk_key
     if level == "bulk" and key not in sdata.tables:
         _add_bulk_table(sdata, frame, key)
@@ -216,31 +235,110 @@ def _write_record(
     table.uns[key_added] = _sdata.to_uns(record)
 
 
+#: marks a predictions array written by predict_bitro (``attrs["bitro_sc"]``)
+_STORE_WRITER = "bs.tl.predict_bitro"
+#: bytes per row block of a predictions array
+_BLOCK_BYTES = 16 << 20
+
+
+def _check_store(path: Path, key_added: str, *, overwrite: bool) -> None:
+    """Refuse a ``store`` path holding anything but predict_bitro's own array for ``key_added``."""
+    if not path.exists() or overwrite:
+        return
+    import zarr
+
+    mark: Any = None
+    try:
+        mark = dict(zarr.open_array(str(path), mode="r").attrs).get("bitro_sc")
+    except (FileNotFoundError, ValueError, KeyError, TypeError, zarr.errors.NodeTypeValidationError):
+        mark = None  # not a zarr array: refused below
+    if isinstance(mark, dict) and mark.get("written_by") == _STORE_WRITER and mark.get("key") == key_added:
+        return
+    raise FileExistsError(
+        f"`store` {str(path)!r} already exists and is not predict_bitro's array for key {key_added!r}. "
+        "Pass another path, or overwrite=True to replace it."
+    )
+
+
+def _cell_values(
+    sdata: SpatialData, model: ExpressionModel, keys: DataKeys, *, key_added: str, store: str | Path | None
+) -> tuple[Any, np.ndarray | None]:
+    """Cell-level predictions (rows = the cells table's) and RNA contents: in memory, or written by
+    row blocks into a new zarr array at ``store`` and returned as a dask array reading from it."""
+    from ..models._model import BiTroModel
+
+    cells = _sdata.cells_table(sdata, keys.cells_key)
+    if store is None:
+        frame = model.predict_frame(sdata, level="cell", keys=keys)
+        return _frame_rows(frame, cells.obs_names)
+    import dask.array as da
+    import zarr
+
+    n, g = cells.n_obs, len(model.genes)
+    rows = max(1, min(n, _BLOCK_BYTES // (4 * max(g, 1))))
+    arr = zarr.create_array(
+        store=str(store),
+        shape=(n, g),
+        chunks=(rows, g),
+        dtype="float32",
+        fill_value=np.nan,
+        compressors=None,  # a working copy: float values compress little; write_zarr's copy is compressed
+        overwrite=True,
+    )
+    arr.attrs["bitro_sc"] = {
+        "written_by": _STORE_WRITER,
+        "key": key_added,
+        "genes": [str(x) for x in model.genes],
+    }
+    if isinstance(model, BiTroModel):
+        rna = model.predict_cells_into(arr, sdata, keys=keys)
+    else:  # another model gives a whole frame: copied in by blocks
+        values, rna = _frame_rows(model.predict_frame(sdata, level="cell", keys=keys), cells.obs_names)
+        for start in range(0, n, rows):
+            arr[start : start + rows] = values[start : start + rows]
+    return da.from_zarr(arr), rna
+
+
+def _frame_rows(frame: Any, obs_names: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    """A cell-level frame's values (float32) and RNA contents in the cells table's row order."""
+    import pandas as pd
+
+    rna = frame.attrs.get("rna_content")
+    if rna is not None:
+        rna = pd.Series(np.asarray(rna, dtype=np.float32), index=frame.index).reindex(obs_names).to_numpy()
+    if not frame.index.equals(obs_names):
+        frame = frame.reindex(obs_names)
+    return frame.to_numpy(dtype=np.float32), rna
+
+
 def _write_cells(
-    sdata: SpatialData, frame: Any, model: ExpressionModel, *, cells_key: str, key_added: str
+    sdata: SpatialData,
+    values: Any,
+    rna: np.ndarray | None,
+    model: ExpressionModel,
+    *,
+    cells_key: str,
+    key_added: str,
 ) -> None:
     import anndata as ad
     import pandas as pd
     from spatialdata.models import TableModel
 
     old = sdata.tables[cells_key]
-    rna = frame.attrs.get("rna_content")
     obs = old.obs.copy()
     if rna is not None:
-        rna = pd.Series(np.asarray(rna, dtype=np.float32), index=frame.index)
-        obs[f"{key_added}_rna_content"] = rna.reindex(old.obs_names).to_numpy()
-    if not frame.index.equals(old.obs_names):
-        frame = frame.reindex(old.obs_names)
+        obs[f"{key_added}_rna_content"] = rna
+    n_genes = len(model.genes)
     new = ad.AnnData(
         X=None,  # no measured values per cell: the predictions are in layers[key_added]
         obs=obs,
-        var=pd.DataFrame(index=pd.Index(frame.columns.astype(str))),
+        var=pd.DataFrame(index=pd.Index([str(x) for x in model.genes])),
         obsm={k: v for k, v in old.obsm.items()},
-        layers={k: v for k, v in old.layers.items() if k != key_added and old.n_vars == frame.shape[1]},
+        layers={k: v for k, v in old.layers.items() if k != key_added and old.n_vars == n_genes},
         obsp={k: v for k, v in old.obsp.items()},
         uns=dict(old.uns),
     )
-    new.layers[key_added] = frame.to_numpy(dtype=np.float32)
+    new.layers[key_added] = values
     _write_record(new, model, key_added)
     attrs = old.uns.get(TableModel.ATTRS_KEY)
     if attrs:
