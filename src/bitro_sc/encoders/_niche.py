@@ -140,7 +140,7 @@ class NicheEncoder:
             device=device,
             progress=progress,
         )
-        x = np.asarray(x, dtype=np.float32).reshape(len(cells), -1)
+        x = np.asarray(x, dtype=np.float32).reshape(len(cells), len(names))
         x_um = cells[K.X_PX].to_numpy(dtype=np.float64) * mpp
         y_um = cells[K.Y_PX].to_numpy(dtype=np.float64) * mpp
         mats = [x] if self.include_base else []
