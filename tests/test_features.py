@@ -1,4 +1,5 @@
-"""bs.tl.cell_features with the morphology encoder (the default "niche" starts with it), and the shared feature scaling."""
+"""bs.tl.cell_features with the morphology encoder (which the default, "niche", extends) and the
+shared feature scaling."""
 
 from __future__ import annotations
 

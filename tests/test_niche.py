@@ -61,7 +61,8 @@ def test_niche_sees_the_neighbourhood_not_only_the_cell():
     assert names == ["v", "nbr100_v"]
     np.testing.assert_array_equal(feats[:, 0], vals)
     nbr = feats[:, 1]
-    assert nbr[x < 140].min() == 1.0 and nbr[x > 260].max() == 0.0
+    assert nbr[x < 140].min() == 1.0
+    assert nbr[x > 260].max() == 0.0
     near = (x >= 160) & (x <= 230)
     assert ((nbr[near] > 0) & (nbr[near] < 1)).all()  # cells by the border see both sides
     assert np.all(np.diff(nbr[y == 50]) <= 0)  # monotone across the border
@@ -77,7 +78,8 @@ def test_niche_through_cell_features_starts_with_the_morphology():
     p = s.tables[K.CELLS].uns[K.FEATURES_PARAMS]
     names = list(p["feature_names"])
     assert names == list(MORPHOLOGY_FEATURES) + [f"nbr300_{n}" for n in MORPHOLOGY_FEATURES]
-    assert p["encoder"] == "niche" and p["stains"] == "macenko"
+    assert p["encoder"] == "niche"
+    assert p["stains"] == "macenko"
     ref = bs.datasets.toy("nuclei", seed=0, size_px=240, labels=False)
     bs.tl.cell_features(ref, encoder="morphology", progress=False)
     x, r = s.tables[K.CELLS].obsm[K.FEATURES], ref.tables[K.CELLS].obsm[K.FEATURES]

@@ -102,7 +102,8 @@ class NicheEncoder:
         self.scales_um = tuple(float(s) for s in self.scales_um)
         if not self.scales_um or min(self.scales_um) <= 0:
             raise ValueError(
-                f"NicheEncoder `scales_um` must be positive window sides in µm, e.g. (300.0,); got {self.scales_um!r}."
+                "NicheEncoder `scales_um` must be positive window sides in µm, e.g. (300.0,); "
+                f"got {self.scales_um!r}."
             )
 
     @property

@@ -242,7 +242,8 @@ class Preprocessing:
         if name == "morphology" and self.features.get("stains"):
             enc = f"bs.encoders.MorphologyEncoder(stains={self.features['stains']!r})"
         elif name == "niche" and self.features.get("stains"):
-            enc = f"bs.encoders.NicheEncoder(base=bs.encoders.MorphologyEncoder(stains={self.features['stains']!r}))"
+            morph = f"bs.encoders.MorphologyEncoder(stains={self.features['stains']!r})"
+            enc = f"bs.encoders.NicheEncoder(base={morph})"
         elif name.startswith("timm:"):
             enc = f"{name!r}, weights=<the weights file>"
         elif name not in ("morphology", "niche"):

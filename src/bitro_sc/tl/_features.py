@@ -82,7 +82,8 @@ def cell_features(
         the cells in the 300 µm square around it, the tissue at the scale of a spot — see
         :class:`bitro_sc.encoders.NicheEncoder`), ``"morphology"`` (the cell alone: nucleus shape,
         haematoxylin / eosin intensities in the nucleus and a ring around it, texture, context in the
-        field of view, local density — see :class:`bitro_sc.encoders.MorphologyEncoder`), ``"context"`` (the tissue around each cell at
+        field of view, local density — see :class:`bitro_sc.encoders.MorphologyEncoder`),
+        ``"context"`` (the tissue around each cell at
         the scale of a spot, :class:`bitro_sc.encoders.ContextEncoder`), a combination such as
         ``"morphology+context"`` (:class:`bitro_sc.encoders.CombinedEncoder`, which can also reduce
         a learned embedding by PCA fitted on the training slides), ``"hf:<org>/<repo>"`` (a
