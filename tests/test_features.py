@@ -1,4 +1,4 @@
-"""bs.tl.cell_features with the morphology encoder (which the default, "niche", extends) and the
+"""bs.tl.cell_features with the morphology encoder (the default, which "niche" extends) and the
 shared feature scaling."""
 
 from __future__ import annotations
@@ -236,7 +236,7 @@ def test_slide_without_cells_gets_an_empty_matrix(nuclei_slide):
     sdata = nuclei_slide
     with pytest.warns(UserWarning, match="No cells"):
         write_cells(sdata, np.zeros((100, 100), np.uint32), mpp=0.5, overwrite=True, labels_key=None)
-    bs.tl.cell_features(sdata, labels_key=None, progress=False)  # the default, "niche"
+    bs.tl.cell_features(sdata, encoder="niche", labels_key=None, progress=False)
     assert sdata.tables[K.CELLS].obsm[K.FEATURES].shape == (0, 2 * len(MORPHOLOGY_FEATURES))
 
 

@@ -513,9 +513,9 @@ plt.show()
         md(r"""
 ## 2. Segment, describe, relate
 
-Same steps as in the quickstart, with their defaults. Segmentation only runs on tissue (the mask
-is computed and stored as shapes `"tissue"`). Each cell is described by the default encoder,
-`"niche"`: its 19 nucleus-morphology features and their mean over the cells in the 300 µm square
+Same steps as in the quickstart, with their defaults but one. Segmentation only runs on tissue (the mask
+is computed and stored as shapes `"tissue"`). Each cell is described by the `"niche"` encoder
+(the package default is `"morphology"`, the cell alone): its 19 nucleus-morphology features and their mean over the cells in the 300 µm square
 around it, the tissue at the scale of a spot — the best encoder on these sections among those
 that need no weights or GPU (`docs/encoders.md`: over the four folds BiTro 0.163 HEST score and
 0.372 on the marker panel, against 0.145 and 0.334 with the morphology alone,
@@ -526,7 +526,7 @@ expression, so no expression of a held-out section leaks into training.
         code(r"""
 for sdata in slides:
     bs.tl.segment(sdata, progress=False)
-bs.tl.cell_features(slides, progress=False)
+bs.tl.cell_features(slides, encoder="niche", progress=False)
 bs.tl.phenotypes(slides)
 for sdata in slides:
     bs.tl.assign_cells(sdata)
@@ -567,7 +567,7 @@ These are the settings of the project's accuracy benchmark
 model seed 0), whose result is in `benchmarks/results/accuracy.md` and in the README's status
 section: BiTro 0.157 against ridge's 0.144 (0.147–0.157 over three model seeds), measured with
 the morphology features and the model defaults of before 2026-12-05. The run stored here uses
-the current defaults (the `"niche"` encoder, the bag-level ridge term chosen by validation) and
+the `"niche"` encoder and the current model defaults (the bag-level ridge term chosen by validation) and
 gives BiTro 0.161 against ridge's 0.171 (seed 0): the niche features lift ridge more than BiTro
 on these 50 genes.
 

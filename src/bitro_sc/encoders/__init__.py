@@ -1,9 +1,9 @@
 """Cell feature encoders behind `bs.tl.cell_features` (a registry).
 
-- ``"niche"`` (default): :class:`NicheEncoder`, the morphology features of each cell followed by
-  their mean over the cells in the 300 µm square around it (the tissue at the scale of a spot).
-- ``"morphology"``: :class:`MorphologyEncoder`, classical nucleus shape, stain intensity,
+- ``"morphology"`` (default): :class:`MorphologyEncoder`, classical nucleus shape, stain intensity,
   texture, context and density features; CPU, no weights.
+- ``"niche"``: :class:`NicheEncoder`, the morphology features of each cell followed by their mean
+  over the cells in the 300 µm square around it (the tissue at the scale of a spot).
 - ``"context"``: :class:`ContextEncoder`, each cell's tissue neighbourhood at the scale of a spot
   (colour / stain statistics, texture, cell density over 64 and 160 µm windows); CPU, no weights.
 - ``"a+b"`` (e.g. ``"morphology+context"``): :class:`CombinedEncoder`, features side by side.

@@ -56,7 +56,7 @@ def aligned_labels(sdata: SpatialData, labels_key: str, image: xr.DataArray) -> 
 def cell_features(
     sdata: SpatialData | Sequence[SpatialData],
     *,
-    encoder: str | CellEncoder | torch.nn.Module = "niche",
+    encoder: str | CellEncoder | torch.nn.Module = "morphology",
     image_key: str | None = None,
     cells_key: str = K.CELLS,
     labels_key: str | None = K.CELL_LABELS,
@@ -78,11 +78,12 @@ def cell_features(
         A slide, or a list of slides: features of a list are standardised with one scaler fitted
         over all of them (no per-slide scaling, which would make slides incomparable).
     encoder
-        ``"niche"`` (default; the ``"morphology"`` features of each cell followed by their mean over
-        the cells in the 300 µm square around it, the tissue at the scale of a spot — see
-        :class:`bitro_sc.encoders.NicheEncoder`), ``"morphology"`` (the cell alone: nucleus shape,
-        haematoxylin / eosin intensities in the nucleus and a ring around it, texture, context in the
-        field of view, local density — see :class:`bitro_sc.encoders.MorphologyEncoder`),
+        ``"morphology"`` (default; the cell alone: nucleus shape, haematoxylin / eosin intensities in
+        the nucleus and a ring around it, texture, context in the field of view, local density — see
+        :class:`bitro_sc.encoders.MorphologyEncoder`), ``"niche"`` (the ``"morphology"`` features of
+        each cell followed by their mean over the cells in the 300 µm square around it, the tissue
+        at the scale of a spot — see :class:`bitro_sc.encoders.NicheEncoder`; the most accurate
+        BiTro encoder on HER2ST without weights, see docs/encoders.md),
         ``"context"`` (the tissue around each cell at
         the scale of a spot, :class:`bitro_sc.encoders.ContextEncoder`), a combination such as
         ``"morphology+context"`` (:class:`bitro_sc.encoders.CombinedEncoder`, which can also reduce
