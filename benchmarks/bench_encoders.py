@@ -4,7 +4,8 @@ Sections (``--sections``):
 
 ``her2st``
     Leave-one-section-out over the HER2ST sections C2-C5 for several feature sets (``--sets``):
-    ``morphology``, ``context``, ``morphology+context``, and with ``--ssl`` a self-supervised
+    ``morphology``, ``context``, ``morphology+context``, ``niche`` (morphology plus its 300 µm
+    neighbourhood mean), and with ``--ssl`` a self-supervised
     encoder (``bs.tl.train_encoder``) alone (``ssl``, PCA) and combined. In each fold the features
     are standardised — and learned embeddings reduced by PCA — with statistics of the three training
     sections only (``bs.tl.cell_features(train)``, then ``scaler=train[0]`` on the held-out one);
@@ -59,7 +60,7 @@ MARKERS = [
     "LUM",
     "MGP",
 ]
-SETS = ("morphology", "context", "morphology+context")
+SETS = ("morphology", "context", "morphology+context", "niche")
 
 
 def _log(msg: str, t0: float) -> None:
@@ -309,6 +310,7 @@ def bench_speed(args: argparse.Namespace, t0: float) -> str:
     rows = []
     for spec, n in (
         ("morphology", 22257),
+        ("niche", 22257),
         ("context", 22257),
         ("learned", 2000),
         ("resnet18", 64),

@@ -78,7 +78,7 @@ def test_morphology_plus_context_side_by_side(toy):
     assert names == list(MORPHOLOGY_FEATURES) + feature_names(ContextEncoder().scales_um)
     assert p["encoder"] == "morphology+context"
     ref = bs.datasets.toy("nuclei", seed=0, size_px=240, labels=False)
-    bs.tl.cell_features(ref, progress=False)
+    bs.tl.cell_features(ref, encoder="morphology", progress=False)
     np.testing.assert_allclose(
         _raw(s)[list(MORPHOLOGY_FEATURES)].to_numpy(), _raw(ref).to_numpy(), rtol=1e-5, atol=1e-4
     )

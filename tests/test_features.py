@@ -1,4 +1,5 @@
-"""bs.tl.cell_features with the default morphology encoder, and the shared feature scaling."""
+"""bs.tl.cell_features with the morphology encoder (the default, which "niche" extends) and the
+shared feature scaling."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def _raw(sdata) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def toy():
     sdata, cell_type = bs.datasets.toy("nuclei", return_truth=True, seed=0)
-    bs.tl.cell_features(sdata, progress=False)
+    bs.tl.cell_features(sdata, encoder="morphology", progress=False)
     return sdata, cell_type
 
 
@@ -235,8 +236,8 @@ def test_slide_without_cells_gets_an_empty_matrix(nuclei_slide):
     sdata = nuclei_slide
     with pytest.warns(UserWarning, match="No cells"):
         write_cells(sdata, np.zeros((100, 100), np.uint32), mpp=0.5, overwrite=True, labels_key=None)
-    bs.tl.cell_features(sdata, labels_key=None, progress=False)
-    assert sdata.tables[K.CELLS].obsm[K.FEATURES].shape == (0, len(MORPHOLOGY_FEATURES))
+    bs.tl.cell_features(sdata, encoder="niche", labels_key=None, progress=False)
+    assert sdata.tables[K.CELLS].obsm[K.FEATURES].shape == (0, 2 * len(MORPHOLOGY_FEATURES))
 
 
 @pytest.mark.slow

@@ -12,8 +12,10 @@ from bitro_sc import _keys as K
 @pytest.fixture(scope="module")
 def slides():
     pairs = [bs.datasets.toy("nuclei", return_truth=True, seed=s, size_px=200) for s in (10, 11, 12)]
-    bs.tl.cell_features([p[0] for p in pairs[:2]], progress=False)
-    bs.tl.cell_features(pairs[2][0], scaler=pairs[0][0], progress=False)
+    # the cell's own features: with "niche" features (half of them window means) k-means
+    # with 2 clusters splits these two small toy slides from each other, not the two cell types
+    bs.tl.cell_features([p[0] for p in pairs[:2]], encoder="morphology", progress=False)
+    bs.tl.cell_features(pairs[2][0], encoder="morphology", scaler=pairs[0][0], progress=False)
     return pairs
 
 

@@ -513,15 +513,20 @@ plt.show()
         md(r"""
 ## 2. Segment, describe, relate
 
-Same steps as in the quickstart, with their defaults. Segmentation only runs on tissue (the mask
-is computed and stored as shapes `"tissue"`). The feature standardisation and the k-means
+Same steps as in the quickstart, with their defaults but one. Segmentation only runs on tissue (the mask
+is computed and stored as shapes `"tissue"`). Each cell is described by the `"niche"` encoder
+(the package default is `"morphology"`, the cell alone): its 19 nucleus-morphology features and their mean over the cells in the 300 µm square
+around it, the tissue at the scale of a spot — the best encoder on these sections among those
+that need no weights or GPU (`docs/encoders.md`: over the four folds BiTro 0.163 HEST score and
+0.372 on the marker panel, against 0.145 and 0.334 with the morphology alone,
+`encoder="morphology"`). The feature standardisation and the k-means
 phenotypes are fitted over all four sections at once: they use the images only, never
 expression, so no expression of a held-out section leaks into training.
 """),
         code(r"""
 for sdata in slides:
     bs.tl.segment(sdata, progress=False)
-bs.tl.cell_features(slides, progress=False)
+bs.tl.cell_features(slides, encoder="niche", progress=False)
 bs.tl.phenotypes(slides)
 for sdata in slides:
     bs.tl.assign_cells(sdata)
@@ -560,9 +565,11 @@ as NaN, since it is constant).
 These are the settings of the project's accuracy benchmark
 (`python benchmarks/bench_accuracy.py --sections her2st`: up to 30 epochs with early stopping,
 model seed 0), whose result is in `benchmarks/results/accuracy.md` and in the README's status
-section: BiTro 0.157 against ridge's 0.144 (0.147–0.157 over three model seeds), measured before
-the ridge start of the linear parts became the default (`ModelParams(linear_start="ridge")`); the
-run stored here uses it and gives 0.147 (seed 0), while it raises the marker panel below.
+section: BiTro 0.157 against ridge's 0.144 (0.147–0.157 over three model seeds), measured with
+the morphology features and the model defaults of before 2026-12-05. The run stored here uses
+the `"niche"` encoder and the current model defaults (the bag-level ridge term chosen by validation) and
+gives BiTro 0.161 against ridge's 0.171 (seed 0): the niche features lift ridge more than BiTro
+on these 50 genes.
 
 Two caveats for reading the numbers. These are **serial sections of one patient**, so
 leave-one-section-out measures generalisation across sections, not across patients (expect
@@ -593,8 +600,7 @@ plt.show()
         md(r"""
 Left: each gene's Pearson (mean over the folds that predicted it) per method; right: BiTro
 against ridge, gene by gene. The two methods are close: on a few hundred ST spots the ridge on
-mean cell features is a strong baseline, and BiTro's advantage is in the average, not in every
-gene or every fold.
+mean cell features is a strong baseline, and neither is ahead on every gene or every fold.
 
 ## 4. A default model and the marker panel
 
@@ -630,9 +636,8 @@ markers.loc["HEST score (top-50 training HVGs)"] = pd.Series(hvg50)
 markers.round(3)
 """),
         md(r"""
-On C5 the default model is ahead of ridge on the HEST score (0.143 vs 0.129 in the stored run)
-but behind it on most markers (mean 0.329 vs 0.354, 0.298 before the ridge start became the
-default; ahead on COL1A2, COL3A1 and IGKC): with one section
+On C5 the default model is level with ridge on the HEST score (0.147 vs 0.148 in the stored run)
+and behind it on most markers (mean 0.329 vs 0.388; ahead on ERBB2 only): with one section
 of ~180 spots per gene, these single-section differences are within the noise, and the
 four-fold averages of section 3 are the better guide.
 

@@ -2,6 +2,8 @@
 
 - ``"morphology"`` (default): :class:`MorphologyEncoder`, classical nucleus shape, stain intensity,
   texture, context and density features; CPU, no weights.
+- ``"niche"``: :class:`NicheEncoder`, the morphology features of each cell followed by their mean
+  over the cells in the 300 µm square around it (the tissue at the scale of a spot).
 - ``"context"``: :class:`ContextEncoder`, each cell's tissue neighbourhood at the scale of a spot
   (colour / stain statistics, texture, cell density over 64 and 160 µm windows); CPU, no weights.
 - ``"a+b"`` (e.g. ``"morphology+context"``): :class:`CombinedEncoder`, features side by side.
@@ -27,6 +29,7 @@ from ._combined import CombinedEncoder
 from ._context import ContextEncoder
 from ._morphology import FEATURE_NAMES as MORPHOLOGY_FEATURES
 from ._morphology import MorphologyEncoder
+from ._niche import NicheEncoder
 from ._scaler import FeatureScaler
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -44,6 +47,7 @@ __all__ = [
     "HFEncoder",
     "LearnedEncoder",
     "MorphologyEncoder",
+    "NicheEncoder",
     "TimmEncoder",
     "TorchEncoder",
     "get_encoder",
@@ -104,6 +108,9 @@ def get_encoder(encoder: Any, *, weights: Any = None) -> CellEncoder:
             raise ValueError(f"Encoder {getattr(backend, 'name', backend)!r} takes no `weights=`.")
         backend = backend.with_weights(weights)
     return backend
+
+
+ENCODERS.register("niche", NicheEncoder())
 
 
 def __getattr__(name: str) -> Any:

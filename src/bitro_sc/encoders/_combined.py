@@ -12,7 +12,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import xarray as xr
 
 #: encoders whose features are few and named (never reduced by default)
-_HAND_MADE = ("morphology", "context")
+_HAND_MADE = ("morphology", "context", "niche")
 
 
 class CombinedEncoder:

@@ -241,9 +241,12 @@ class Preprocessing:
         enc = repr(name)
         if name == "morphology" and self.features.get("stains"):
             enc = f"bs.encoders.MorphologyEncoder(stains={self.features['stains']!r})"
+        elif name == "niche" and self.features.get("stains"):
+            morph = f"bs.encoders.MorphologyEncoder(stains={self.features['stains']!r})"
+            enc = f"bs.encoders.NicheEncoder(base={morph})"
         elif name.startswith("timm:"):
             enc = f"{name!r}, weights=<the weights file>"
-        elif name != "morphology":
+        elif name not in ("morphology", "niche"):
             enc = f"<the {name!r} encoder>"
         fov = f", fov_um={self.features['fov_um']:g}" if "fov_um" in self.features else ""
         key = "" if features_key == "X_bitro" else f", key_added={features_key!r}"

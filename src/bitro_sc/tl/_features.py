@@ -78,9 +78,13 @@ def cell_features(
         A slide, or a list of slides: features of a list are standardised with one scaler fitted
         over all of them (no per-slide scaling, which would make slides incomparable).
     encoder
-        ``"morphology"`` (default; nucleus shape, haematoxylin / eosin intensities in the nucleus and a
-        ring around it, texture, context in the field of view, local density — see
-        :class:`bitro_sc.encoders.MorphologyEncoder`), ``"context"`` (the tissue around each cell at
+        ``"morphology"`` (default; the cell alone: nucleus shape, haematoxylin / eosin intensities in
+        the nucleus and a ring around it, texture, context in the field of view, local density — see
+        :class:`bitro_sc.encoders.MorphologyEncoder`), ``"niche"`` (the ``"morphology"`` features of
+        each cell followed by their mean over the cells in the 300 µm square around it, the tissue
+        at the scale of a spot — see :class:`bitro_sc.encoders.NicheEncoder`; the most accurate
+        BiTro encoder on HER2ST without weights, see docs/encoders.md),
+        ``"context"`` (the tissue around each cell at
         the scale of a spot, :class:`bitro_sc.encoders.ContextEncoder`), a combination such as
         ``"morphology+context"`` (:class:`bitro_sc.encoders.CombinedEncoder`, which can also reduce
         a learned embedding by PCA fitted on the training slides), ``"hf:<org>/<repo>"`` (a

@@ -75,11 +75,13 @@ def _verb(idx: list[int], single: bool) -> str:
 def _encoder(prep: Preprocessing) -> Any:
     """The encoder recorded in ``prep`` when it can be rebuilt without outside files, else ``None``."""
     name = prep.features.get("encoder")
-    if name != "morphology" or "scaler" not in prep.features:
+    if name not in ("morphology", "niche") or "scaler" not in prep.features:
         return None
-    from ..encoders import MorphologyEncoder
+    from ..encoders import MorphologyEncoder, NicheEncoder
 
     stains = prep.features.get("stains")
+    if name == "niche":
+        return NicheEncoder(base=MorphologyEncoder(stains=stains)) if stains else "niche"
     return MorphologyEncoder(stains=stains) if stains else "morphology"
 
 
