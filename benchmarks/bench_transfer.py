@@ -367,11 +367,12 @@ def her2st(args: argparse.Namespace) -> None:
 
 
 def report(args: argparse.Namespace) -> None:
+    key = ["draw", "seed", "direction", "base_n", "target_n", "method"]
     df = pd.concat([pd.read_csv(p) for p in args.out.split(",")], ignore_index=True)
+    df = df.drop_duplicates(subset=key, keep="last")  # a row measured again (e.g. a base's zero-shot)
     old = args.rerun_label
     if args.rerun:  # newer rows replace the older ones; older transfer rows stay for comparison
         new = pd.concat([pd.read_csv(p) for p in args.rerun.split(",")], ignore_index=True)
-        key = ["draw", "seed", "direction", "base_n", "target_n", "method"]
         hit = df.set_index(key).index.isin(new.set_index(key).index)
         df.loc[hit & (df["method"] == "transfer"), "method"] = old
         df = pd.concat([df[~hit | (df["method"] == old)], new], ignore_index=True)

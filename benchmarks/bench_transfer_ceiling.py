@@ -12,6 +12,9 @@ across the last 24 bulk slides, which no model here sees.
   candidate is offered; the epochs are still chosen by the target's own validation (4 slides:
   leave-one-slide-out; 8 and 16: the ``validation="auto"`` held-out slides).
 - ``auto``: ``policy="auto"`` as shipped (route choice with the noise margin).
+- ``auto, validation=0``: the same with ``validation=0``: no held-out split, so at bulk level the
+  route is chosen by leave-one-slide-out folds over the first 4 slides (cross-validated Pearson
+  with the noise margin) at any number of slides.
 - ``lora, E epochs fixed``: LoRA trained on all ``n`` slides for exactly ``E`` epochs, no
   validation. Not a usable choice (E is read off the test slides); it bounds what LoRA could do.
 - ``scratch``: a bulk model trained from scratch on ``n`` slides.
@@ -75,6 +78,7 @@ def main() -> None:
     p.add_argument("--targets", default="4,8,16", help="numbers of target bulk slides")
     p.add_argument("--policies", default="lora,head,full", help="forced routes")
     p.add_argument("--auto", default="8,16", help="target sizes that also run policy='auto'")
+    p.add_argument("--loo", default="", help="target sizes that also run policy='auto' with validation=0")
     p.add_argument("--fixed", default="3,10", help="fixed LoRA epochs without validation ('' : none)")
     p.add_argument("--scratch", default="16,32", help="target sizes of the scratch rows")
     p.add_argument("--epochs", type=int, default=20)
@@ -138,7 +142,8 @@ def main() -> None:
             with forced(mode):
                 return bs.tl.fit_bitro(target, transfer="spatial", base=base, policy=policy, **kw)
 
-        row(n, "zero-shot route", lambda adapt=adapt: adapt("zero", "lora"))
+        if args.policies:
+            row(n, "zero-shot route", lambda adapt=adapt: adapt("zero", "lora"))
         for policy in [v for v in args.policies.split(",") if v]:
             row(n, f"forced {policy}", lambda adapt=adapt, policy=policy: adapt("trained", policy))
         if str(n) in args.auto.split(","):
@@ -146,6 +151,14 @@ def main() -> None:
                 n,
                 "auto",
                 lambda target=target: bs.tl.fit_bitro(target, transfer="spatial", base=base, **kw),
+            )
+        if str(n) in args.loo.split(","):
+            row(
+                n,
+                "auto, validation=0 (leave-one-slide-out)",
+                lambda target=target: bs.tl.fit_bitro(
+                    target, transfer="spatial", base=base, validation=0, **kw
+                ),
             )
         for e in [int(v) for v in args.fixed.split(",") if v]:
             fixed = {**kw, "epochs": e}
