@@ -924,11 +924,13 @@ to_bulk
   (`benchmarks/results/transfer.md`: 3 synthetic draws × 3 model seeds, `policy="auto"`), bulk →
   spot from a base on 40 bulk slides scored 0.412 ± 0.011 mean spot Pearson on one spot slide
   against 0.394 from scratch (`linear_start="constant"`; 0.368 with the default) and 0.365 for
-  the base alone (it won 9 of 9 runs, by +0.012 to +0.031 per draw); with 3 spot slides scratch caught up (0.455 against transfer's 0.451).
+  the base alone (it won 9 of 9 runs, by +0.012 to +0.031 per draw); with 3 spot slides scratch
+  caught up (0.455 against transfer's 0.451).
   Spot → bulk: the spot base as is (0.247) was not improved by adapting it on 4, 8 or 16 bulk
   slides; training on the bulk slides alone scored 0.03 (4 slides) to 0.15 (16). On 5-12 bulk
-  slides pass `validation=0`: the default split holds out only 1-2 slides, too few for the
-  route choice's noise margin, and adapted to a worse model in 4 of 9 runs on 8 slides.
+  slides the default split holds out only 1-2 slides, too few for the route choice's noise
+  margin, and on 8 slides it adapted to a worse model in 4 of 9 runs; `validation=0` (the
+  leave-one-slide-out choice of 2-4 slides) kept the base there in the runs measured.
 - **`policy="auto"` chooses on held-out target data only** (the record's `route`): zero-shot,
   head, LoRA, full fine-tuning, each also shrunk halfway toward the base, and scratch when the
   target has at least 100 spots or 8 bulk slides (here it has 20 spots and 4 bulk slides, so
