@@ -119,7 +119,8 @@ def run(args: argparse.Namespace) -> None:
     for draw in [int(v) for v in args.draws.split(",")]:
         bulk, spots = draw_slides(draw, Path(args.cache), t0)
         memo: dict[str, Any] = {}
-        full = [int(v) for v in args.full_seeds.split(",") if v]
+        only = args.spot_bulk or args.bulk_spot  # these modes run every size for every seed
+        full = [] if only else [int(v) for v in args.full_seeds.split(",") if v]
         # the core grid first (every seed), then the other sizes for the --full-seeds
         for seed, core in [*[(sd_, True) for sd_ in seeds], *[(sd_, False) for sd_ in full]]:
             sizes = (
@@ -127,8 +128,8 @@ def run(args: argparse.Namespace) -> None:
                 if core
                 else ([b for b in bases if b != 40], spot_targets[1:], bulk_targets[1:])
             )
-            if args.transfer_only:
-                sizes = ([], [], bulk_targets)
+            if args.transfer_only or args.spot_bulk or args.bulk_spot:
+                sizes = (bases, spot_targets, bulk_targets)
             _run_seed(bs, ad, writer, handle, args, draw, seed, bulk, spots, *sizes, memo, t0)
     handle.close()
 
@@ -211,6 +212,26 @@ def _run_seed(
         return model
 
     core = f"{seed}" not in memo
+    if args.bulk_spot:  # bulk -> spot only: every base size x every spot target size
+        for k in spot_targets:
+            row("bulk->spot", 0, k, "scratch", spots[:k])
+            row("bulk->spot", 0, k, SCRATCH_CONSTANT, spots[:k], model={"linear_start": "constant"})
+        for n in bases:
+            base = bs.tl.fit_bitro(
+                bulk[:n], level="bulk", epochs=args.epochs, seed=seed, progress=False, genes=genes
+            )
+            row("bulk->spot", n, 0, "zero-shot", None, base=base)
+            for k in spot_targets:
+                row("bulk->spot", n, k, "transfer", spots[:k], transfer="bulk", base=base)
+        return
+    if args.spot_bulk:  # spot -> bulk only: zero-shot, and scratch / transfer at every bulk target size
+        spot_base = bs.tl.fit_bitro(spots[:3], epochs=args.epochs, seed=seed, progress=False, genes=genes)
+        row("spot->bulk", 3, 0, "zero-shot", None, base=spot_base)
+        for n in bulk_targets:
+            row("spot->bulk", 0, n, "scratch", bulk[:n], level="bulk")
+            adapted = row("spot->bulk", 3, n, "transfer", bulk[:n], transfer="spatial", base=spot_base)
+            row("spot->bulk", 3, n, ENSEMBLE["spot->bulk"], None, base=(adapted, spot_base))
+        return
     if args.scratch_constant_only:  # scratch on the spot targets with the constant linear start
         for k in spot_targets:
             row("bulk->spot", 0, k, SCRATCH_CONSTANT, spots[:k], model={"linear_start": "constant"})
@@ -346,11 +367,12 @@ def her2st(args: argparse.Namespace) -> None:
 
 
 def report(args: argparse.Namespace) -> None:
+    key = ["draw", "seed", "direction", "base_n", "target_n", "method"]
     df = pd.concat([pd.read_csv(p) for p in args.out.split(",")], ignore_index=True)
+    df = df.drop_duplicates(subset=key, keep="last")  # a row measured again (e.g. a base's zero-shot)
     old = args.rerun_label
     if args.rerun:  # newer rows replace the older ones; older transfer rows stay for comparison
         new = pd.concat([pd.read_csv(p) for p in args.rerun.split(",")], ignore_index=True)
-        key = ["draw", "seed", "direction", "base_n", "target_n", "method"]
         hit = df.set_index(key).index.isin(new.set_index(key).index)
         df.loc[hit & (df["method"] == "transfer"), "method"] = old
         df = pd.concat([df[~hit | (df["method"] == old)], new], ignore_index=True)
@@ -452,6 +474,10 @@ def main() -> None:
         help="report: the method name of the older transfer rows that --rerun replaced",
     )
     p.add_argument("--transfer-only", action="store_true", help="only spot -> bulk transfer rows")
+    p.add_argument("--spot-bulk", action="store_true", help="only spot -> bulk rows, at every --bulk-targets")
+    p.add_argument(
+        "--bulk-spot", action="store_true", help="only bulk -> spot rows, every --bases x --spot-targets"
+    )
     p.add_argument(
         "--scratch-constant-only",
         action="store_true",

@@ -927,11 +927,15 @@ to_bulk
   simulation is deliberately small so that the notebook runs in minutes: it demonstrates the
   recipe, and the gain in this one run can go either way. Measured at a larger size
   (`benchmarks/results/transfer.md`: 3 synthetic draws × 3 model seeds, `policy="auto"`), bulk →
-  spot from a base on 40 bulk slides scored 0.410 ± 0.012 mean spot Pearson on one spot slide
-  against 0.394 from scratch and 0.365 for the base alone (it won 8 of 9 runs, by +0.006 to
-  +0.031 per draw); a base on 20 slides only tied scratch, and with 3 spot slides scratch caught
-  up. Spot → bulk on 4 bulk slides: the spot base as is (0.255) was not reliably improved by
-  adapting it; training on the 4 slides alone scored 0.03.
+  spot from a base on 40 bulk slides scored 0.412 ± 0.011 mean spot Pearson on one spot slide
+  against 0.394 from scratch (`linear_start="constant"`; 0.368 with the default) and 0.365 for
+  the base alone (it won 9 of 9 runs, by +0.012 to +0.031 per draw); with 3 spot slides scratch
+  caught up (0.455 against transfer's 0.451).
+  Spot → bulk: the spot base as is (0.247) was not improved by adapting it on 4, 8 or 16 bulk
+  slides; training on the bulk slides alone scored 0.03 (4 slides) to 0.15 (16). On 5-12 bulk
+  slides the default split holds out only 1-2 slides, too few for the route choice's noise
+  margin, and on 8 slides it adapted to a worse model in 4 of 9 runs: compare with the spot
+  model as is there.
 - **`policy="auto"` chooses on held-out target data only** (the record's `route`): zero-shot,
   head, LoRA, full fine-tuning, each also shrunk halfway toward the base, and scratch when the
   target has at least 100 spots or 8 bulk slides (here it has 20 spots and 4 bulk slides, so
