@@ -249,6 +249,35 @@ def test_few_bulk_slides_are_validated_leave_one_slide_out() -> None:
     assert len(plain.record["history"]["train_loss"]) == 2
 
 
+def test_five_to_twelve_bulk_slides_choose_the_route_leave_one_slide_out(caplog) -> None:
+    """20 % of 6 slides is one held-out slide: too few for the noise margin (on 8 slides the
+    validation loss of 2 held-out slides chose routes that fell below the base), so the route is
+    chosen as on 2-4 slides."""
+    slides = _slides(6)
+    base = bs.tl.fit_bitro(slides[:2], epochs=1, model=TINY, genes=MARKERS[:6], progress=False)
+    with caplog.at_level("INFO", logger="bitro_sc"):
+        model = bs.tl.fit_bitro(
+            slides, transfer="spatial", base=base, epochs=1, policy="head", progress=False
+        )
+    route = model.record["route"]
+    assert route["validation"].startswith("leave-one-slide-out")
+    assert route["margin"] is not None  # cross-validated Pearson with the noise margin
+    assert model.record["split"]["validation"] == []
+    assert "too few to choose a transfer route" in caplog.text
+    # an explicit validation split is kept as given
+    given = bs.tl.fit_bitro(
+        slides,
+        transfer="spatial",
+        base=base,
+        epochs=1,
+        policy="head",
+        validation=0.34,
+        progress=False,
+        overwrite=True,
+    )
+    assert len(given.record["split"]["validation"]) == 2
+
+
 def test_history_plot_shows_a_zero_shot_route_without_epochs() -> None:
     record = {
         "history": {"epoch": [], "train_loss": [], "val_loss": []},

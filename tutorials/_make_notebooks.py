@@ -933,9 +933,9 @@ to_bulk
   caught up (0.455 against transfer's 0.451).
   Spot → bulk: the spot base as is (0.247) was not improved by adapting it on 4, 8 or 16 bulk
   slides; training on the bulk slides alone scored 0.03 (4 slides) to 0.15 (16). On 5-12 bulk
-  slides the default split holds out only 1-2 slides, too few for the route choice's noise
-  margin, and on 8 slides it adapted to a worse model in 4 of 9 runs: compare with the spot
-  model as is there.
+  slides the default split would hold out only 1-2 slides, too few for the route choice's noise
+  margin (on 8 slides it adapted to a worse model in 4 of 9 runs); the route is chosen there by
+  leave-one-slide-out folds with the margin, which kept the base in 9 of 9 runs.
 - **`policy="auto"` chooses on held-out target data only** (the record's `route`): zero-shot,
   head, LoRA, full fine-tuning, each also shrunk halfway toward the base, and scratch when the
   target has at least 100 spots or 8 bulk slides (here it has 20 spots and 4 bulk slides, so

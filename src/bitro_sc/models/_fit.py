@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +42,10 @@ from ._start import Inputs, ScratchStart, Start, bag_options
 from ._train import bag_targets, evaluate_loss, mean_log_rna
 from ._train import train as train_loop
 from ._transfer import TransferStart
+
+_log = logging.getLogger("bitro_sc")
+#: bulk slides held out, at the least, for choosing a transfer route on them (with the noise margin)
+MIN_HELD_OUT_BULK = 3
 
 if TYPE_CHECKING:  # pragma: no cover
     from spatialdata import SpatialData
@@ -85,6 +90,19 @@ def fit(
     tables = _check_slides(slides, keys, level, key_added, overwrite)
     samples, groups, by = slide_groups(slides, keys.table_key if level == "spot" else None)
     train_idx, val_idx, spot_frac = split_slides(groups, samples, validation, level, seed)
+    if base is not None and level == "bulk" and validation == "auto" and val_idx:
+        held = {groups[i] for i in val_idx}
+        if len(held) < MIN_HELD_OUT_BULK:
+            # fewer held-out slides than the noise margin needs: the route would be chosen by the
+            # validation loss of 1-2 slides, which picked harmful routes (transfer_notes.md, fourth
+            # pass, 8 bulk slides); leave-one-slide-out folds with the margin choose instead
+            _log.info(
+                "fit_bitro: %d held-out bulk group(s) are too few to choose a transfer route; "
+                "choosing it by leave-one-slide-out folds over the %d slides.",
+                len(held),
+                len(groups),
+            )
+            train_idx, val_idx = sorted(train_idx + val_idx), []
 
     # genes ------------------------------------------------------------------------------------
     train_tables = [tables[i] for i in train_idx]
